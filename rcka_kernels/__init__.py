@@ -1,0 +1,39 @@
+"""rcka-kernels: exact, fast, memory-efficient kernel alignment (CKA, HSIC, MMD)
+and the RCKA/PCKA distillation losses, for PyTorch.
+
+    import rcka_kernels as rk
+    loss = rk.cka_loss(student_feats, teacher_feats)     # 1 - linear CKA
+    rk.available_backends()                              # what can run here, and why not
+"""
+
+from ._dispatch import BackendStatus, available_backends
+from ._validate import config
+from .functional import (
+    centered_gram,
+    cka,
+    cka_loss,
+    gram,
+    gram_discrepancy,
+    hsic,
+    mmd,
+    mmd_upper_bound,
+)
+from .losses import CKALoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cka",
+    "cka_loss",
+    "hsic",
+    "mmd",
+    "gram",
+    "centered_gram",
+    "gram_discrepancy",
+    "mmd_upper_bound",
+    "CKALoss",
+    "available_backends",
+    "BackendStatus",
+    "config",
+    "__version__",
+]

@@ -1,0 +1,133 @@
+"""Backend registry and selection.
+
+``backend="auto"`` picks the fastest available backend for the tensors' device;
+naming a backend explicitly either uses it or raises with the reason it is
+unavailable. When "auto" has to fall back from the backend it prefers, it warns
+once per (backend, reason).
+
+Nothing here touches a GPU or imports a compiled module at import time; the
+checks run on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: Optional[str] = None
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+def _module_loader(module: str) -> Callable[[], object]:
+    return lambda: importlib.import_module(module, __package__)
+
+
+# name -> (loader of the kernels object, check(device) -> reason or None)
+_LOADERS: Dict[str, Callable[[], object]] = {
+    "torch": _module_loader(".ops.torch_backend"),
+    "triton": _module_loader(".ops.triton_backend"),
+    "cuda": _module_loader(".ops.cuda_backend"),
+}
+_loaded: Dict[str, object] = {}
+_load_errors: Dict[str, str] = {}
+_warned = set()
+
+
+def _load(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    try:
+        mod = _LOADERS[name]()
+    except Exception as e:  # an optional backend that cannot load is unavailable, not an error
+        _load_errors[name] = f"{type(e).__name__}: {e}"
+        return None
+    reason = getattr(mod, "unavailable_reason", lambda: None)()
+    if reason:
+        _load_errors[name] = reason
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def _device_reason(name: str, device: Optional[torch.device]) -> Optional[str]:
+    if name in ("reference", "torch"):
+        return None
+    if device is None:
+        if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to PyTorch"
+        return None
+    if device.type == "cuda":
+        return None
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    hint = " (or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)" if name == "triton" else ""
+    return f"runs on CUDA tensors only, got a {device.type} tensor{hint}"
+
+
+def status(name: str, device: Optional[torch.device] = None) -> BackendStatus:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
+    reason = _device_reason(name, device)
+    if reason is None and name in _LOADERS and _load(name) is None:
+        reason = _load_errors[name]
+    return BackendStatus(reason is None, reason)
+
+
+def available_backends(device=None) -> Dict[str, BackendStatus]:
+    """Name -> BackendStatus(available, reason) for every backend.
+
+    ``device`` (a torch.device or string) asks about tensors on that device; by
+    default the question is whether the backend can run on this machine at all."""
+    dev = torch.device(device) if device is not None else None
+    return {name: status(name, dev) for name in BACKENDS}
+
+
+def _preferred(device: torch.device):
+    if device.type == "cuda":
+        return ("triton", "cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("RCKA_AUTO_TRITON") == "1":
+        return ("triton",)
+    return ()
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend to run for tensors on ``device``."""
+    if backend != "auto":
+        st = status(backend, device)
+        if not st.available:
+            raise RuntimeError(f"backend {backend!r} is unavailable: {st.reason}")
+        return backend
+    for name in _preferred(device):
+        st = status(name, device)
+        if st.available:
+            return name
+        key = (name, st.reason)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"rcka_kernels: backend {name!r} unavailable ({st.reason}); using 'torch'", RuntimeWarning, stacklevel=3)
+    return "torch"
+
+
+def kernels(name: str):
+    """The kernels object of a backend (see ops/_contract.py)."""
+    mod = _load(name)
+    if mod is None:
+        raise RuntimeError(f"backend {name!r} is unavailable: {_load_errors.get(name)}")
+    return mod

@@ -1,0 +1,107 @@
+"""Argument checks shared by every public function.
+
+Shape, dtype and device checks read only metadata. The NaN/Inf check reads the
+data (one host sync on a GPU); ``rcka_kernels.config.check_finite = False``
+turns it off for hot training loops, and it is skipped while torch.compile traces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNELS = ("linear", "rbf")
+SIGMA_HEURISTICS = ("median", "mean")
+
+
+@dataclass
+class Config:
+    """Library-wide switches. ``check_finite``: raise on NaN/Inf inputs (default True)."""
+
+    check_finite: bool = True
+
+
+config = Config()
+
+
+def _is_compiling() -> bool:
+    comp = getattr(torch, "compiler", None)
+    return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
+
+
+def check_tensor(fn: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim < 2:
+        raise ValueError(f"{fn}: {name} must have shape (n, features) or (..., n, features), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{fn}: {name} is empty (shape {tuple(t.shape)})")
+
+
+def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int, why: str = "") -> None:
+    """Checks for a pair of sample matrices x (..., n, p), y (..., m, q)."""
+    check_tensor(fn, "x", x)
+    check_tensor(fn, "y", y)
+    if x.device != y.device:
+        raise ValueError(f"{fn}: x is on {x.device} and y is on {y.device}; move both to one device")
+    if x.dtype != y.dtype:
+        raise TypeError(f"{fn}: x is {x.dtype} and y is {y.dtype}; cast both to one dtype")
+    if x.shape[:-2] != y.shape[:-2]:
+        raise ValueError(
+            f"{fn}: the leading (batch) dims of x and y differ: {tuple(x.shape[:-2])} vs {tuple(y.shape[:-2])}"
+        )
+    if same_rows and x.shape[-2] != y.shape[-2]:
+        raise ValueError(
+            f"{fn}: x and y must have the same number of samples (rows), got {x.shape[-2]} and {y.shape[-2]}"
+        )
+    if same_cols and x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"{fn}: x and y must have the same number of features, got {x.shape[-1]} and {y.shape[-1]}")
+    for name, t in (("x", x), ("y", y)):
+        if t.shape[-2] < min_rows:
+            raise ValueError(f"{fn}: {name} has {t.shape[-2]} samples; at least {min_rows} are needed{why}")
+    check_finite(fn, x, y)
+
+
+def check_finite(fn: str, *tensors: torch.Tensor) -> None:
+    if not config.check_finite or _is_compiling():
+        return
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    if not bool(ok):
+        raise ValueError(
+            f"{fn}: input contains NaN or Inf (set rcka_kernels.config.check_finite = False to skip this check)"
+        )
+
+
+def check_kernel(fn: str, kernel: str, sigma) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"{fn}: kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "linear":
+        if sigma is not None:
+            raise ValueError(f"{fn}: sigma is a bandwidth of the 'rbf' kernel; the linear kernel takes none")
+        return
+    if sigma is None or isinstance(sigma, torch.Tensor):
+        return
+    if isinstance(sigma, str):
+        if sigma not in SIGMA_HEURISTICS:
+            raise ValueError(f"{fn}: sigma must be a positive float, a tensor, or one of {SIGMA_HEURISTICS}, got {sigma!r}")
+        return
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"{fn}: sigma must be a positive finite float, got {sigma!r}")
+
+
+def check_sigma_tensor(fn: str, sigma, batch: torch.Size, device: torch.device) -> None:
+    if not isinstance(sigma, torch.Tensor):
+        return
+    if sigma.device != device and sigma.numel() != 1:
+        raise ValueError(f"{fn}: sigma is on {sigma.device} and the inputs on {device}")
+    if sigma.numel() not in (1, math.prod(batch)):
+        raise ValueError(f"{fn}: sigma must have 1 or {math.prod(batch)} values (one per group), got {sigma.numel()}")
+    if not config.check_finite or _is_compiling():
+        return
+    if not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+        raise ValueError(f"{fn}: sigma must be positive and finite")

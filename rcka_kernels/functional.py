@@ -1,0 +1,315 @@
+"""The public functions: argument checks, dispatch, and the formulas that turn
+sufficient statistics into HSIC, CKA and MMD (once, for every backend).
+
+Shapes: ``x`` is ``(n, p)`` or ``(..., n, p)`` and ``y`` is ``(n, q)`` or
+``(..., n, q)`` with the same leading (batch) dims; a scalar comes back per
+group, so batch dims ``(G,)`` give a ``(G,)`` result in one call. The result is
+in the input dtype for float32/float64 inputs and float32 for float16/bfloat16
+inputs (statistics are accumulated in float32, float64 for float64 inputs).
+
+Degenerate inputs: if every row of ``x`` (or ``y``) is the same, there is no
+variation to align and ``hsic`` and ``cka`` return 0 (with zero gradient); CKA is
+also 0 where a self-term HSIC(K, K) is not positive (possible for the debiased
+estimator at tiny n). NaN/Inf inputs raise ``ValueError`` (see ``config``).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+
+from . import _bandwidth, _dispatch, _validate, reference
+from .ops import stats as _ops
+from .ops.torch_backend import compute_dtype
+
+Tensor = torch.Tensor
+Sigma = Union[None, float, str, Tensor]
+
+__all__ = [
+    "hsic",
+    "cka",
+    "cka_loss",
+    "mmd",
+    "gram",
+    "centered_gram",
+    "gram_discrepancy",
+    "mmd_upper_bound",
+]
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _as_groups(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
+
+
+def _is_constant(x3: Tensor) -> Tensor:
+    """(G,) True where all rows of a group are identical."""
+    return (x3 == x3[:, :1]).flatten(1).all(-1)
+
+
+def _center(x3: Tensor) -> Tensor:
+    """Subtract the column means (computed in the compute dtype); any residual shift is harmless."""
+    mean = x3.mean(1, keepdim=True, dtype=compute_dtype(x3.dtype))
+    return x3 - mean.to(x3.dtype)
+
+
+def _gamma(x3: Tensor, sigma: Sigma) -> Tensor:
+    return 0.5 / _bandwidth.sigma2(x3, "median" if sigma is None else sigma)
+
+
+def _prepare(fn, x, y, kernel, sigma, backend, *, same_rows, same_cols, min_rows, why=""):
+    _validate.check_pair(fn, x, y, same_rows=same_rows, same_cols=same_cols, min_rows=min_rows, why=why)
+    _validate.check_kernel(fn, kernel, sigma)
+    _validate.check_sigma_tensor(fn, sigma, x.shape[:-2], x.device)
+    return _dispatch.resolve(backend, x.device)
+
+
+# ----------------------------------------------------------------------------- HSIC / CKA
+
+
+def _hsic_from_stats(s: Tensor, ra: Tensor, rb: Tensor, da: Tensor, db: Tensor, n: int, debiased: bool) -> Tensor:
+    """HSIC of two Grams from sum_ij A_ij B_ij, row sums r and diagonals d (all float64).
+
+    Biased:  [S - (2/n) ra.rb + ta tb / n^2] / (n-1)^2      (tr(AHBH), H never built)
+    Debiased (Song et al. 2012), with zero diagonals:
+             [S~ + ta~ tb~ / ((n-1)(n-2)) - 2/(n-2) ra~.rb~] / (n(n-3))
+    """
+    if not debiased:
+        ta, tb = ra.sum(-1), rb.sum(-1)
+        return (s - (2.0 / n) * (ra * rb).sum(-1) + ta * tb / (n * n)) / ((n - 1) ** 2)
+    s = s - (da * db).sum(-1)
+    ra, rb = ra - da, rb - db
+    ta, tb = ra.sum(-1), rb.sum(-1)
+    return (s + ta * tb / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * (ra * rb).sum(-1)) / (n * (n - 3))
+
+
+def _hsic_terms(x3: Tensor, y3: Tensor, kernel: str, sigma: Sigma, debiased: bool, backend: str):
+    """(hxy, hxx, hyy) float64, each (G,), for groups x3 (G, n, p), y3 (G, n, q)."""
+    n = x3.shape[1]
+    xc, yc = _center(x3), _center(y3)
+    if kernel == "linear":
+        s = _ops.linear_stats(xc, yc, backend)
+        cd = compute_dtype(x3.dtype)
+        xd, yd = xc.to(cd), yc.to(cd)
+        # row sums K 1 = X (X^T 1): zero up to the residual of the centring, kept exact here
+        rx = (xd @ xd.sum(1)[:, :, None])[..., 0].double()
+        ry = (yd @ yd.sum(1)[:, :, None])[..., 0].double()
+        dx = (xd * xd).sum(-1).double() if debiased else None
+        dy = (yd * yd).sum(-1).double() if debiased else None
+    else:
+        s, rx, ry = _ops.rbf_stats(xc, yc, _gamma(x3, sigma), _gamma(y3, sigma), backend)
+        rx, ry = rx.double(), ry.double()
+        dx = dy = torch.ones_like(rx) if debiased else None
+    hxy = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
+    hxx = _hsic_from_stats(s[:, 1], rx, rx, dx, dx, n, debiased)
+    hyy = _hsic_from_stats(s[:, 2], ry, ry, dy, dy, n, debiased)
+    return hxy, hxx, hyy
+
+
+def _cka_from_terms(hxy, hxx, hyy, degenerate):
+    ok = (hxx > 0) & (hyy > 0) & ~degenerate
+    safe = torch.where(ok, hxx * hyy, torch.ones_like(hxx))
+    return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy))
+
+
+def _min_rows(debiased: bool) -> Tuple[int, str]:
+    if debiased:
+        return 4, " for the debiased (unbiased HSIC) estimator, which divides by n(n-3)"
+    return 2, " (HSIC divides by (n-1)^2)"
+
+
+def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
+    """Hilbert-Schmidt independence criterion of x (..., n, p) and y (..., n, q).
+
+    ``debiased=False``: tr(K H L H) / (n-1)^2. ``debiased=True``: Song et al.'s
+    unbiased estimator (n >= 4). ``kernel``: "linear" or "rbf" with ``sigma`` a
+    float, a tensor (one per group), "median" (default) or "mean".
+    Returns shape ``x.shape[:-2]``.
+    """
+    m, why = _min_rows(debiased)
+    name = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why)
+    if name == "reference":
+        return reference.hsic(x, y, kernel, sigma, debiased).to(_out_dtype(x))
+    x3, y3 = _as_groups(x), _as_groups(y)
+    hxy, _, _ = _hsic_terms(x3, y3, kernel, sigma, debiased, name)
+    hxy = torch.where(_is_constant(x3) | _is_constant(y3), torch.zeros_like(hxy), hxy)
+    return hxy.to(_out_dtype(x)).reshape(x.shape[:-2])
+
+
+def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
+    """Centered kernel alignment HSIC(K,L) / sqrt(HSIC(K,K) HSIC(L,L)).
+
+    x (..., n, p), y (..., n, q) -> x.shape[:-2]. ``debiased=True`` uses the
+    unbiased HSIC (Kornblith et al.'s debiased CKA). Linear CKA costs
+    O(n (p + q)^2) in feature space or O(n^2 (p + q)) in sample space, whichever
+    is cheaper; RBF CKA streams over blocks of the Gram matrices.
+    """
+    m, why = _min_rows(debiased)
+    name = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why)
+    if name == "reference":
+        return reference.cka(x, y, kernel, sigma, debiased).to(_out_dtype(x))
+    x3, y3 = _as_groups(x), _as_groups(y)
+    hxy, hxx, hyy = _hsic_terms(x3, y3, kernel, sigma, debiased, name)
+    out = _cka_from_terms(hxy, hxx, hyy, _is_constant(x3) | _is_constant(y3))
+    return out.to(_out_dtype(x)).reshape(x.shape[:-2])
+
+
+def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:
+    """1 - cka(x, y, **kwargs): the drop-in replacement for naive CKA losses."""
+    return 1.0 - cka(x, y, **kwargs)
+
+
+# ----------------------------------------------------------------------------- Theorem 2
+
+
+def _raw_stats(x3, y3, kernel, sigma, backend):
+    """Uncentred sum K∘L, sum K∘K, sum L∘L and totals 1^T K 1, 1^T L 1 (float64)."""
+    if kernel == "linear":
+        s = _ops.linear_stats(x3, y3, backend)
+        tx = (x3.double().sum(1) ** 2).sum(-1)
+        ty = (y3.double().sum(1) ** 2).sum(-1)
+        return s, tx, ty
+    # RBF Grams do not change under a translation of the inputs
+    s, rx, ry = _ops.rbf_stats(_center(x3), _center(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+    return s, rx.double().sum(-1), ry.double().sum(-1)
+
+
+def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True, backend: str = "auto") -> Tensor:
+    """1/2 |K^ - L^|_F^2 with K^ = K~ / |K~|_F, the Frobenius-normalised Gram.
+
+    With centred Grams (default) Theorem 2 of Zhou et al. (2024) gives
+    ``gram_discrepancy = 1 - cka`` (biased CKA); with ``centered=False`` it is
+    1 - tr(K L) / (|K|_F |L|_F), the uncentred alignment of the official RCKA code.
+    It bounds ``mmd_upper_bound`` from above. Shapes as ``cka``.
+    """
+    name = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2)
+    if name == "reference":
+        return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(_out_dtype(x))
+    x3, y3 = _as_groups(x), _as_groups(y)
+    if centered:
+        hxy, hxx, hyy = _hsic_terms(x3, y3, kernel, sigma, False, name)
+        out = 1.0 - _cka_from_terms(hxy, hxx, hyy, _is_constant(x3) | _is_constant(y3))
+    else:
+        s, _, _ = _raw_stats(x3, y3, kernel, sigma, name)
+        ok = (s[:, 1] > 0) & (s[:, 2] > 0)
+        denom = torch.sqrt(torch.where(ok, s[:, 1] * s[:, 2], torch.ones_like(s[:, 1])))
+        out = 1.0 - torch.where(ok, s[:, 0] / denom, torch.zeros_like(denom))
+    return out.to(_out_dtype(x)).reshape(x.shape[:-2])
+
+
+def mmd_upper_bound(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True, backend: str = "auto") -> Tensor:
+    """(n^2 / 2) (mean K^ - mean L^)^2: the MMD-type term between the two relation
+    distributions in Theorem 2 of Zhou et al. (2024). By Jensen's inequality
+    ``gram_discrepancy(x, y) >= mmd_upper_bound(x, y)`` (same options). With
+    centred Grams the means are exactly 0 (H 1 = 0), so the term is 0; with
+    ``centered=False`` (the official code's Grams) it is informative.
+    """
+    name = _prepare("mmd_upper_bound", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2)
+    if name == "reference":
+        return reference.mmd_upper_bound(x, y, kernel, sigma, centered).to(_out_dtype(x))
+    x3, y3 = _as_groups(x), _as_groups(y)
+    n = x3.shape[1]
+    if centered:
+        return torch.zeros(x.shape[:-2], dtype=_out_dtype(x), device=x.device)
+    s, tx, ty = _raw_stats(x3, y3, kernel, sigma, name)
+    ok = (s[:, 1] > 0) & (s[:, 2] > 0)
+    mx = torch.where(ok, tx / torch.sqrt(torch.where(ok, s[:, 1], torch.ones_like(tx))), torch.zeros_like(tx))
+    my = torch.where(ok, ty / torch.sqrt(torch.where(ok, s[:, 2], torch.ones_like(ty))), torch.zeros_like(ty))
+    # mean K^ = (1^T K 1) / (n^2 |K|_F), so (n^2/2)(mean K^ - mean L^)^2 = (mx - my)^2 / (2 n^2)
+    out = (mx - my) ** 2 / (2.0 * n * n)
+    return out.to(_out_dtype(x)).reshape(x.shape[:-2])
+
+
+# ----------------------------------------------------------------------------- MMD
+
+
+def mmd(x: Tensor, y: Tensor, *, kernel: str = "rbf", sigma: Sigma = None, unbiased: bool = False, backend: str = "auto") -> Tensor:
+    """Squared maximum mean discrepancy between the rows of x (..., n, d) and y (..., m, d).
+
+    Biased V-statistic mean(K_XX) + mean(K_YY) - 2 mean(K_XY), or the unbiased
+    U-statistic (diagonals of K_XX, K_YY left out; n, m >= 2). The "median"/"mean"
+    bandwidth is computed on the pooled sample. The linear kernel reduces to
+    |mean x - mean y|^2 (biased) and is computed in O((n + m) d) on every backend.
+    """
+    m = 2 if unbiased else 1
+    why = " for the unbiased estimator" if unbiased else ""
+    name = _prepare("mmd", x, y, kernel, sigma, backend, same_rows=False, same_cols=True, min_rows=m, why=why)
+    if name == "reference":
+        return reference.mmd(x, y, kernel, sigma, unbiased).to(_out_dtype(x))
+    x3, y3 = _as_groups(x), _as_groups(y)
+    n, mm = x3.shape[1], y3.shape[1]
+    # every term is invariant to a common translation: centre on the pooled mean
+    shift = torch.cat([x3, y3], 1).mean(1, keepdim=True, dtype=compute_dtype(x3.dtype)).to(x3.dtype)
+    xc, yc = x3 - shift, y3 - shift
+    if kernel == "linear":
+        xd, yd = xc.double(), yc.double()
+        sx, sy = xd.sum(1), yd.sum(1)
+        s = torch.stack([(sx * sx).sum(-1), (sy * sy).sum(-1), (sx * sy).sum(-1)], -1)
+        dx, dy = (xd * xd).sum((1, 2)), (yd * yd).sum((1, 2))
+    else:
+        gamma = _gamma(torch.cat([x3, y3], 1), sigma)
+        s = _ops.rbf_mmd_sums(xc.contiguous(), yc.contiguous(), gamma, name)
+        dx = torch.full_like(s[:, 0], float(n))
+        dy = torch.full_like(s[:, 1], float(mm))
+    if unbiased:
+        out = (s[:, 0] - dx) / (n * (n - 1)) + (s[:, 1] - dy) / (mm * (mm - 1)) - 2.0 * s[:, 2] / (n * mm)
+    else:
+        out = s[:, 0] / (n * n) + s[:, 1] / (mm * mm) - 2.0 * s[:, 2] / (n * mm)
+    return out.to(_out_dtype(x)).reshape(x.shape[:-2])
+
+
+# ----------------------------------------------------------------------------- Gram matrices
+
+
+def _check_single(fn, x, kernel, sigma, backend, min_rows):
+    _validate.check_tensor(fn, "x", x)
+    if x.shape[-2] < min_rows:
+        raise ValueError(f"{fn}: x has {x.shape[-2]} samples; at least {min_rows} are needed")
+    _validate.check_kernel(fn, kernel, sigma)
+    _validate.check_sigma_tensor(fn, sigma, x.shape[:-2], x.device)
+    _validate.check_finite(fn, x)
+    return _dispatch.resolve(backend, x.device)
+
+
+def _gram3(x3: Tensor, kernel: str, sigma: Sigma) -> Tensor:
+    xd = x3.to(compute_dtype(x3.dtype))
+    if kernel == "linear":
+        return xd @ xd.transpose(1, 2)
+    xc = _center(xd)
+    nx = (xc * xc).sum(-1)
+    d = (nx[:, :, None] + nx[:, None, :] - 2.0 * xc @ xc.transpose(1, 2)).clamp_min(0.0)
+    d = d * (1.0 - torch.eye(d.shape[-1], dtype=d.dtype, device=d.device))
+    return torch.exp(-_gamma(x3, sigma)[:, None, None] * d)
+
+
+def gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, backend: str = "auto") -> Tensor:
+    """The Gram matrix K (..., n, n) of the rows of x (..., n, p). It is n x n: for small n."""
+    name = _check_single("gram", x, kernel, sigma, backend, 1)
+    if name == "reference":
+        return reference.gram(x, kernel, sigma).to(_out_dtype(x))
+    return _gram3(_as_groups(x), kernel, sigma).to(_out_dtype(x)).reshape(*x.shape[:-1], x.shape[-2])
+
+
+def centered_gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
+    """H K H (..., n, n) from row and column means (H is never built); with
+    ``debiased=True`` the U-centred K (zero diagonal, n >= 4) whose inner
+    products give the unbiased HSIC: hsic = <K_u, L_u> / (n (n-3))."""
+    name = _check_single("centered_gram", x, kernel, sigma, backend, 4 if debiased else 1)
+    if name == "reference":
+        return reference.centered_gram(x, kernel, sigma, debiased).to(_out_dtype(x))
+    k = _gram3(_as_groups(x), kernel, sigma)
+    n = k.shape[-1]
+    if debiased:
+        k = k * (1.0 - torch.eye(n, dtype=k.dtype, device=k.device))
+        r = k.sum(-1) / (n - 2)
+        k = k - r[:, :, None] - r[:, None, :] + (r.sum(-1) / (n - 1))[:, None, None]
+        k = k * (1.0 - torch.eye(n, dtype=k.dtype, device=k.device))
+    else:
+        r = k.mean(-1)
+        k = k - r[:, :, None] - r[:, None, :] + r.mean(-1)[:, None, None]
+    return k.to(_out_dtype(x)).reshape(*x.shape[:-1], n)
+

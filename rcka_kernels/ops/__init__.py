@@ -1,0 +1,1 @@
+"""Op families: the backend contract, the custom ops over it, and each backend's kernels."""

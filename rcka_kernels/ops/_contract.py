@@ -1,0 +1,42 @@
+"""What a backend implements: the sufficient statistics of DESIGN.md section 2.
+
+Every backend (torch, triton, cuda) provides the functions below, with these
+exact signatures, in a module or object registered with
+``rcka_kernels._dispatch.register_kernels(name, loader)``. The custom ops in
+``rcka_kernels/ops/stats.py`` call them; the HSIC/CKA/MMD formulas that combine
+the statistics live once, in ``rcka_kernels/functional.py``, for all backends.
+
+Conventions
+- ``x`` is ``(G, n, p)`` and ``y`` is ``(G, n, q)`` (``(G, m, p)`` for MMD),
+  contiguous, on one device, dtype float16, bfloat16, float32 or float64 (both
+  the same). Inputs to the HSIC statistics are already column-centred by the
+  caller (a translation changes neither distances nor centred Grams, and it
+  removes the cancellation of the uncentred formulas).
+- Accumulate in float32, or float64 for float64 inputs ("compute dtype");
+  the scalar sums ``S`` are returned as float64, row sums in the compute dtype.
+- ``gamma`` tensors are ``(G,)`` in the compute dtype: k(a, b) = exp(-gamma |a - b|^2).
+  The RBF diagonal is exactly 1 (k(x_i, x_i) = 1): kernels must not round it.
+- Gradients are returned in the dtype of the input they belong to.
+
+Functions
+- ``linear_stats(x, y) -> S``: ``S[:, 0] = |X^T Y|_F^2``, ``S[:, 1] = |X^T X|_F^2``,
+  ``S[:, 2] = |Y^T Y|_F^2`` (= sum_ij K_ij L_ij, sum K_ij^2, sum L_ij^2 for K = X X^T).
+- ``linear_stats_backward(x, y, g) -> (dx, dy)``: vector-Jacobian product for
+  ``g`` (G, 3) float64.
+- ``rbf_stats(x, y, gamma_x, gamma_y) -> (S, rx, ry)``: ``S`` as above for the
+  RBF Grams K, L; ``rx = K 1`` and ``ry = L 1`` (G, n).
+- ``rbf_stats_backward(x, y, gamma_x, gamma_y, gS, grx, gry) -> (dx, dy)``.
+  No n x n matrix may be saved between forward and backward: recompute.
+- ``rbf_mmd_sums(x, y, gamma) -> S``: ``S[:, 0] = sum K_XX``, ``S[:, 1] = sum K_YY``,
+  ``S[:, 2] = sum K_XY`` with one bandwidth.
+- ``rbf_mmd_sums_backward(x, y, gamma, gS) -> (dx, dy)``.
+"""
+
+FUNCTIONS = (
+    "linear_stats",
+    "linear_stats_backward",
+    "rbf_stats",
+    "rbf_stats_backward",
+    "rbf_mmd_sums",
+    "rbf_mmd_sums_backward",
+)

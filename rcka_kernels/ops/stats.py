@@ -1,0 +1,148 @@
+"""The autograd layer: torch.library custom ops over the backend contract.
+
+Each statistic of ops/_contract.py is one custom op taking the backend's name,
+with a fake (meta) implementation so torch.compile traces it without a graph
+break, and a registered backward that is itself a custom op (the backends
+recompute tiles there; nothing n x n is saved). The combining formulas live in
+functional.py, once for all backends.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .. import _dispatch
+
+Tensor = torch.Tensor
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+@torch.library.custom_op("rcka::linear_stats", mutates_args=())
+def linear_stats(x: Tensor, y: Tensor, backend: str) -> Tensor:
+    """(G, 3) float64: |X^T Y|_F^2, |X^T X|_F^2, |Y^T Y|_F^2."""
+    return _dispatch.kernels(backend).linear_stats(x, y)
+
+
+@linear_stats.register_fake
+def _(x, y, backend):
+    return x.new_empty((x.shape[0], 3), dtype=torch.float64)
+
+
+@torch.library.custom_op("rcka::linear_stats_backward", mutates_args=())
+def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    return _dispatch.kernels(backend).linear_stats_backward(x, y, g)
+
+
+@linear_stats_backward.register_fake
+def _(x, y, g, backend):
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, y, backend = inputs
+    ctx.save_for_backward(x, y)
+    ctx.backend = backend
+
+
+def _linear_backward(ctx, g):
+    x, y = ctx.saved_tensors
+    dx, dy = linear_stats_backward(x, y, g.contiguous(), ctx.backend)
+    return dx, dy, None
+
+
+linear_stats.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------- rbf HSIC
+
+
+@torch.library.custom_op("rcka::rbf_stats", mutates_args=())
+def rbf_stats(x: Tensor, y: Tensor, gamma_x: Tensor, gamma_y: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(S (G, 3) float64, K 1 (G, n), L 1 (G, n)) for RBF Grams K of x and L of y."""
+    return tuple(_dispatch.kernels(backend).rbf_stats(x, y, gamma_x, gamma_y))
+
+
+@rbf_stats.register_fake
+def _(x, y, gamma_x, gamma_y, backend):
+    g, n = x.shape[0], x.shape[1]
+    sd = _stat_dtype(x)
+    return x.new_empty((g, 3), dtype=torch.float64), x.new_empty((g, n), dtype=sd), x.new_empty((g, n), dtype=sd)
+
+
+@torch.library.custom_op("rcka::rbf_stats_backward", mutates_args=())
+def rbf_stats_backward(
+    x: Tensor, y: Tensor, gamma_x: Tensor, gamma_y: Tensor, gs: Tensor, grx: Tensor, gry: Tensor, backend: str
+) -> Tuple[Tensor, Tensor]:
+    return tuple(_dispatch.kernels(backend).rbf_stats_backward(x, y, gamma_x, gamma_y, gs, grx, gry))
+
+
+@rbf_stats_backward.register_fake
+def _(x, y, gamma_x, gamma_y, gs, grx, gry, backend):
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+def _rbf_setup(ctx, inputs, output):
+    x, y, gx, gy, backend = inputs
+    ctx.save_for_backward(x, y, gx, gy)
+    ctx.backend = backend
+
+
+def _rbf_backward(ctx, gs, grx, gry):
+    x, y, gx, gy = ctx.saved_tensors
+    g, n = x.shape[0], x.shape[1]
+    sd = _stat_dtype(x)
+    gs = torch.zeros(g, 3, dtype=torch.float64, device=x.device) if gs is None else gs.contiguous()
+    grx = torch.zeros(g, n, dtype=sd, device=x.device) if grx is None else grx.contiguous()
+    gry = torch.zeros(g, n, dtype=sd, device=x.device) if gry is None else gry.contiguous()
+    dx, dy = rbf_stats_backward(x, y, gx, gy, gs, grx, gry, ctx.backend)
+    return dx, dy, None, None, None
+
+
+rbf_stats.register_autograd(_rbf_backward, setup_context=_rbf_setup)
+
+
+# ----------------------------------------------------------------------------- rbf MMD
+
+
+@torch.library.custom_op("rcka::rbf_mmd_sums", mutates_args=())
+def rbf_mmd_sums(x: Tensor, y: Tensor, gamma: Tensor, backend: str) -> Tensor:
+    """(G, 3) float64: sum K_XX, sum K_YY, sum K_XY."""
+    return _dispatch.kernels(backend).rbf_mmd_sums(x, y, gamma)
+
+
+@rbf_mmd_sums.register_fake
+def _(x, y, gamma, backend):
+    return x.new_empty((x.shape[0], 3), dtype=torch.float64)
+
+
+@torch.library.custom_op("rcka::rbf_mmd_sums_backward", mutates_args=())
+def rbf_mmd_sums_backward(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    return tuple(_dispatch.kernels(backend).rbf_mmd_sums_backward(x, y, gamma, gs))
+
+
+@rbf_mmd_sums_backward.register_fake
+def _(x, y, gamma, gs, backend):
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+def _mmd_setup(ctx, inputs, output):
+    x, y, gamma, backend = inputs
+    ctx.save_for_backward(x, y, gamma)
+    ctx.backend = backend
+
+
+def _mmd_backward(ctx, gs):
+    x, y, gamma = ctx.saved_tensors
+    dx, dy = rbf_mmd_sums_backward(x, y, gamma, gs.contiguous(), ctx.backend)
+    return dx, dy, None, None
+
+
+rbf_mmd_sums.register_autograd(_mmd_backward, setup_context=_mmd_setup)
