@@ -35,7 +35,7 @@ def _module_loader(module: str) -> Callable[[], object]:
     return lambda: importlib.import_module(module, __package__)
 
 
-# name -> (loader of the kernels object, check(device) -> reason or None)
+# name -> loader of the kernels object; a module may define unavailable_reason() -> str | None
 _LOADERS: Dict[str, Callable[[], object]] = {
     "torch": _module_loader(".ops.torch_backend"),
     "triton": _module_loader(".ops.triton_backend"),
@@ -84,9 +84,9 @@ def _device_reason(name: str, device: Optional[torch.device]) -> Optional[str]:
 def status(name: str, device: Optional[torch.device] = None) -> BackendStatus:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
+    if name in _LOADERS and _load(name) is None:
+        return BackendStatus(False, _load_errors[name])
     reason = _device_reason(name, device)
-    if reason is None and name in _LOADERS and _load(name) is None:
-        reason = _load_errors[name]
     return BackendStatus(reason is None, reason)
 
 
