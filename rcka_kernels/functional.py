@@ -72,17 +72,19 @@ def _prepare(fn, x, y, kernel, sigma, backend, *, same_rows, same_cols, min_rows
 
 
 def _hsic_from_stats(s: Tensor, ra: Tensor, rb: Tensor, da: Tensor, db: Tensor, n: int, debiased: bool) -> Tensor:
-    """HSIC of two Grams from sum_ij A_ij B_ij, row sums r and diagonals d (all float64).
+    """HSIC of two Grams A, B from off-diagonal statistics (all float64):
+    s = sum_{i != j} A_ij B_ij, row sums r_i = sum_{j != i} A_ij, diagonals d.
 
-    Biased:  [S - (2/n) ra.rb + ta tb / n^2] / (n-1)^2      (tr(AHBH), H never built)
-    Debiased (Song et al. 2012), with zero diagonals:
-             [S~ + ta~ tb~ / ((n-1)(n-2)) - 2/(n-2) ra~.rb~] / (n(n-3))
+    Biased:  with S = s + da.db, r = r + d, t = 1^T r:
+             [S - (2/n) ra.rb + ta tb / n^2] / (n-1)^2      (tr(AHBH), H never built)
+    Debiased (Song et al. 2012) works on the zero-diagonal Grams directly:
+             [s + ta tb / ((n-1)(n-2)) - 2/(n-2) ra.rb] / (n(n-3))
     """
     if not debiased:
+        s = s + (da * db).sum(-1)
+        ra, rb = ra + da, rb + db
         ta, tb = ra.sum(-1), rb.sum(-1)
         return (s - (2.0 / n) * (ra * rb).sum(-1) + ta * tb / (n * n)) / ((n - 1) ** 2)
-    s = s - (da * db).sum(-1)
-    ra, rb = ra - da, rb - db
     ta, tb = ra.sum(-1), rb.sum(-1)
     return (s + ta * tb / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * (ra * rb).sum(-1)) / (n * (n - 3))
 
@@ -95,15 +97,15 @@ def _hsic_terms(x3: Tensor, y3: Tensor, kernel: str, sigma: Sigma, debiased: boo
         s = _ops.linear_stats(xc, yc, backend)
         cd = compute_dtype(x3.dtype)
         xd, yd = xc.to(cd), yc.to(cd)
+        dx, dy = (xd * xd).sum(-1).double(), (yd * yd).sum(-1).double()
         # row sums K 1 = X (X^T 1): zero up to the residual of the centring, kept exact here
-        rx = (xd @ xd.sum(1)[:, :, None])[..., 0].double()
-        ry = (yd @ yd.sum(1)[:, :, None])[..., 0].double()
-        dx = (xd * xd).sum(-1).double() if debiased else None
-        dy = (yd * yd).sum(-1).double() if debiased else None
+        rx = (xd @ xd.sum(1)[:, :, None])[..., 0].double() - dx
+        ry = (yd @ yd.sum(1)[:, :, None])[..., 0].double() - dy
+        s = s - torch.stack([(dx * dy).sum(-1), (dx * dx).sum(-1), (dy * dy).sum(-1)], -1)
     else:
         s, rx, ry = _ops.rbf_stats(xc, yc, _gamma(x3, sigma), _gamma(y3, sigma), backend)
         rx, ry = rx.double(), ry.double()
-        dx = dy = torch.ones_like(rx) if debiased else None
+        dx = dy = torch.ones_like(rx)
     hxy = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
     hxx = _hsic_from_stats(s[:, 1], rx, rx, dx, dx, n, debiased)
     hyy = _hsic_from_stats(s[:, 2], ry, ry, dy, dy, n, debiased)
@@ -175,7 +177,8 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
         return s, tx, ty
     # RBF Grams do not change under a translation of the inputs
     s, rx, ry = _ops.rbf_stats(_center(x3), _center(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
-    return s, rx.double().sum(-1), ry.double().sum(-1)
+    n = x3.shape[1]
+    return s + n, rx.double().sum(-1) + n, ry.double().sum(-1) + n  # add the unit diagonal back
 
 
 def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True, backend: str = "auto") -> Tensor:
@@ -253,8 +256,8 @@ def mmd(x: Tensor, y: Tensor, *, kernel: str = "rbf", sigma: Sigma = None, unbia
     else:
         gamma = _gamma(torch.cat([x3, y3], 1), sigma)
         s = _ops.rbf_mmd_sums(xc.contiguous(), yc.contiguous(), gamma, name)
-        dx = torch.full_like(s[:, 0], float(n))
-        dy = torch.full_like(s[:, 1], float(mm))
+        dx, dy = float(n), float(mm)  # the unit diagonals, left out of the kernel's sums
+        s = torch.stack([s[:, 0] + dx, s[:, 1] + dy, s[:, 2]], -1)
     if unbiased:
         out = (s[:, 0] - dx) / (n * (n - 1)) + (s[:, 1] - dy) / (mm * (mm - 1)) - 2.0 * s[:, 2] / (n * mm)
     else:

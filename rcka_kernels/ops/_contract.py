@@ -15,7 +15,9 @@ Conventions
 - Accumulate in float32, or float64 for float64 inputs ("compute dtype");
   the scalar sums ``S`` are returned as float64, row sums in the compute dtype.
 - ``gamma`` tensors are ``(G,)`` in the compute dtype: k(a, b) = exp(-gamma |a - b|^2).
-  The RBF diagonal is exactly 1 (k(x_i, x_i) = 1): kernels must not round it.
+- RBF sums leave the diagonal out: every RBF sum and row sum below runs over
+  i != j only (k(x_i, x_i) = 1 is added back exactly by the caller). This keeps
+  the unbiased estimators free of the cancellation S - n when K is close to I.
 - Gradients are returned in the dtype of the input they belong to.
 
 Functions
@@ -24,11 +26,11 @@ Functions
 - ``linear_stats_backward(x, y, g) -> (dx, dy)``: vector-Jacobian product for
   ``g`` (G, 3) float64.
 - ``rbf_stats(x, y, gamma_x, gamma_y) -> (S, rx, ry)``: ``S`` as above for the
-  RBF Grams K, L; ``rx = K 1`` and ``ry = L 1`` (G, n).
+  RBF Grams K, L but over i != j; ``rx_i = sum_{j != i} K_ij``, ``ry`` likewise (G, n).
 - ``rbf_stats_backward(x, y, gamma_x, gamma_y, gS, grx, gry) -> (dx, dy)``.
   No n x n matrix may be saved between forward and backward: recompute.
-- ``rbf_mmd_sums(x, y, gamma) -> S``: ``S[:, 0] = sum K_XX``, ``S[:, 1] = sum K_YY``,
-  ``S[:, 2] = sum K_XY`` with one bandwidth.
+- ``rbf_mmd_sums(x, y, gamma) -> S``: ``S[:, 0] = sum_{i != j} K_XX``,
+  ``S[:, 1] = sum_{i != j} K_YY``, ``S[:, 2] = sum K_XY`` (all pairs) with one bandwidth.
 - ``rbf_mmd_sums_backward(x, y, gamma, gS) -> (dx, dy)``.
 """
 
