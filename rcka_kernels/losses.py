@@ -123,10 +123,11 @@ def official_alignment(x: Tensor, y: Tensor, l2_norm: bool = False, backend: str
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     if backend == "reference":
         return reference.official_alignment(x, y, l2_norm).to(out_dtype)
-    if l2_norm or x.shape[-2] < 2:
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return _official_l2(x.to(cd), y.to(cd)).to(out_dtype) if l2_norm else _official_plain(x.to(cd), y.to(cd)).to(out_dtype)
-    return 1.0 - F.gram_discrepancy(x, y, centered=False, backend=backend)
+    if not l2_norm and x.shape[-2] >= 2:
+        return 1.0 - F.gram_discrepancy(x, y, centered=False, backend=backend)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    fn = _official_l2 if l2_norm else _official_plain
+    return fn(x.to(cd), y.to(cd)).to(out_dtype)
 
 
 def _official_plain(x: Tensor, y: Tensor) -> Tensor:
@@ -165,7 +166,8 @@ class _AlignmentTerms(nn.Module):
             return -weight * official_alignment(t, s, self.l2_norm, self.backend)
         if n < (4 if self.debiased else 2):
             # no pairwise relation to align between fewer than two samples: a constant term
-            return s.new_zeros(s.shape[:-2], dtype=s.dtype if s.dtype in (torch.float32, torch.float64) else torch.float32) + 0.0 * s.sum((-1, -2))
+            z = 0.0 * s.sum((-1, -2))
+            return z if z.dtype in (torch.float32, torch.float64) else z.float()
         return weight * F.cka_loss(s, t, kernel=self.kernel, sigma=self.sigma, debiased=self.debiased, backend=self.backend)
 
     def extra_repr(self) -> str:
