@@ -1,0 +1,1 @@
+"""Benchmark scripts (not shipped with the package): run them as `python -m benchmarks.<name>`."""
