@@ -1,0 +1,113 @@
+"""Global-batch CKA under torch.distributed: 2 gloo processes on the CPU give the
+single-process value and gradients on the concatenated batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import rcka_kernels as rk
+from rcka_kernels import distributed as rkd
+
+WORLD = 2
+SPLIT = [7, 6]  # uneven shards
+CASES = [("linear", False), ("linear", True), ("rbf", False)]
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(SPLIT), 5, dtype=torch.float64, generator=g)
+    y = x[:, :3] @ torch.randn(3, 4, dtype=torch.float64, generator=g) + torch.randn(sum(SPLIT), 4, dtype=torch.float64, generator=g)
+    w = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    return x, y, w
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        x, y, w = _data()
+        lo = sum(SPLIT[:rank])
+        rows = slice(lo, lo + SPLIT[rank])
+        res = {}
+        for kernel, debiased in CASES:
+            xr = x[rows].clone().requires_grad_(True)
+            yr = y[rows].clone().requires_grad_(True)
+            v = rkd.cka(xr, yr, kernel=kernel, sigma=None if kernel == "linear" else 2.0, debiased=debiased)
+            v.backward()
+            res[(kernel, debiased)] = (v.detach(), xr.grad, yr.grad)
+        res["hsic"] = rkd.hsic(x[rows], y[rows], debiased=True).detach()
+        # DDP: parameters receive the gradient of the global-batch loss
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(5, 3, bias=False).double())
+        with torch.no_grad():
+            model.module.weight.copy_(w.T)
+        loss = rkd.cka_loss(model(x[rows]), y[rows])
+        loss.backward()
+        res["ddp"] = (loss.detach(), model.module.weight.grad.clone())
+        g = rkd.all_gather(x[rows].clone().requires_grad_(True))
+        res["gather"] = g.detach()
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("kernel,debiased", CASES)
+def test_value_and_gradients_match_single_process(results, kernel, debiased):
+    x, y, _ = _data()
+    x, y = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    want = rk.cka(x, y, kernel=kernel, sigma=None if kernel == "linear" else 2.0, debiased=debiased)
+    want.backward()
+    for r in range(WORLD):
+        v, gx, gy = results[r][(kernel, debiased)]
+        torch.testing.assert_close(v, want.detach(), rtol=1e-10, atol=1e-12)
+        lo = sum(SPLIT[:r])
+        rows = slice(lo, lo + SPLIT[r])
+        # every rank's loss is the global CKA; backward gives the gradient of their sum
+        torch.testing.assert_close(gx, WORLD * x.grad[rows], rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(gy, WORLD * y.grad[rows], rtol=1e-8, atol=1e-10)
+
+
+def test_hsic_matches_single_process(results):
+    x, y, _ = _data()
+    for r in range(WORLD):
+        torch.testing.assert_close(results[r]["hsic"], rk.hsic(x, y, debiased=True), rtol=1e-10, atol=1e-12)
+
+
+def test_ddp_parameter_gradients_match_single_process(results):
+    x, y, w = _data()
+    w = w.T.clone().requires_grad_(True)
+    loss = rk.cka_loss(x @ w.T, y)
+    loss.backward()
+    for r in range(WORLD):
+        torch.testing.assert_close(results[r]["ddp"][0], loss.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(results[r]["ddp"][1], w.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_all_gather_uneven(results):
+    x, _, _ = _data()
+    for r in range(WORLD):
+        torch.testing.assert_close(results[r]["gather"], x)
+
+
+def test_single_process_fallback():
+    x, y, _ = _data()
+    assert not rkd.is_distributed()
+    torch.testing.assert_close(rkd.cka(x, y), rk.cka(x, y))
+    assert rkd.all_gather(x) is x
+    with pytest.raises(ValueError, match="same n_local"):
+        rkd.cka(x, y[:3])
