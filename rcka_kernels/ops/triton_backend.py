@@ -1,0 +1,329 @@
+"""The fused Triton backend: the contract of ops/_contract.py on Triton kernels.
+
+Layers: kernels (``triton_kernels.py``) -> launch plans (``plan_*`` here: block
+sizes, grid, workspaces; pure host code, also used by the ahead-of-time compile
+test with "meta" tensors) -> the contract functions (run the plan, reduce the
+per-tile partial sums in float64 with torch) -> ``ops/stats.py`` custom ops.
+
+What runs where (all statistics in one launch for a batch of G groups):
+- RBF HSIC statistics: ``hsic_stats_fwd_kernel`` over the upper-triangle tiles
+  (i <= j) of the two Grams; ``hsic_stats_bwd_kernel`` recomputes K, L tiles per
+  output row block (FlashAttention-style), nothing n x n is stored.
+- linear statistics: in feature space (p + q <= n, the same rule as the torch
+  backend) ``linear_fro_fwd_kernel`` forms tiles of X^T Y, X^T X, Y^T Y over the
+  sample axis and squares them in registers; in sample space (p + q > n) the
+  HSIC kernels above run with the linear kernel. The feature-space backward is
+  three batched GEMMs through ``torch.matmul`` (cuBLAS already runs these at the
+  GEMM roofline; a Triton GEMM would only match it); the sample-space backward
+  is ``hsic_stats_bwd_kernel`` (no n x n Gram, unlike the torch backend).
+- RBF MMD sums: ``mmd_sums_fwd_kernel`` over a table of XX, YY (upper) and XY
+  tiles, ``mmd_sums_bwd_kernel`` per output row block of x and y.
+
+Precision: accumulation in fp32 (fp64 for fp64 inputs, with fp64 ``tl.dot``).
+fp32 Gram dots use ``input_precision="ieee"`` unless
+``torch.backends.cuda.matmul.allow_tf32`` is True. In the backward, the product
+of the fp32 tile weights with fp16/bf16 rows runs in tf32 (as exact on the half
+rows as fp16, with fp32's range, so small gradients do not underflow).
+
+Memory: inputs and outputs, plus for RBF HSIC a workspace of row-sum partials
+of 2 G n ceil(n / BM) floats (each tile's row and column sums; it is what makes
+the symmetric tiling deterministic without atomics), 1/BM of an n x n Gram.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .torch_backend import compute_dtype
+
+Tensor = torch.Tensor
+
+try:  # the module must import without triton so the dispatcher can say why it is unavailable
+    import triton
+
+    from . import triton_kernels as _k
+
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as e:  # pragma: no cover - depends on the environment
+    triton = None
+    _k = None
+    _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+
+
+def unavailable_reason() -> Optional[str]:
+    return _IMPORT_ERROR
+
+
+# ----------------------------------------------------------------------------- launch plans
+
+
+@dataclass
+class Launch:
+    """One kernel launch: ``kernel[grid](*args.values(), **consts, num_warps=, num_stages=)``."""
+
+    kernel: object
+    grid: Tuple[int, ...]
+    args: Dict[str, object]
+    consts: Dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 2
+    extra: Dict[str, Tensor] = field(default_factory=dict)  # workspaces the caller reduces
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args.values(), **self.consts, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _acc(dtype: torch.dtype):
+    return _k.tl.float64 if dtype == torch.float64 else _k.tl.float32
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """input_precision of the Gram dots: tf32 only for fp32 inputs with allow_tf32 on."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _prec2(dtype: torch.dtype) -> str:
+    """input_precision of the backward's fp32 weight @ rows product (see module doc)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "tf32"
+    return _prec(dtype)
+
+
+def _p2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _clamp_p2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, _p2(v)))
+
+
+def _bk(dtype: torch.dtype) -> int:
+    """Features per dot step: 128 bytes of a row per load."""
+    return {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Block sizes. Reasoned, not tuned on a GPU yet (none was available): tiles of
+# 64 rows keep the two fp32 accumulators of a K/L tile pair at 64 registers a
+# thread with 4 warps; groups of n <= 64 (PCKA's tiny groups) get one program
+# each with the smallest power-of-two tile >= n; fp64 (gradchecks) uses 32.
+# The AOT test compiles every entry for sm_80 and sm_90 and checks shared
+# memory and spills.
+def hsic_fwd_config(n: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """(BM, BK, num_warps, num_stages) of hsic_stats_fwd_kernel."""
+    hi = 32 if dtype == torch.float64 else 64
+    bm = _clamp_p2(n, 16, hi)
+    return bm, _bk(dtype), (4 if bm >= 64 else 2), 2
+
+
+def hsic_bwd_config(n: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, DC, num_warps, num_stages) of the backward kernels; d = widest output."""
+    hi = 32 if dtype == torch.float64 else 64
+    bm = _clamp_p2(n, 16, hi)
+    bn = _clamp_p2(n, 16, 32)
+    dc = _clamp_p2(d, 16, hi)
+    return bm, bn, _bk(dtype), dc, (4 if bm >= 64 else 2), 2
+
+
+def linear_fwd_config(n: int, p: int, q: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """(BF, BK, num_warps, num_stages) of linear_fro_fwd_kernel."""
+    hi = 32 if dtype == torch.float64 else 64
+    bf = _clamp_p2(max(p, q), 16, hi)
+    return bf, _clamp_p2(n, 16, _bk(dtype)), (4 if bf >= 64 else 2), 2
+
+
+@functools.lru_cache(maxsize=64)
+def _table_cpu(parts: Tuple[Tuple[int, int, int, bool], ...]) -> Tensor:
+    """int32 (3, T) rows kind, i, j; each part (kind, rows, cols, upper-triangle only)."""
+    out = []
+    for kind, a, b, upper in parts:
+        if upper:
+            ij = torch.triu_indices(a, a)
+        else:
+            ij = torch.stack(torch.meshgrid(torch.arange(a), torch.arange(b), indexing="ij")).reshape(2, -1)
+        out.append(torch.cat([torch.full((1, ij.shape[1]), kind, dtype=torch.long), ij]))
+    return torch.cat(out, 1).to(torch.int32).contiguous()
+
+
+_tables: Dict[Tuple, Tensor] = {}
+
+
+def _table(parts, device: torch.device) -> Tensor:
+    key = (parts, str(device))
+    t = _tables.get(key)
+    if t is None:
+        t = _table_cpu(parts).to(device)
+        if len(_tables) > 256:
+            _tables.clear()
+        _tables[key] = t
+    return t
+
+
+def plan_hsic_fwd(x: Tensor, y: Tensor, gx: Optional[Tensor], gy: Optional[Tensor], rbf: bool) -> Launch:
+    g, n, p = x.shape
+    q = y.shape[2]
+    cd = compute_dtype(x.dtype)
+    bm, bk, warps, stages = hsic_fwd_config(n, x.dtype)
+    nb = _cdiv(n, bm)
+    tab = _table(((0, nb, nb, True),), x.device)
+    t = tab.shape[1]
+    s = torch.empty(g, t, 3, dtype=cd, device=x.device)
+    w = torch.empty(g, 2, nb, nb, bm, dtype=cd, device=x.device) if rbf else s
+    gx = gx if rbf else s
+    gy = gy if rbf else s
+    args = dict(x_ptr=x, y_ptr=y, gx_ptr=gx, gy_ptr=gy, ti_ptr=tab[1], tj_ptr=tab[2], s_ptr=s, w_ptr=w,
+                N=n, P=p, Q=q, sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1), T=t, NB=nb)
+    consts = dict(IS_RBF=rbf, BM=bm, BK=bk, ACC=_acc(x.dtype), PREC=_prec(x.dtype))
+    return Launch(_k.hsic_stats_fwd_kernel, (t * g,), args, consts, warps, stages, dict(s=s, w=w))
+
+
+def plan_hsic_bwd(x, y, gx, gy, gs, grx, gry, rbf: bool) -> Launch:
+    g, n, p = x.shape
+    q = y.shape[2]
+    bm, bn, bk, dc, warps, stages = hsic_bwd_config(n, max(p, q), x.dtype)
+    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    nrb = _cdiv(n, bm)
+    if not rbf:
+        gx = gy = grx = gry = gs
+    args = dict(x_ptr=x, y_ptr=y, gx_ptr=gx, gy_ptr=gy, gs_ptr=gs, grx_ptr=grx, gry_ptr=gry, dx_ptr=dx, dy_ptr=dy,
+                N=n, P=p, Q=q, sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1),
+                sdxg=dx.stride(0), sdxn=dx.stride(1), sdyg=dy.stride(0), sdyn=dy.stride(1), NRB=nrb)
+    consts = dict(IS_RBF=rbf, BM=bm, BN=bn, BK=bk, DC=dc, ACC=_acc(x.dtype), PREC=_prec(x.dtype), PREC2=_prec2(x.dtype))
+    grid = (nrb * g, _cdiv(max(p, q), dc))
+    return Launch(_k.hsic_stats_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy))
+
+
+def plan_mmd_fwd(x: Tensor, y: Tensor, gamma: Tensor) -> Launch:
+    g, n, d = x.shape
+    m = y.shape[1]
+    cd = compute_dtype(x.dtype)
+    bm, bk, warps, stages = hsic_fwd_config(max(n, m), x.dtype)
+    nbx, nby = _cdiv(n, bm), _cdiv(m, bm)
+    tab = _table(((0, nbx, nbx, True), (1, nby, nby, True), (2, nbx, nby, False)), x.device)
+    t = tab.shape[1]
+    s = torch.empty(g, t, dtype=cd, device=x.device)
+    args = dict(x_ptr=x, y_ptr=y, gam_ptr=gamma, tab_ptr=tab, s_ptr=s, N=n, M=m, D=d,
+                sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1), T=t)
+    consts = dict(BM=bm, BK=bk, ACC=_acc(x.dtype), PREC=_prec(x.dtype))
+    seg = (nbx * (nbx + 1) // 2, nby * (nby + 1) // 2, nbx * nby)
+    return Launch(_k.mmd_sums_fwd_kernel, (t * g,), args, consts, warps, stages, dict(s=s, seg=seg))
+
+
+def plan_mmd_bwd(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor) -> Launch:
+    g, n, d = x.shape
+    m = y.shape[1]
+    bm, bn, bk, dc, warps, stages = hsic_bwd_config(max(n, m), d, x.dtype)
+    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    nbx, nby = _cdiv(n, bm), _cdiv(m, bm)
+    args = dict(x_ptr=x, y_ptr=y, gam_ptr=gamma, gs_ptr=gs, dx_ptr=dx, dy_ptr=dy, N=n, M=m, D=d,
+                sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1),
+                sdxg=dx.stride(0), sdxn=dx.stride(1), sdyg=dy.stride(0), sdyn=dy.stride(1), NBX=nbx, NRB=nbx + nby)
+    consts = dict(BM=bm, BN=bn, BK=bk, DC=dc, ACC=_acc(x.dtype), PREC=_prec(x.dtype), PREC2=_prec2(x.dtype))
+    grid = ((nbx + nby) * g, _cdiv(d, dc))
+    return Launch(_k.mmd_sums_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy))
+
+
+def plan_linear_fwd(x: Tensor, y: Tensor) -> Launch:
+    g, n, p = x.shape
+    q = y.shape[2]
+    cd = compute_dtype(x.dtype)
+    bf, bk, warps, stages = linear_fwd_config(n, p, q, x.dtype)
+    nbp, nbq = _cdiv(p, bf), _cdiv(q, bf)
+    tab = _table(((0, nbp, nbq, False), (1, nbp, nbp, True), (2, nbq, nbq, True)), x.device)
+    t = tab.shape[1]
+    s = torch.empty(g, t, dtype=cd, device=x.device)
+    args = dict(x_ptr=x, y_ptr=y, tab_ptr=tab, s_ptr=s, N=n, P=p, Q=q,
+                sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1), T=t)
+    consts = dict(BF=bf, BK=bk, ACC=_acc(x.dtype), PREC=_prec(x.dtype))
+    seg = (nbp * nbq, nbp * (nbp + 1) // 2, nbq * (nbq + 1) // 2)
+    return Launch(_k.linear_fro_fwd_kernel, (t * g,), args, consts, warps, stages, dict(s=s, seg=seg))
+
+
+def _segment_sums(s: Tensor, seg: Tuple[int, int, int]) -> Tensor:
+    return torch.stack([part.sum(1, dtype=torch.float64) for part in torch.split(s, list(seg), dim=1)], -1)
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+def _use_feature_space(n: int, p: int, q: int) -> bool:
+    # the torch backend's rule, so both backends take the same path
+    return p + q <= n
+
+
+def _c(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def linear_stats(x: Tensor, y: Tensor) -> Tensor:
+    x, y = _c(x), _c(y)
+    n, p, q = x.shape[1], x.shape[2], y.shape[2]
+    if _use_feature_space(n, p, q):
+        launch = plan_linear_fwd(x, y)
+        launch.run()
+        return _segment_sums(launch.extra["s"], launch.extra["seg"])
+    launch = plan_hsic_fwd(x, y, None, None, rbf=False)
+    launch.run()
+    return launch.extra["s"].sum(1, dtype=torch.float64)
+
+
+def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
+    """Feature space: dx = 2 gxy Y (X^T Y)^T + 4 gxx X (X^T X) by torch.matmul (cuBLAS);
+    sample space: the fused kernel dx = (2 gxy L + 4 gxx K) X without forming K, L."""
+    x, y = _c(x), _c(y)
+    cd = compute_dtype(x.dtype)
+    n, p, q = x.shape[1], x.shape[2], y.shape[2]
+    if not _use_feature_space(n, p, q):
+        launch = plan_hsic_bwd(x, y, None, None, _c(g.to(cd)), None, None, rbf=False)
+        launch.run()
+        return launch.extra["dx"], launch.extra["dy"]
+    xd, yd = x.to(cd), y.to(cd)
+    gxy, gxx, gyy = (g[:, i, None, None].to(cd) for i in range(3))
+    a = xd.transpose(1, 2) @ yd
+    dx = (2 * gxy) * (yd @ a.transpose(1, 2)) + (4 * gxx) * (xd @ (xd.transpose(1, 2) @ xd))
+    dy = (2 * gxy) * (xd @ a) + (4 * gyy) * (yd @ (yd.transpose(1, 2) @ yd))
+    return dx.to(x.dtype), dy.to(y.dtype)
+
+
+def rbf_stats(x: Tensor, y: Tensor, gamma_x: Tensor, gamma_y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    x, y = _c(x), _c(y)
+    cd = compute_dtype(x.dtype)
+    g, n = x.shape[0], x.shape[1]
+    launch = plan_hsic_fwd(x, y, _c(gamma_x.to(cd)), _c(gamma_y.to(cd)), rbf=True)
+    launch.run()
+    s = launch.extra["s"].sum(1, dtype=torch.float64)
+    w = launch.extra["w"]
+    r = w.sum(3, dtype=torch.float64).reshape(g, 2, -1)[:, :, :n].to(cd)
+    return s, r[:, 0].contiguous(), r[:, 1].contiguous()
+
+
+def rbf_stats_backward(x, y, gamma_x, gamma_y, gs, grx, gry) -> Tuple[Tensor, Tensor]:
+    x, y = _c(x), _c(y)
+    cd = compute_dtype(x.dtype)
+    launch = plan_hsic_bwd(x, y, _c(gamma_x.to(cd)), _c(gamma_y.to(cd)), _c(gs.to(cd)), _c(grx.to(cd)), _c(gry.to(cd)), rbf=True)
+    launch.run()
+    return launch.extra["dx"], launch.extra["dy"]
+
+
+def rbf_mmd_sums(x: Tensor, y: Tensor, gamma: Tensor) -> Tensor:
+    x, y = _c(x), _c(y)
+    launch = plan_mmd_fwd(x, y, _c(gamma.to(compute_dtype(x.dtype))))
+    launch.run()
+    return _segment_sums(launch.extra["s"], launch.extra["seg"])
+
+
+def rbf_mmd_sums_backward(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor) -> Tuple[Tensor, Tensor]:
+    x, y = _c(x), _c(y)
+    cd = compute_dtype(x.dtype)
+    launch = plan_mmd_bwd(x, y, _c(gamma.to(cd)), _c(gs.to(cd)))
+    launch.run()
+    return launch.extra["dx"], launch.extra["dy"]
