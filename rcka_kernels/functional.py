@@ -115,7 +115,8 @@ def _hsic_terms(x3: Tensor, y3: Tensor, kernel: str, sigma: Sigma, debiased: boo
 def _cka_from_terms(hxy, hxx, hyy, degenerate):
     ok = (hxx > 0) & (hyy > 0) & ~degenerate
     safe = torch.where(ok, hxx * hyy, torch.ones_like(hxx))
-    return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy))
+    # NaN in any term (unchecked non-finite input) stays NaN instead of becoming 0
+    return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy)) + 0.0 * (hxy + hxx + hyy)
 
 
 def _min_rows(debiased: bool) -> Tuple[int, str]:
