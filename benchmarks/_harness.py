@@ -135,13 +135,13 @@ def _worker(spec: dict) -> dict:
         sync()
         return out
 
-    out = None
-    for _ in range(max(1, spec.get("warmup", 1))):
+    value, first = None, 0.0
+    for _ in range(spec.get("warmup", 1)):
         t0 = time.perf_counter()
         out = once()
         first = time.perf_counter() - t0
-    value = providers.provider_value(prov, cfg, out)
-    del out
+        value = providers.provider_value(prov, cfg, out)
+        del out
     # memory: one measured run in a process that has run only this case
     if cuda:
         torch.cuda.synchronize()
@@ -152,8 +152,11 @@ def _worker(spec: dict) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     t0 = time.perf_counter()
-    once()
+    out = once()
     times = [time.perf_counter() - t0]
+    if value is None:  # no warm-up: the measured run gives the value
+        value = providers.provider_value(prov, cfg, out)
+    del out
     peak = (torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024) - base
     budget = spec.get("time_budget_s", 20.0)
     while len(times) < spec.get("repeats", 5) and sum(times) + first < budget:
@@ -167,6 +170,7 @@ def _worker(spec: dict) -> dict:
         "times_ms": [round(1e3 * t, 4) for t in times],
         "peak_mem_bytes": int(max(0, peak)),
         "mode": "fwd+bwd" if prov.grad else "fwd",
+        "warmup": spec.get("warmup", 1),
     }
 
 
@@ -231,7 +235,7 @@ class Bench:
             self._oracles[key] = (res.get("value"), res.get("ref_kind", res.get("error")))
         return self._oracles[key]
 
-    def run(self, provider: str, cfg: dict, group: Optional[tuple] = None, verbose: bool = True) -> dict:
+    def run(self, provider: str, cfg: dict, group: Optional[tuple] = None, verbose: bool = True, **overrides) -> dict:
         """Run one case unless the provider failed on a smaller case of the same group."""
         from benchmarks import providers
 
@@ -248,7 +252,10 @@ class Bench:
             rec["note"] = prov.note
             spec = {"provider": provider, "config": cfg, "warmup": self.args.warmup, "repeats": self.args.repeats,
                     "time_budget_s": self.args.time_budget, "mem_cap_gb": self.args.mem_cap_gb}
-            rec.update(run_case(spec, self.args.timeout))
+            spec.update(overrides)  # e.g. warmup=0, repeats=1 for a baseline that runs for minutes
+            rec["loadavg_before"] = round(os.getloadavg()[0], 2)
+            rec.update(run_case(spec, overrides.get("timeout", self.args.timeout)))
+            rec["loadavg_after"] = round(os.getloadavg()[0], 2)
             if rec["status"] != "ok":
                 self._failed[gkey] = f"{rec['status']} at n={cfg.get('n')}"
             else:
