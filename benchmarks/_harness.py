@@ -16,9 +16,15 @@ Worker entry point: ``python -m benchmarks._harness '<json spec>'``.
 
 from __future__ import annotations
 
+import os
+
+# Threads that sleep instead of spinning at barriers: on a machine whose cores are
+# shared (CI, other jobs), spinning OpenMP threads make small ops 10-100x slower and
+# the timings meaningless. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import datetime
 import json
-import os
 import platform
 import resource
 import signal
@@ -76,6 +82,8 @@ def env_info(device: str = "cpu") -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--", "rcka_kernels", "csrc", "benchmarks")),
         "argv": sys.argv,
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "loadavg_start": [round(v, 2) for v in os.getloadavg()],
     }
     if device == "cuda" and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name()
@@ -174,26 +182,75 @@ def _worker(spec: dict) -> dict:
     }
 
 
-def _worker_main(arg: str) -> None:
-    spec = json.loads(arg)
+def _isolated(spec: dict) -> dict:
+    """Run one spec in this (fresh) process: memory cap, then the worker; never raises."""
     cap = spec.get("mem_cap_gb")
     if cap and spec["config"].get("device", "cpu") == "cpu":
         # address-space cap: an allocation beyond it raises instead of swapping the machine
         lim = int(cap * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     try:
-        res = _worker(spec)
+        return _worker(spec)
     except BaseException as e:  # recorded, never raised
-        res = {"status": "oom" if _is_oom(e) else "error", "error": f"{type(e).__name__}: {str(e)[:400]}"}
+        return {"status": "oom" if _is_oom(e) else "error", "error": f"{type(e).__name__}: {str(e)[:400]}"}
+
+
+def _worker_main(arg: str) -> None:
+    res = _isolated(json.loads(arg))
     sys.stdout.write("\n" + _MARK + json.dumps(res) + "\n")
     sys.stdout.flush()
+
+
+def _fork_child(spec: dict, conn) -> None:
+    conn.send(_isolated(spec))
+    conn.close()
+
+
+def _run_forked(spec: dict, timeout_s: float) -> dict:
+    """A forked child of a parent that imported torch but ran nothing: a process of
+    its own (own peak RSS), without paying the interpreter start-up again."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    t0 = time.perf_counter()
+    proc = ctx.Process(target=_fork_child, args=(spec, send), daemon=True)
+    proc.start()
+    send.close()
+    res = None
+    if recv.poll(timeout_s):
+        try:
+            res = recv.recv()
+        except EOFError:
+            res = None
+    proc.join(5 if res is not None else 0.1)
+    wall = round(time.perf_counter() - t0, 1)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        if res is None:
+            return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s", "wall_s": wall}
+    if res is None:
+        if proc.exitcode == -signal.SIGKILL:
+            return {"status": "killed", "error": "killed by SIGKILL (likely the out-of-memory killer)", "wall_s": wall}
+        return {"status": "error", "error": f"worker exited with {proc.exitcode}", "wall_s": wall}
+    res["wall_s"] = wall
+    return res
 
 
 # ----------------------------------------------------------------------------- runner (in the parent)
 
 
-def run_case(spec: dict, timeout_s: float) -> dict:
-    """Run one spec in a fresh interpreter; always returns a result dict."""
+def run_case(spec: dict, timeout_s: float, isolation: str = "auto") -> dict:
+    """Run one spec in a fresh process; always returns a result dict.
+
+    ``isolation``: "fork" (CPU, Linux: a forked child, fast), "interpreter" (a new
+    Python: always used for CUDA, where forking is unsafe), "auto" picks."""
+    cuda = spec["config"].get("device", "cpu") == "cuda"
+    if isolation == "auto":
+        isolation = "fork" if (not cuda and sys.platform.startswith("linux")) else "interpreter"
+    if isolation == "fork":
+        return _run_forked(spec, timeout_s)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1")
     cmd = [sys.executable, "-m", "benchmarks._harness", json.dumps(spec)]
     t0 = time.perf_counter()
@@ -231,7 +288,7 @@ class Bench:
         if key not in self._oracles:
             ocfg = dict(cfg, dtype="float32", device="cpu")
             spec = {"kind": "oracle", "quantity": quantity, "config": ocfg, "ref_max_n": self.args.ref_max_n}
-            res = run_case(spec, self.args.timeout)
+            res = run_case(spec, self.args.timeout, self.args.isolation)
             self._oracles[key] = (res.get("value"), res.get("ref_kind", res.get("error")))
         return self._oracles[key]
 
@@ -254,7 +311,7 @@ class Bench:
                     "time_budget_s": self.args.time_budget, "mem_cap_gb": self.args.mem_cap_gb}
             spec.update(overrides)  # e.g. warmup=0, repeats=1 for a baseline that runs for minutes
             rec["loadavg_before"] = round(os.getloadavg()[0], 2)
-            rec.update(run_case(spec, overrides.get("timeout", self.args.timeout)))
+            rec.update(run_case(spec, overrides.get("timeout", self.args.timeout), self.args.isolation))
             rec["loadavg_after"] = round(os.getloadavg()[0], 2)
             if rec["status"] != "ok":
                 self._failed[gkey] = f"{rec['status']} at n={cfg.get('n')}"
@@ -393,6 +450,8 @@ def add_common_args(ap, timeout=600.0, repeats=5):
     ap.add_argument("--time-budget", type=float, default=20.0, help="stop repeating a case after this many seconds (>= 1 timed run)")
     ap.add_argument("--mem-cap-gb", type=float, default=14.0, help="CPU: address-space cap per case; beyond it = recorded OOM")
     ap.add_argument("--ref-max-n", type=int, default=2048, help="largest n checked against rcka_kernels.reference (above: torch backend in fp64)")
+    ap.add_argument("--isolation", default="auto", choices=["auto", "fork", "interpreter"],
+                    help="fresh process per case: forked child (CPU default) or a new interpreter (CUDA)")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     return ap
 
