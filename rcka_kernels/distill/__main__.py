@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .data import DataError
 from .train import DATASET_DEFAULTS, DEFAULT_PAIRS, METHODS, Config, DistillError, run
 
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     cfg = Config(**vars(args))
     try:
         run(cfg)
-    except DistillError as e:
+    except (DistillError, DataError) as e:
         print(f"rcka-distill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
