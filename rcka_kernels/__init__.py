@@ -18,7 +18,8 @@ from .functional import (
     mmd,
     mmd_upper_bound,
 )
-from .losses import CKALoss
+from .losses import CKALoss, PCKALoss, RCKALoss
+from . import distributed
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,9 @@ __all__ = [
     "gram_discrepancy",
     "mmd_upper_bound",
     "CKALoss",
+    "RCKALoss",
+    "PCKALoss",
+    "distributed",
     "available_backends",
     "BackendStatus",
     "config",
