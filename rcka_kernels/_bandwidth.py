@@ -6,9 +6,9 @@ backward pass treats as a constant (as Kornblith et al. and most CKA code do).
 
 - "median": the exact median of all n^2 squared distances (diagonal zeros
   included, NumPy's convention: the mean of the two middle values when n^2 is
-  even), found by a radix select over the bit patterns of the distances (16 bits
-  per pass, 2 passes for float32 and 4 for float64), each pass recomputing the
-  distances block by block: memory O(block), no sort of n^2 values. If the median
+  even), found by a radix select over the bit patterns of the strictly-upper
+  distances (16 bits per pass, 2 passes for float32 and 4 for float64), each pass
+  recomputing the distances block by block: memory O(block), no sort of n^2 values. If the median
   is 0 (more than half of all pairs coincide) the "mean" value is used instead.
 - "mean": the mean of all n^2 squared distances, 2 mean_i |x_i - mean x|^2, in O(n p).
 """
@@ -35,10 +35,8 @@ def mean_sq_distance(x: Tensor) -> Tensor:
 
 
 def _keys(d: Tensor) -> Tensor:
-    """Order-preserving integer keys of non-negative floats."""
-    if d.dtype == torch.float64:
-        return d.view(torch.int64)
-    return d.view(torch.int32).to(torch.int64)
+    """Order-preserving integer keys of non-negative floats (their bit patterns)."""
+    return d.view(torch.int64 if d.dtype == torch.float64 else torch.int32)
 
 
 def _from_key(key: Tensor, dtype: torch.dtype) -> Tensor:
@@ -47,47 +45,91 @@ def _from_key(key: Tensor, dtype: torch.dtype) -> Tensor:
     return key.to(torch.int32).view(torch.float32)
 
 
-def _blocks(xc: Tensor):
+def _upper_blocks(xc: Tensor):
+    """Row blocks of the strictly upper triangle of the squared-distance matrix:
+    yields (d, keep) with d (G, B, n - i) the distances of rows i.. against
+    columns i.. and keep (B, n - i) marking the entries with column > row."""
     g, n = xc.shape[0], xc.shape[1]
     nx = (xc * xc).sum(-1)
     b = max(1, (block_elems() // 4) // max(1, g * n))
     for i in range(0, n, b):
         j = min(n, i + b)
-        yield sq_dist_block(xc[:, i:j], xc, nx[:, i:j], nx, diag_at=i)
+        d = sq_dist_block(xc[:, i:j], xc[:, i:], nx[:, i:j], nx[:, i:])
+        keep = torch.ones(j - i, n - i, dtype=torch.bool, device=xc.device).triu_(1)
+        yield d, keep
 
 
-def kth_sq_distance(x: Tensor, ks: list) -> list:
-    """The k-th smallest (0-based, per group) of the n^2 squared distances, for each k in ks."""
-    xc = _center(x)
+def _count(idx: Tensor, size: int) -> Tensor:
+    """Histogram of non-negative integer indices (bincount on the CPU; on a GPU a
+    scatter-add, which needs no host sync where bincount would)."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=size)
+    idx = idx.to(torch.int64)
+    return torch.zeros(size, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+
+
+def _select_upper(xc: Tensor, ranks: Tensor) -> Tensor:
+    """The ranks[t, g]-th smallest (0-based) strictly-upper-triangle distance of
+    group g, for two targets t, by a radix select over the keys' bit patterns:
+    each pass histograms the next 16 bits of the keys whose higher bits match a
+    target's prefix so far. Both targets share one histogram call; on the CPU,
+    when they share a prefix (the usual case), one comparison serves both."""
     g = xc.shape[0]
     bits = 64 if xc.dtype == torch.float64 else 32
     dev = xc.device
-    offs = (torch.arange(g, device=dev) * _BINS)[:, None, None]
-    prefix = [torch.zeros(g, dtype=torch.int64, device=dev) for _ in ks]
-    rank = [torch.full((g,), int(k), dtype=torch.int64, device=dev) for k in ks]
+    kt = torch.int64 if bits == 64 else torch.int32  # index arithmetic in the keys' own width
+    width = 2 * _BINS + 1  # per group: target 0's bins, target 1's bins, one bin for keys matching neither
+    base = (torch.arange(g, device=dev, dtype=kt) * width)[:, None, None]
+    prefix = torch.zeros(2, g, dtype=torch.int64, device=dev)
+    rank = ranks.clone()
     for shift in range(bits - _DIGIT, -1, -_DIGIT):
-        hists = [torch.zeros(g * _BINS, dtype=torch.int64, device=dev) for _ in ks]
-        for d in _blocks(xc):
+        first = shift + _DIGIT >= bits
+        same = prefix[0] == prefix[1]
+        shared = first or (dev.type == "cpu" and bool(same.all()))
+        hist = torch.zeros(g * width, dtype=torch.int64, device=dev)
+        for d, keep in _upper_blocks(xc):
             keys = _keys(d)
-            digit = ((keys >> shift) & (_BINS - 1)) + offs
-            first = shift + _DIGIT >= bits
-            high = None if first else keys >> (shift + _DIGIT)
-            for h, pre in zip(hists, prefix):
-                hit = torch.ones_like(keys) if first else (high == pre[:, None, None]).to(torch.int64)
-                h.index_add_(0, digit.reshape(-1), hit.reshape(-1))
-        for t, h in enumerate(hists):
-            cum = h.view(g, _BINS).cumsum(-1)
+            digit = (keys >> shift) & (_BINS - 1)
+            if first:
+                idx = torch.where(keep, digit, 2 * _BINS)
+            else:
+                high = keys >> (shift + _DIGIT)
+                t0 = (high == prefix[0].to(kt)[:, None, None]) & keep
+                if shared:
+                    idx = torch.where(t0, digit, 2 * _BINS)
+                else:
+                    t1 = (high == prefix[1].to(kt)[:, None, None]) & keep
+                    idx = torch.where(t0, digit, torch.where(t1, digit + _BINS, 2 * _BINS))
+            hist += _count((idx + base).reshape(-1), g * width)
+        hist = hist.view(g, width)
+        h0 = hist[:, :_BINS]
+        h1 = h0 if shared else torch.where(same[:, None], h0, hist[:, _BINS : 2 * _BINS])
+        for t, h in enumerate((h0, h1)):
+            cum = h.cumsum(-1)
             bucket = torch.searchsorted(cum, rank[t][:, None], right=True)[:, 0]
             below = torch.where(bucket > 0, cum.gather(1, (bucket - 1).clamp_min(0)[:, None])[:, 0], 0)
             rank[t] = rank[t] - below
             prefix[t] = (prefix[t] << _DIGIT) | bucket
-    return [_from_key(p, xc.dtype) for p in prefix]
+    return torch.stack([_from_key(p, xc.dtype) for p in prefix])
 
 
 def median_sq_distance(x: Tensor) -> Tensor:
-    n2 = x.shape[1] * x.shape[1]
-    lo, hi = kth_sq_distance(x, [(n2 - 1) // 2, n2 // 2])
-    return 0.5 * (lo + hi)
+    """NumPy's median of the n^2 squared distances of each group of x (G, n, p).
+
+    Sorted, the n^2 values are the n diagonal zeros followed by every strictly
+    upper value twice, so the k-th of them (k >= n) is the ((k - n) // 2)-th
+    upper value: only the upper triangle is computed and searched."""
+    xc = _center(x)
+    g, n = xc.shape[0], xc.shape[1]
+    ks = [(n * n - 1) // 2, (n * n) // 2]
+    if n < 2:
+        return torch.zeros(g, dtype=xc.dtype, device=xc.device)
+    ranks = torch.tensor([max(0, (k - n) // 2) for k in ks], dtype=torch.int64, device=xc.device)[:, None].repeat(1, g)
+    vals = _select_upper(xc, ranks)
+    for t, k in enumerate(ks):
+        if k < n:
+            vals[t] = 0.0  # a diagonal zero
+    return 0.5 * (vals[0] + vals[1])
 
 
 @torch.no_grad()

@@ -170,7 +170,7 @@ def test_u_centering_gives_the_unbiased_hsic(kernel, sigma):
     torch.testing.assert_close((ku * lu).sum() / (10 * 7), want, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 40])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 9, 40, 41])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_median_selection_is_exact(monkeypatch, n, dtype):
     """The radix select returns exactly NumPy's median of the same n^2 distances."""
@@ -179,8 +179,14 @@ def test_median_selection_is_exact(monkeypatch, n, dtype):
     x[:, n // 2 :] = x[:, :1]  # ties, and many zero distances
     got = _bandwidth.median_sq_distance(x)
     xc = _bandwidth._center(x)
-    d = torch.cat(list(_bandwidth._blocks(xc)), 1)
-    assert d.shape == (2, n, n)
+    d = torch.zeros(2, n, n, dtype=dtype)
+    i = 0
+    for block, keep in _bandwidth._upper_blocks(xc):
+        rows = block.shape[1]
+        d[:, i : i + rows, i:] = torch.where(keep, block, 0)
+        i += rows
+    assert i == n
+    d = d + d.transpose(1, 2)  # the full symmetric matrix with a zero diagonal
     want = np.median(d.reshape(2, -1).numpy(), axis=1)
     assert got.numpy().tolist() == want.astype(got.numpy().dtype).tolist()
 
