@@ -327,11 +327,12 @@ def plot_curves(runs: Dict[str, List[Dict]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, h in runs.items():
-        ep = [r["epoch"] for r in h]
-        a.plot(ep, [r["train_loss"] for r in h], label=f"{name} train")
-        b.plot(ep, [r["test_acc"] for r in h], label=f"{name} test")
-        b.plot(ep, [r["train_acc"] for r in h], "--", label=f"{name} train")
+    for i, (name, h) in enumerate(runs.items()):
+        ep, c = [r["epoch"] for r in h], f"C{i}"
+        a.plot(ep, [r["train_loss"] for r in h], color=c, label=f"{name} train")
+        a.plot(ep, [r["test_loss"] for r in h], ":", color=c, label=f"{name} test CE")
+        b.plot(ep, [r["test_acc"] for r in h], color=c, label=f"{name} test")
+        b.plot(ep, [r["train_acc"] for r in h], "--", color=c, label=f"{name} train")
     a.set(xlabel="epoch", ylabel="loss", title="training loss")
     b.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     a.legend(fontsize=7)
