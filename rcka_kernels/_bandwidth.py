@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import _is_compiling
 from .ops.torch_backend import block_elems, compute_dtype, sq_dist_block
 
 Tensor = torch.Tensor
@@ -85,7 +86,7 @@ def _select_upper(xc: Tensor, ranks: Tensor) -> Tensor:
     for shift in range(bits - _DIGIT, -1, -_DIGIT):
         first = shift + _DIGIT >= bits
         same = prefix[0] == prefix[1]
-        shared = first or (dev.type == "cpu" and bool(same.all()))
+        shared = first or (dev.type == "cpu" and not _is_compiling() and bool(same.all()))
         hist = torch.zeros(g * width, dtype=torch.int64, device=dev)
         for d, keep in _upper_blocks(xc):
             keys = _keys(d)
