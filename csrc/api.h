@@ -29,8 +29,8 @@ struct PairArgs {
   Matrix x, y;            // HSIC: the two operands (same rows); MMD: x = Z, y unused
   const void* gamma_x = nullptr;  // (G,) acc; MMD uses gamma_x
   const void* gamma_y = nullptr;
-  // forward outputs. tiled: s (G, tri, 3) acc partials, r0/r1 (G, tiles, n) acc partial row sums;
-  // small: s (G, 3) float64 totals, r0/r1 (G, n) acc row sums.
+  // forward outputs. tiled: s (G, tri, 3) float64 partials, r0/r1 (G, tiles, n) acc partial row sums;
+  // small: s (G, 3) float64 totals, r0/r1 (G, n) acc row sums. RBF sums leave the diagonal out.
   void* s = nullptr;
   void* r0 = nullptr;
   void* r1 = nullptr;
@@ -50,7 +50,7 @@ struct CrossArgs {
   int64_t groups = 0;
   Matrix a, b;
   int sym = 0;            // a is b: walk the upper triangle with weights 1 / 2
-  void* s = nullptr;      // (G, tiles launched) acc partials
+  void* s = nullptr;      // (G, tiles launched) float64 partials
 };
 
 // Launchers (one definition per dtype in kernels_<dtype>.cu). They throw

@@ -134,7 +134,7 @@ void pair_forward(int mode, int dtype, int64_t groups, const py::tuple& x, const
   PairArgs a;
   pair_common(fn, false, mode, dtype, groups, x, y, a);
   const Plan p = plan_gram(dtype, a.x.rows);
-  check_ptr(fn, "s", s, p.small ? 8 : acc_size(dtype));
+  check_ptr(fn, "s", s, 8);
   if (mode != kHsicLinear) check_ptr(fn, "gamma_x", gamma_x, acc_size(dtype));
   if (mode == kHsicRbf) {
     check_ptr(fn, "gamma_y", gamma_y, acc_size(dtype));
@@ -200,7 +200,7 @@ void cross_sq(int dtype, int64_t groups, const py::tuple& a_t, const py::tuple& 
   const int e = tile_edge(dtype);
   const int64_t ta = num_tiles(a.a.rows, e), tb = num_tiles(a.b.rows, e);
   check_groups(fn, groups, sym ? num_tri_tiles(ta) : ta * tb);
-  check_ptr(fn, "s", s, acc_size(dtype));
+  check_ptr(fn, "s", s, 8);
   a.s = reinterpret_cast<void*>(s);
   DeviceGuard guard(device, fn);
   const cudaStream_t st = to_stream(stream);

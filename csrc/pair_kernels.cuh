@@ -364,12 +364,13 @@ __global__ void __launch_bounds__(kThreads, 1) pair_forward_kernel(PairArgs args
   if (SMALL && ROWSUMS) {
     for (int i = threadIdx.x; i < 2 * kSmallRows; i += kThreads) sm.rows[i] = acc(0);
   }
-  acc s0 = acc(0), s1 = acc(0), s2 = acc(0);
+  // a tile's sums in the compute dtype, across tiles (and threads) in float64
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0;
   for (int64_t tile = first; tile < last; ++tile) {
     int64_t ti, tj;
     tri_tile(tile, tiles, &ti, &tj);
     const int64_t r0 = ti * E, c0 = tj * E;
-    const acc w = acc(tile_weight(ti, tj));
+    const double w = (double)tile_weight(ti, tj);
     dot_tile<T>(X, r0, X, c0, sm, sm.dot0, RBF ? nk : nullptr);
     if (TWO) dot_tile<T>(Y, r0, Y, c0, sm, sm.dot1, RBF ? nl : nullptr);
     __syncthreads();
@@ -404,9 +405,9 @@ __global__ void __launch_bounds__(kThreads, 1) pair_forward_kernel(PairArgs args
         t2 += l * l;
       }
     }
-    s0 += w * t0;
-    s1 += w * t1;
-    s2 += w * t2;
+    s0 += w * (double)t0;
+    s1 += w * (double)t1;
+    s2 += w * (double)t2;
 
     if (ROWSUMS) {
       __syncthreads();
@@ -431,19 +432,12 @@ __global__ void __launch_bounds__(kThreads, 1) pair_forward_kernel(PairArgs args
     __syncthreads();  // the next tile overwrites the tiles and vectors
   }
 
-  block_sum3(s0, s1, s2, sm.red);
+  block_sum3(s0, s1, s2, reinterpret_cast<double*>(sm.red));
   if (threadIdx.x == 0) {
-    if (SMALL) {
-      double* out = static_cast<double*>(args.s) + g * 3;
-      out[0] = (double)s0;
-      out[1] = (double)s1;
-      out[2] = (double)s2;
-    } else {
-      acc* out = static_cast<acc*>(args.s) + (g * tri + first) * 3;
-      out[0] = s0;
-      out[1] = s1;
-      out[2] = s2;
-    }
+    double* out = static_cast<double*>(args.s) + (SMALL ? g : g * tri + first) * 3;
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
   }
   if (SMALL && ROWSUMS) {
     acc* rk = static_cast<acc*>(args.r0) + g * n;
@@ -618,16 +612,17 @@ __global__ void __launch_bounds__(kThreads, 1) cross_sq_kernel(CrossArgs args, i
   const View<T> B = view_of<T>(args.b, g);
   dot_tile<T>(A, ti * E, B, tj * E, sm, sm.dot0, nullptr);
   __syncthreads();
-  acc t0 = acc(0), t1 = acc(0), t2 = acc(0);
+  acc t = acc(0);
   for (int e = threadIdx.x; e < E * E; e += kThreads) {
     const int i = e / E, j = e % E;
     const acc v = sm.dot0[i * LDD + j];
-    if (ti * E + i < A.rows && tj * E + j < B.rows) t0 += v * v;
+    if (ti * E + i < A.rows && tj * E + j < B.rows) t += v * v;
   }
-  block_sum3(t0, t1, t2, sm.red);
+  double t0 = (double)t, t1 = 0.0, t2 = 0.0;
+  block_sum3(t0, t1, t2, reinterpret_cast<double*>(sm.red));
   if (threadIdx.x == 0) {
-    const acc w = args.sym ? acc(tile_weight(ti, tj)) : acc(1);
-    static_cast<acc*>(args.s)[g * ntile + tile] = w * t0;
+    const double w = args.sym ? (double)tile_weight(ti, tj) : 1.0;
+    static_cast<double*>(args.s)[g * ntile + tile] = w * t0;
   }
 }
 

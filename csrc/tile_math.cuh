@@ -105,10 +105,12 @@ RCKA_HD A sq_dist(A norm_i, A norm_j, A dot) {
 RCKA_HD float rcka_exp(float v) { return expf(v); }
 RCKA_HD double rcka_exp(double v) { return exp(v); }
 
-// k(a, b) = exp(-gamma |a - b|^2); a row against itself is exactly 1.
+// k(a, b) = exp(-gamma |a - b|^2) as it enters the sums of the backend
+// contract: a row against itself is left out (0; the caller adds the exact
+// k(a, a) = 1 back), which also makes its gradient weight 0.
 template <typename A>
 RCKA_HD A rbf_value(A norm_i, A norm_j, A dot, A gamma, bool same_row) {
-  return same_row ? A(1) : rcka_exp(-gamma * sq_dist(norm_i, norm_j, dot));
+  return same_row ? A(0) : rcka_exp(-gamma * sq_dist(norm_i, norm_j, dot));
 }
 
 // Symmetrised weights M = (G + G^T) o K of the HSIC backward, for
@@ -147,7 +149,7 @@ RCKA_HD A input_grad(A gamma, A m_rowsum, A z_ic, A mz_ic) {
 //   two (edge x ld_dot) accumulator tiles, one staging region (two operand
 //   tiles of the dot product, or two feature chunks of the backward), four
 //   edge-long vectors (norms, then the row/column sums of M), the small-group
-//   row sums (2 x kSmallRows) and the block-reduction scratch.
+//   row sums (2 x kSmallRows) and the block-reduction scratch (float64).
 struct SmemLayout {
   size_t dot0, dot1, stage, vec, rows, red, total;
 };
@@ -167,7 +169,7 @@ RCKA_HD SmemLayout pair_smem_layout(int edge, int kc_ld, size_t in_size, size_t 
   s.vec = s.stage + stage;
   s.rows = s.vec + (size_t)round_up(4 * (int64_t)edge * acc_size, a);
   s.red = s.rows + (size_t)round_up(2 * (int64_t)kSmallRows * acc_size, a);
-  s.total = s.red + (size_t)round_up(3 * (kThreads / 32) * (int64_t)acc_size, a);
+  s.total = s.red + (size_t)round_up(3 * (kThreads / 32) * (int64_t)sizeof(double), a);
   return s;
 }
 

@@ -75,6 +75,10 @@ def _rbf(x, z, gamma):
     return torch.exp(-gamma * reference.sq_distances(x, z))
 
 
+def _off_diagonal(k):
+    return k - torch.diag_embed(torch.diagonal(k, dim1=-2, dim2=-1))
+
+
 # (n, p, q, edge): one tile, a ragged last tile, many tiles, edge larger than n, p = 1
 HSIC_CASES = [(5, 3, 2, 64), (11, 4, 7, 4), (33, 5, 3, 8), (17, 1, 1, 5), (9, 6, 2, 3)]
 
@@ -91,9 +95,9 @@ def test_hsic_tiles_match_reference(binary, tmp_path, mode, n, p, q, edge):
     out = _emulate(binary, tmp_path, mode, edge, x, y, gx, gy, gs, grx, gry)
 
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
-    if mode == HSIC_RBF:
-        k = reference.gram(xr, "rbf", math.sqrt(0.5 / gx))
-        l = reference.gram(yr, "rbf", math.sqrt(0.5 / gy))
+    if mode == HSIC_RBF:  # the contract's RBF sums leave the (exactly 1) diagonal out
+        k = _off_diagonal(reference.gram(xr, "rbf", math.sqrt(0.5 / gx)))
+        l = _off_diagonal(reference.gram(yr, "rbf", math.sqrt(0.5 / gy)))
     else:
         k, l = reference.gram(xr, "linear"), reference.gram(yr, "linear")
     s = torch.stack([(k * l).sum(), (k * k).sum(), (l * l).sum()])
@@ -123,7 +127,8 @@ def test_mmd_tiles_match_reference(binary, tmp_path, n, m, p, edge):
     gs = torch.randn(3, dtype=torch.float64)
     out = _emulate(binary, tmp_path, MMD_RBF, edge, x, y, gamma, 0.0, gs, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64))
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
-    s = torch.stack([_rbf(xr, None, gamma).sum(), _rbf(yr, None, gamma).sum(), _rbf(xr, yr, gamma).sum()])
+    kxx, kyy = _off_diagonal(_rbf(xr, None, gamma)), _off_diagonal(_rbf(yr, None, gamma))
+    s = torch.stack([kxx.sum(), kyy.sum(), _rbf(xr, yr, gamma).sum()])
     torch.testing.assert_close(out[:3], s.detach(), rtol=1e-12, atol=1e-12)
     dx, dy = torch.autograd.grad((gs * s).sum(), (xr, yr))
     torch.testing.assert_close(out[3 : 3 + n * p], dx.flatten(), rtol=1e-10, atol=1e-10)

@@ -6,8 +6,8 @@ spec). This layer checks the tensors (CUDA device, one device, shapes, dtype,
 contiguity), allocates outputs and workspaces with PyTorch's allocator, and
 passes raw pointers, sizes, element strides, the device index and the current
 stream to the compiled library, which checks sizes and strides again before it
-launches. Per-tile partial sums come back in a workspace and are reduced here
-in float64.
+launches. Per-tile partial sums (float64) come back in a workspace and are
+reduced here in float64; as the contract says, RBF sums leave the diagonal out.
 
 Kernels (csrc/pair_kernels.cuh):
 - groups of at most ``SMALL_ROWS`` rows (PCKA's many small problems): one
@@ -134,15 +134,15 @@ def linear_stats(x: Tensor, y: Tensor) -> Tensor:
         if small:
             s = torch.empty(g, 3, dtype=torch.float64, device=x.device)
         else:
-            s = torch.empty(g, tri, 3, dtype=cd, device=x.device)
+            s = torch.empty(g, tri, 3, dtype=torch.float64, device=x.device)
         lib.pair_forward(lib.HSIC_LINEAR, code, g, _rows(x), _rows(y), 0, 0, s.data_ptr(), 0, 0, device, stream)
-        return s if small else s.double().sum(1)
+        return s if small else s.sum(1)
     out = []
     for a, b, sym in ((x, y, False), (x, x, True), (y, y, True)):
         _, _, nt = lib.cross_plan(code, a.shape[2], b.shape[2], sym)
-        ws = torch.empty(g, nt, dtype=cd, device=x.device)
+        ws = torch.empty(g, nt, dtype=torch.float64, device=x.device)
         lib.cross_sq(code, g, _cols(a), _cols(b), sym, ws.data_ptr(), device, stream)
-        out.append(ws.double().sum(1))
+        out.append(ws.sum(1))
     return torch.stack(out, -1)
 
 
@@ -175,11 +175,11 @@ def rbf_stats(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor) -> Tuple[Tensor, Ten
         ry = torch.empty(g, n, dtype=cd, device=x.device)
         lib.pair_forward(lib.HSIC_RBF, code, g, _rows(x), _rows(y), gx.data_ptr(), gy.data_ptr(), s.data_ptr(), rx.data_ptr(), ry.data_ptr(), device, stream)
         return s, rx, ry
-    ws = torch.empty(g, tri, 3, dtype=cd, device=x.device)
+    ws = torch.empty(g, tri, 3, dtype=torch.float64, device=x.device)
     wr = torch.empty(2, g, tiles, n, dtype=cd, device=x.device)  # every (slot, row) is written once
     lib.pair_forward(lib.HSIC_RBF, code, g, _rows(x), _rows(y), gx.data_ptr(), gy.data_ptr(), ws.data_ptr(), wr[0].data_ptr(), wr[1].data_ptr(), device, stream)
     r = wr.double().sum(2).to(cd)
-    return ws.double().sum(1), r[0], r[1]
+    return ws.sum(1), r[0], r[1]
 
 
 def rbf_stats_backward(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, gs: Tensor, grx: Tensor, gry: Tensor) -> Tuple[Tensor, Tensor]:
@@ -223,9 +223,9 @@ def rbf_mmd_sums(x: Tensor, y: Tensor, gamma: Tensor) -> Tensor:
     if small:
         s = torch.empty(g, 3, dtype=torch.float64, device=x.device)
     else:
-        s = torch.empty(g, tri, 3, dtype=cd, device=x.device)
+        s = torch.empty(g, tri, 3, dtype=torch.float64, device=x.device)
     lib.pair_forward(lib.MMD_RBF, code, g, _stacked(x, y), (), gamma.data_ptr(), 0, s.data_ptr(), 0, 0, device, stream)
-    s = s if small else s.double().sum(1)
+    s = s if small else s.sum(1)
     # the kernel sums the whole K_ZZ: its cross blocks hold sum K_XY twice
     return s * s.new_tensor([1.0, 1.0, 0.5])
 

@@ -106,7 +106,7 @@ static int selfcheck() {
     CHECK(s.vec - s.stage >= 2 * (size_t)l.edge * kGradChunk * l.acc, "gradient chunks overlap");
     CHECK(s.rows - s.vec >= 4 * (size_t)l.edge * l.acc, "vectors overlap");
     CHECK(s.red - s.rows >= 2 * (size_t)kSmallRows * l.acc, "small-group row sums overlap");
-    CHECK(s.total - s.red >= 3 * (size_t)(kThreads / 32) * l.acc, "reduction scratch overlaps");
+    CHECK(s.total - s.red >= 3 * (size_t)(kThreads / 32) * sizeof(double), "reduction scratch overlaps");
     CHECK(s.total <= 163 * 1024, "layout of %zu bytes does not fit an sm_80 block", s.total);
     CHECK(dot_ld(l.edge) % 4 == 0, "wmma store stride");
   }
