@@ -3,14 +3,15 @@
 Every function here implements one entry of the backend contract
 (``rcka_kernels/ops/_contract.py``). Inputs are batched ``(G, n, p)``; sums are
 accumulated in float32 (float64 for float64 inputs) inside a block and in
-float64 across blocks. No n x n matrix is held: the RBF paths walk row blocks
-of at most ``block_elems()`` kernel entries and the backward passes recompute
-those blocks (as FlashAttention recomputes attention tiles), so extra memory is
-O(G * block * n).
+float64 across blocks. No n x n matrix is held: the RBF paths walk tiles of at
+most ``block_elems()`` kernel entries (the symmetric Grams only the tiles on
+and above the diagonal) and the backward passes recompute those tiles (as
+FlashAttention recomputes attention tiles), so extra memory is O(block).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Tuple
 
@@ -101,30 +102,51 @@ def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor) -> Tuple[Tensor, Tens
 # ----------------------------------------------------------------------------- rbf HSIC statistics
 
 
+def _sym_tiles(g: int, n: int):
+    """Tiles (i0, i1, j0, j1) with j0 >= i0 covering the upper half of an n x n
+    symmetric matrix, each at most block_elems() entries per group batch."""
+    t = max(1, math.isqrt(max(1, block_elems() // max(1, g))))
+    for i0 in range(0, n, t):
+        for j0 in range(i0, n, t):
+            yield i0, min(n, i0 + t), j0, min(n, j0 + t)
+
+
 def rbf_stats(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Each tile (I, J >= I) of K and L is computed once; an off-diagonal tile
+    stands for its mirror too (weight 2 in the sums, column sums to rows J)."""
     cd = compute_dtype(x.dtype)
     x, y, gx, gy = x.to(cd), y.to(cd), gx.to(cd), gy.to(cd)
     g, n = x.shape[0], x.shape[1]
     nx, ny = (x * x).sum(-1), (y * y).sum(-1)
     s = torch.zeros(g, 3, dtype=torch.float64, device=x.device)
-    rx = torch.empty(g, n, dtype=cd, device=x.device)
-    ry = torch.empty_like(rx)
-    b = _rows_per_block(g, n)
-    for i in range(0, n, b):
-        j = min(n, i + b)
-        k = rbf_block(x[:, i:j], x, nx[:, i:j], nx, gx, diag_at=i)
-        l = rbf_block(y[:, i:j], y, ny[:, i:j], ny, gy, diag_at=i)
-        rx[:, i:j] = k.sum(-1)
-        ry[:, i:j] = l.sum(-1)
-        s[:, 0] += _dot(k, l)
-        s[:, 1] += _dot(k, k)
-        s[:, 2] += _dot(l, l)
+    rx = torch.zeros(g, n, dtype=cd, device=x.device)
+    ry = torch.zeros_like(rx)
+    for i0, i1, j0, j1 in _sym_tiles(g, n):
+        on_diag = 0 if i0 == j0 else -1
+        k = rbf_block(x[:, i0:i1], x[:, j0:j1], nx[:, i0:i1], nx[:, j0:j1], gx, diag_at=on_diag)
+        l = rbf_block(y[:, i0:i1], y[:, j0:j1], ny[:, i0:i1], ny[:, j0:j1], gy, diag_at=on_diag)
+        w = 1.0 if i0 == j0 else 2.0
+        s[:, 0] += w * _dot(k, l)
+        s[:, 1] += w * _dot(k, k)
+        s[:, 2] += w * _dot(l, l)
+        rx[:, i0:i1] += k.sum(-1)
+        ry[:, i0:i1] += l.sum(-1)
+        if i0 != j0:
+            rx[:, j0:j1] += k.sum(-2)
+            ry[:, j0:j1] += l.sum(-2)
     return s, rx, ry
 
 
 def _rbf_input_grad(xi: Tensor, x: Tensor, m: Tensor, gamma: Tensor) -> Tensor:
     """d/dx_i of sum_j M_ij k(x_i, x_j) for symmetrised weights M (already times K)."""
     return (-2.0 * gamma[:, None, None]) * (m.sum(-1, keepdim=True) * xi - m @ x)
+
+
+def _sym_weights(gab: Tensor, other: Tensor, gaa: Tensor, k: Tensor, gr: Tensor, i0, i1, j0, j1) -> Tensor:
+    """(G + G^T) o K on a tile for G = dS/dK: S_ab -> other Gram, S_aa -> 2K,
+    row sums -> gr 1^T. Symmetric, so the mirror tile's weights are its transpose.
+    The diagonal of K is 0 (left out), so its weights vanish as they must."""
+    return ((2 * gab) * other + (4 * gaa) * k + gr[:, i0:i1, None] + gr[:, None, j0:j1]).mul_(k)
 
 
 def rbf_stats_backward(
@@ -136,17 +158,18 @@ def rbf_stats_backward(
     gxy, gxx, gyy = (gs[:, i, None, None].to(cd) for i in range(3))
     g, n = xd.shape[0], xd.shape[1]
     nx, ny = (xd * xd).sum(-1), (yd * yd).sum(-1)
-    dx, dy = torch.empty_like(xd), torch.empty_like(yd)
-    b = _rows_per_block(g, n)
-    for i in range(0, n, b):
-        j = min(n, i + b)
-        k = rbf_block(xd[:, i:j], xd, nx[:, i:j], nx, gx, diag_at=i)
-        l = rbf_block(yd[:, i:j], yd, ny[:, i:j], ny, gy, diag_at=i)
-        # (G + G^T) o K for G = dS/dK: S_xy -> L, S_xx -> 2K, row sums -> grx 1^T (diagonal 0: constant)
-        mk = ((2 * gxy) * l + (4 * gxx) * k + grx[:, i:j, None] + grx[:, None, :]).mul_(k)
-        ml = ((2 * gxy) * k + (4 * gyy) * l + gry[:, i:j, None] + gry[:, None, :]).mul_(l)
-        dx[:, i:j] = _rbf_input_grad(xd[:, i:j], xd, mk, gx)
-        dy[:, i:j] = _rbf_input_grad(yd[:, i:j], yd, ml, gy)
+    dx, dy = torch.zeros_like(xd), torch.zeros_like(yd)
+    for i0, i1, j0, j1 in _sym_tiles(g, n):
+        on_diag = 0 if i0 == j0 else -1
+        k = rbf_block(xd[:, i0:i1], xd[:, j0:j1], nx[:, i0:i1], nx[:, j0:j1], gx, diag_at=on_diag)
+        l = rbf_block(yd[:, i0:i1], yd[:, j0:j1], ny[:, i0:i1], ny[:, j0:j1], gy, diag_at=on_diag)
+        mk = _sym_weights(gxy, l, gxx, k, grx, i0, i1, j0, j1)
+        ml = _sym_weights(gxy, k, gyy, l, gry, i0, i1, j0, j1)
+        dx[:, i0:i1] += _rbf_input_grad(xd[:, i0:i1], xd[:, j0:j1], mk, gx)
+        dy[:, i0:i1] += _rbf_input_grad(yd[:, i0:i1], yd[:, j0:j1], ml, gy)
+        if i0 != j0:
+            dx[:, j0:j1] += _rbf_input_grad(xd[:, j0:j1], xd[:, i0:i1], mk.transpose(1, 2), gx)
+            dy[:, j0:j1] += _rbf_input_grad(yd[:, j0:j1], yd[:, i0:i1], ml.transpose(1, 2), gy)
     return dx.to(x.dtype), dy.to(y.dtype)
 
 
