@@ -206,12 +206,17 @@ def _fork_child(spec: dict, conn) -> None:
     conn.close()
 
 
+_PRELOAD = ["torch", "rcka_kernels", "benchmarks._harness", "benchmarks.providers"]
+
+
 def _run_forked(spec: dict, timeout_s: float) -> dict:
-    """A forked child of a parent that imported torch but ran nothing: a process of
-    its own (own peak RSS), without paying the interpreter start-up again."""
+    """A child forked from a fork server that imported torch and ran nothing (a plain
+    fork of a parent that has run OpenMP work can deadlock): a process of its own
+    (own peak RSS), without paying the interpreter start-up for every case."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
     recv, send = ctx.Pipe(duplex=False)
     t0 = time.perf_counter()
     proc = ctx.Process(target=_fork_child, args=(spec, send), daemon=True)
@@ -244,7 +249,7 @@ def _run_forked(spec: dict, timeout_s: float) -> dict:
 def run_case(spec: dict, timeout_s: float, isolation: str = "auto") -> dict:
     """Run one spec in a fresh process; always returns a result dict.
 
-    ``isolation``: "fork" (CPU, Linux: a forked child, fast), "interpreter" (a new
+    ``isolation``: "fork" (CPU, Linux: a child of a clean fork server, fast), "interpreter" (a new
     Python: always used for CUDA, where forking is unsafe), "auto" picks."""
     cuda = spec["config"].get("device", "cpu") == "cuda"
     if isolation == "auto":
@@ -311,11 +316,15 @@ class Bench:
                     "time_budget_s": self.args.time_budget, "mem_cap_gb": self.args.mem_cap_gb}
             spec.update(overrides)  # e.g. warmup=0, repeats=1 for a baseline that runs for minutes
             rec["loadavg_before"] = round(os.getloadavg()[0], 2)
-            rec.update(run_case(spec, overrides.get("timeout", self.args.timeout), self.args.isolation))
+            limit = overrides.get("timeout", self.args.timeout)
+            rec.update(run_case(spec, limit, self.args.isolation))
             rec["loadavg_after"] = round(os.getloadavg()[0], 2)
             if rec["status"] != "ok":
                 self._failed[gkey] = f"{rec['status']} at n={cfg.get('n')}"
-            else:
+            elif group is not None and rec.get("wall_s", 0) * 4 > limit:
+                # the next size costs at least 4x (n^2 work): it would hit the time limit
+                self._failed[gkey] = f"took {rec['wall_s']:.0f} s at n={cfg.get('n')}; 4x that exceeds the {limit:.0f} s limit"
+            if rec["status"] == "ok":
                 ref, kind = self.oracle(prov.quantity, cfg)
                 rec["quantity"] = prov.quantity
                 rec["ref_value"], rec["ref_kind"] = ref, kind
@@ -326,6 +335,14 @@ class Bench:
             print(fmt_record(rec), flush=True)
         return rec
 
+    def sweep(self, providers: Iterable[str], base: dict, ns: Iterable[int], verbose: bool = True, **overrides) -> None:
+        """Run every provider at every n (ascending) of one config; a provider that
+        fails (or would exceed the time limit) at some n is skipped at larger n."""
+        group = tuple(sorted((k, str(v)) for k, v in base.items() if k != "n"))
+        for n in sorted(ns):
+            for p in providers:
+                self.run(p, dict(base, n=n), group=group, verbose=verbose, **overrides)
+
     def write(self, tag: str = "") -> Path:
         RESULTS.mkdir(parents=True, exist_ok=True)
         stem = f"{self.name}{('_' + tag) if tag else ''}_{self.device}"
@@ -333,14 +350,25 @@ class Bench:
         with open(path, "w") as f:
             json.dump({"meta": self.meta, "records": self.records}, f, indent=1)
         (RESULTS / f"{stem}.md").write_text(markdown(self.meta, self.records))
-        print(f"wrote {path.relative_to(ROOT)} and {stem}.md")
+        print(f"wrote {_rel(path)} and {stem}.md")
         return path
 
 
 # ----------------------------------------------------------------------------- output
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _size(cfg: dict) -> str:
+    if cfg["op"] == "rcka":
+        return f"B={cfg['B']} classes={cfg['classes']}"
+    if cfg["op"] == "pcka":
+        return f"{cfg.get('level', '')} B={cfg['B']} C={cfg['C']} {cfg['H']}x{cfg['W']} ({cfg['n']} patches)".strip()
     g = f"G={cfg['G']} " if cfg.get("G") else ""
     if cfg["op"] == "mmd":
         return f"{g}n={cfg['n']} m={cfg.get('m', cfg['n'])} d={cfg['p']}"
@@ -348,6 +376,8 @@ def _size(cfg: dict) -> str:
 
 
 def _variant(cfg: dict) -> str:
+    if cfg["op"] in ("rcka", "pcka"):
+        return f"{cfg['op']} loss {cfg.get('dtype', 'float32')}"
     est = "debiased" if cfg.get("debiased") else "biased"
     return f"{cfg['op']} {cfg['kernel']} {est} {cfg.get('dtype', 'float32')}"
 
@@ -390,9 +420,12 @@ def markdown(meta: dict, records: Iterable[dict]) -> str:
         "| variant | size | provider | status | time | mode | extra peak mem | value | ref | abs err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    unsupported = [r for r in records if r["status"] == "unsupported"]
     for r in records:
         c = r["config"]
         ok = r["status"] == "ok"
+        if r["status"] == "unsupported":
+            continue
         lines.append(
             "| " + " | ".join([
                 _variant(c), _size(c), r["provider"],
@@ -404,6 +437,9 @@ def markdown(meta: dict, records: Iterable[dict]) -> str:
                 f"{r['abs_err']:.1e}" if ok and r.get("abs_err") is not None else "-",
             ]) + " |"
         )
+    if unsupported:
+        lines += ["", "Not applicable (the provider does not compute this variant): " + "; ".join(
+            sorted({f"{r['provider']} ({r.get('error', '')})" for r in unsupported}))]
     return "\n".join(lines) + "\n"
 
 
@@ -438,7 +474,7 @@ def plot(records: List[dict], path: Path, title: str, series_key=lambda r: r["pr
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    print(f"wrote {_rel(path)}")
     return path
 
 

@@ -39,6 +39,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def make_inputs(cfg: dict, requires_grad: bool = True):
     """Deterministic inputs: y is a noisy linear map of x, so CKA is far from 0 and 1."""
     gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    if cfg["op"] in ("rcka", "pcka"):
+        # rcka: (B, classes) logits; pcka: (B, C, H, W) feature maps of one FPN level
+        shape = (cfg["B"], cfg["classes"]) if cfg["op"] == "rcka" else (cfg["B"], cfg["C"], cfg["H"], cfg["W"])
+        t = torch.randn(*shape, generator=gen) * (3.0 if cfg["op"] == "rcka" else 1.0)
+        s = 0.8 * t + 0.6 * torch.randn(*shape, generator=gen) * (3.0 if cfg["op"] == "rcka" else 1.0)
+        dt, dev = DTYPES[cfg.get("dtype", "float32")], cfg.get("device", "cpu")
+        return s.to(dev, dt).requires_grad_(requires_grad), t.to(dev, dt).requires_grad_(requires_grad)
     lead = (cfg["G"],) if cfg.get("G") else ()
     n, p = cfg["n"], cfg["p"]
     x = torch.randn(*lead, n, p, generator=gen)
@@ -219,6 +226,63 @@ def _keops_reason(cfg):
     return None
 
 
+def _losses():
+    try:
+        from rcka_kernels.losses import PCKALoss, RCKALoss
+    except ImportError as e:
+        raise RuntimeError(f"rcka_kernels has no RCKALoss/PCKALoss ({e})")
+    return RCKALoss, PCKALoss
+
+
+def _rcka_loss(backend, official):
+    def make(cfg, x, y):
+        loss = _losses()[0](intra_weight=1.0, inter_weight=1.0, official=official, backend=backend)
+        return lambda: loss(x, y)
+
+    return make
+
+
+def _pcka_loss(backend, official):
+    def make(cfg, x, y):
+        loss = _losses()[1](patch_size=cfg["patch"], intra_weight=1.0, inter_weight=1.0 if cfg.get("inter") else None,
+                            official=official, backend=backend)
+        return lambda: loss(x, y)
+
+    return make
+
+
+def _naive_rcka(fn, official):
+    """Both RCKA terms with a naive 2-D function: sample axis (B x B) and class axis (P x P)."""
+
+    def make(cfg, x, y):
+        if official:  # -A(t, s) on both axes, class-axis weighted like the sample axis
+            return lambda: -(fn(y, x) + fn(y.T, x.T))
+        return lambda: (1.0 - fn(x, y)) + (1.0 - fn(x.T, y.T))
+
+    return make
+
+
+def _naive_pcka(fn, official):
+    """The per-channel loop a naive PCKA loss runs, on the patch matrices (C, patches, B*ps*ps)."""
+
+    def make(cfg, x, y):
+        from rcka_kernels.losses import patchify
+
+        def run():
+            sp, tp = patchify(x, cfg["patch"]), patchify(y, cfg["patch"])
+            terms = []
+            for si, ti in zip(sp, tp):
+                v = -fn(ti, si) if official else 1.0 - fn(si, ti)
+                if cfg.get("inter"):
+                    v = v + (-fn(ti.T, si.T) if official else 1.0 - fn(si.T, ti.T))
+                terms.append(v)
+            return torch.stack(terms).mean()
+
+        return run
+
+    return make
+
+
 def registry() -> dict:
     """name -> Provider. rcka[<backend>] for every backend this machine can load."""
     import rcka_kernels as rk
@@ -232,6 +296,14 @@ def registry() -> dict:
             f"rcka-official[{b}]", "official", _rcka_official(b), _only(op="cka", kernel="linear"),
             note="1 - gram_discrepancy(centered=False): the official alignment, computed by rcka_kernels")
         P[f"rcka-mmd[{b}]"] = Provider(f"rcka-mmd[{b}]", "mmd", _rcka_mmd(b), _only(op="mmd"))
+        P[f"RCKALoss[{b}]"] = Provider(f"RCKALoss[{b}]", "rcka", _rcka_loss(b, False), _only(op="rcka"),
+                                       note="RCKALoss(intra_weight=1, inter_weight=1): true CKA, both axes")
+        P[f"RCKALoss-official[{b}]"] = Provider(f"RCKALoss-official[{b}]", "rcka_official", _rcka_loss(b, True), _only(op="rcka"),
+                                                note="RCKALoss(official=True): the published loss, both axes")
+        P[f"PCKALoss[{b}]"] = Provider(f"PCKALoss[{b}]", "pcka", _pcka_loss(b, False), _only(op="pcka"),
+                                       note="PCKALoss(patch 16, intra_weight=1): all channels in one batched call")
+        P[f"PCKALoss-official[{b}]"] = Provider(f"PCKALoss-official[{b}]", "pcka_official", _pcka_loss(b, True), _only(op="pcka"),
+                                                note="PCKALoss(official=True)")
     P["official"] = Provider(
         "official", "official", lambda c, x, y: (lambda: _groups(naive.official_alignment)(x, y)),
         _only(op="cka", kernel="linear"), note="official RCKA CenterKernelAlignment transcribed (n x n Grams, traces of n x n products)")
@@ -250,6 +322,14 @@ def registry() -> dict:
                                  note="ckatorch.cka_base(method='fro_norm'): centring detaches the Grams, so no gradient")
     P["cka-pytorch"] = Provider("cka-pytorch", "cka", _cka_pytorch, _only(op="cka", kernel="linear", debiased=True, G=None),
                                 note="cka_pytorch hsic1 on gram(x) = x x^T (unbiased minibatch HSIC)")
+    P["official-rcka"] = Provider("official-rcka", "rcka_official", _naive_rcka(naive.official_alignment, True), _only(op="rcka"),
+                                  note="official formula on the sample and class axes")
+    P["textbook-rcka"] = Provider("textbook-rcka", "rcka", _naive_rcka(naive.textbook_cka, False), _only(op="rcka"),
+                                  note="explicit-H CKA on the sample and class axes")
+    P["official-pcka"] = Provider("official-pcka", "pcka_official", _naive_pcka(naive.official_alignment, True), _only(op="pcka"),
+                                  note="official formula in a loop over channels")
+    P["textbook-pcka"] = Provider("textbook-pcka", "pcka", _naive_pcka(naive.textbook_cka, False), _only(op="pcka"),
+                                  note="explicit-H CKA in a loop over channels")
     P["naive-mmd"] = Provider("naive-mmd", "mmd",
                               lambda c, x, y: (lambda: _groups(naive.mmd2)(x, y, _sigma2(c), c.get("debiased", False))),
                               _only(op="mmd", kernel="rbf"), note="three explicit kernel matrices")
@@ -278,6 +358,25 @@ def oracle(quantity: str, cfg: dict, ref_max_n: int):
     small = cfg["n"] <= ref_max_n and cfg.get("m", cfg["n"]) <= ref_max_n
     sigma = cfg.get("sigma")
     with torch.no_grad():
+        if quantity in ("rcka", "rcka_official"):
+            if quantity == "rcka":
+                v = 2.0 - reference.cka(x, y) - reference.cka(x.T, y.T)
+            else:
+                v = -(reference.official_alignment(y, x) + reference.official_alignment(y.T, x.T))
+            return float(v), "reference-fp64"
+        if quantity in ("pcka", "pcka_official"):
+            from rcka_kernels.losses import patchify
+
+            sp, tp = patchify(x, cfg["patch"]), patchify(y, cfg["patch"])
+            if quantity == "pcka":
+                v = 1.0 - reference.cka(sp, tp)
+                if cfg.get("inter"):
+                    v = v + 1.0 - reference.cka(sp.transpose(1, 2), tp.transpose(1, 2))
+            else:
+                v = -reference.official_alignment(tp, sp)
+                if cfg.get("inter"):
+                    v = v - reference.official_alignment(tp.transpose(1, 2), sp.transpose(1, 2))
+            return float(v.mean()), "reference-fp64"
         if quantity == "cka":
             if small:
                 v = reference.cka(x, y, cfg["kernel"], sigma, cfg.get("debiased", False))
@@ -303,6 +402,8 @@ def value_of(quantity: str, out) -> Optional[float]:
 
 def provider_value(p: Provider, cfg: dict, out) -> float:
     v = value_of(p.quantity, out)
+    if p.quantity.startswith(("rcka", "pcka")):
+        return v  # losses, compared with the loss computed by the oracle
     if p.name.startswith("rcka["):
         g = cfg.get("G") or 1
         return g - v  # sum over groups of 1 - cka

@@ -1,0 +1,43 @@
+"""Squared RBF MMD: rcka_kernels.mmd against the naive three-matrix version and
+geomloss ``SamplesLoss("gaussian")`` (tensorized backend; the KeOps 'online'
+backend where pykeops imports and compiles, else its error is recorded).
+geomloss returns MMD^2 / 2 (biased); it is doubled here. All providers use the
+same fixed bandwidth sigma = sqrt(d) (geomloss takes no heuristic).
+
+    python -m benchmarks.bench_mmd --quick
+    python -m benchmarks.bench_mmd
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks._harness import RESULTS, Bench, add_common_args, plot
+from benchmarks.bench_scaling import _backends, _ints
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", default="256-32768")
+    ap.add_argument("--d", default="64")
+    add_common_args(ap, timeout=120.0, repeats=5)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n = "256,1024"
+    bench = Bench("mmd", args, args.device)
+    provs = [f"rcka-mmd[{b}]" for b in _backends(args.device)] + ["naive-mmd", "geomloss", "geomloss-keops"]
+    tag = args.tag or ("quick" if args.quick else "")
+    for d in _ints(args.d):
+        for unbiased in (False, True):
+            cfg = dict(op="mmd", p=d, kernel="rbf", debiased=unbiased, sigma=float(d) ** 0.5, dtype="float32")
+            bench.sweep(provs, cfg, _ints(args.n))
+        recs = [r for r in bench.records if r["config"]["p"] == d and not r["config"]["debiased"]]
+        plot(recs, RESULTS / f"mmd_d{d}{'_' + tag if tag else ''}_{args.device}.png",
+             f"RBF MMD^2 (biased), n = m, d = {d}, fwd+bwd, {bench.meta['device_name']}")
+    bench.write(tag)
+    return bench
+
+
+if __name__ == "__main__":
+    main()
