@@ -39,6 +39,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from . import _validate
 from . import functional as F
 
 __all__ = ["is_distributed", "all_reduce_sum", "all_gather", "cka", "hsic", "cka_loss"]
@@ -112,7 +113,8 @@ def all_gather(x: Tensor, group=None) -> Tensor:
 
 
 def _linear_terms(x: Tensor, y: Tensor, debiased: bool, group):
-    """(hxy, hxx, hyy) float64 from globally reduced centred statistics."""
+    """(hxy, hxx, hyy) float64 from globally reduced centred statistics, and
+    whether either input is constant over the global batch."""
     cd = torch.float64
     xd, yd = x.to(cd), y.to(cd)
     n_local = torch.tensor([float(x.shape[0])], dtype=cd, device=x.device)
@@ -130,19 +132,25 @@ def _linear_terms(x: Tensor, y: Tensor, debiased: bool, group):
     else:
         cxy, cxx, cyy = all_reduce_sum(cxy, cxx, cyy, group=group)
     sxy, sxx, syy = (cxy * cxy).sum(), (cxx * cxx).sum(), (cyy * cyy).sum()
+    # every row of the global batch identical <=> column max == column min on all ranks
+    ext = torch.cat([xd.amax(0), -xd.amin(0), yd.amax(0), -yd.amin(0)]).detach()
+    dist.all_reduce(ext, op=dist.ReduceOp.MAX, group=group)
+    p, q = x.shape[1], y.shape[1]
+    const = (ext[:p] == -ext[p : 2 * p]).all() | (ext[2 * p : 2 * p + q] == -ext[2 * p + q :]).all()
     if not debiased:
-        return sxy / (n - 1) ** 2, sxx / (n - 1) ** 2, syy / (n - 1) ** 2, n
+        return sxy / (n - 1) ** 2, sxx / (n - 1) ** 2, syy / (n - 1) ** 2, const
     tx, ty = torch.diagonal(cxx).sum(), torch.diagonal(cyy).sum()
 
     def hu(s, e_ab, ta, tb):
         return (s - e_ab + ta * tb / ((n - 1) * (n - 2)) - 2.0 * e_ab / (n - 2)) / (n * (n - 3))
 
-    return hu(sxy, e[0], tx, ty), hu(sxx, e[1], tx, tx), hu(syy, e[2], ty, ty), n
+    return hu(sxy, e[0], tx, ty), hu(sxx, e[1], tx, tx), hu(syy, e[2], ty, ty), const
 
 
 def _check(fn, x, y):
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"{fn}: x and y must be (n_local, p) and (n_local, q) with the same n_local, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if isinstance(x, Tensor) and isinstance(y, Tensor) and (x.ndim != 2 or y.ndim != 2):
+        raise ValueError(f"{fn}: x and y must be (n_local, p) and (n_local, q), got {tuple(x.shape)} and {tuple(y.shape)}")
+    _validate.check_pair(fn, x, y, same_rows=True, same_cols=False, min_rows=1)
 
 
 def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: bool = False, group=None, backend: str = "auto") -> Tensor:
@@ -151,8 +159,8 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: 
     if not is_distributed(group):
         return F.hsic(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel == "linear":
-        hxy, _, _, _ = _linear_terms(x, y, debiased, group)
-        return hxy.to(_out_dtype(x))
+        hxy, _, _, const = _linear_terms(x, y, debiased, group)
+        return torch.where(const, torch.zeros_like(hxy), hxy).to(_out_dtype(x))
     return F.hsic(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
 
 
@@ -173,10 +181,8 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: b
         return F.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel != "linear":
         return F.cka(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
-    hxy, hxx, hyy, _ = _linear_terms(x, y, debiased, group)
-    ok = (hxx > 0) & (hyy > 0)
-    safe = torch.where(ok, hxx * hyy, torch.ones_like(hxx))
-    return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy)).to(_out_dtype(x))
+    hxy, hxx, hyy, const = _linear_terms(x, y, debiased, group)
+    return F._cka_from_terms(hxy, hxx, hyy, const).to(_out_dtype(x))
 
 
 def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:

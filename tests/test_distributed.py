@@ -52,6 +52,9 @@ def _worker(rank, port, out_dir):
         loss = rkd.cka_loss(model(x[rows]), y[rows])
         loss.backward()
         res["ddp"] = (loss.detach(), model.module.weight.grad.clone())
+        # a global batch whose rows are all the same: CKA 0 (as functional.cka), on every rank
+        const = torch.full((SPLIT[rank], 4), 0.1, dtype=torch.float64)
+        res["const"] = torch.stack([rkd.cka(const, y[rows]), rkd.cka(y[rows], const, debiased=True), rkd.hsic(const, y[rows])])
         g = rkd.all_gather(x[rows].clone().requires_grad_(True))
         res["gather"] = g.detach()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -98,6 +101,11 @@ def test_ddp_parameter_gradients_match_single_process(results):
         torch.testing.assert_close(results[r]["ddp"][1], w.grad, rtol=1e-8, atol=1e-10)
 
 
+def test_constant_global_batch_gives_zero(results):
+    for r in range(WORLD):
+        assert results[r]["const"].tolist() == [0.0, 0.0, 0.0]
+
+
 def test_all_gather_uneven(results):
     x, _, _ = _data()
     for r in range(WORLD):
@@ -109,5 +117,5 @@ def test_single_process_fallback():
     assert not rkd.is_distributed()
     torch.testing.assert_close(rkd.cka(x, y), rk.cka(x, y))
     assert rkd.all_gather(x) is x
-    with pytest.raises(ValueError, match="same n_local"):
+    with pytest.raises(ValueError, match="same number of samples"):
         rkd.cka(x, y[:3])
