@@ -150,6 +150,7 @@ def _load_submodule(pkg: str, sub: str):
             del sys.modules[key]
         shell = types.ModuleType(pkg)
         shell.__path__ = list(spec.submodule_search_locations)
+        shell.__spec__ = spec
         sys.modules[pkg] = shell
         return importlib.import_module(f"{pkg}.{sub}")
 
