@@ -291,7 +291,7 @@ class Bench:
     def oracle(self, quantity: str, cfg: dict) -> tuple:
         key = json.dumps([quantity, {k: v for k, v in cfg.items() if k not in ("dtype", "device")}], sort_keys=True)
         if key not in self._oracles:
-            ocfg = dict(cfg, dtype="float32", device="cpu")
+            ocfg = dict(cfg, dtype="float32")
             spec = {"kind": "oracle", "quantity": quantity, "config": ocfg, "ref_max_n": self.args.ref_max_n}
             res = run_case(spec, self.args.timeout, self.args.isolation)
             self._oracles[key] = (res.get("value"), res.get("ref_kind", res.get("error")))

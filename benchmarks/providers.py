@@ -348,15 +348,18 @@ def registry() -> dict:
 def oracle(quantity: str, cfg: dict, ref_max_n: int):
     """(value, kind): the float64 value the providers are judged against.
 
-    ``rcka_kernels.reference`` (float64, explicit Grams) up to ``ref_max_n``
-    samples; beyond, the torch backend on float64 inputs (the reference is
-    O(n^3) and would take longer than the benchmark), reported as such."""
+    ``rcka_kernels.reference`` (float64, explicit Grams, CPU) up to ``ref_max_n``
+    samples; beyond, the torch backend on float64 inputs on the config's device
+    (the reference is O(n^3) and would take longer than the benchmark),
+    reported as such. Low-precision configs are judged against the float64 value
+    of the float32 inputs they were cast from (input quantisation included)."""
     import rcka_kernels as rk
     from rcka_kernels import reference
 
-    x, y = make_inputs(cfg, requires_grad=False)
-    x, y = x.double().cpu(), y.double().cpu()
+    x, y = make_inputs(dict(cfg, dtype="float32"), requires_grad=False)
     small = cfg["n"] <= ref_max_n and cfg.get("m", cfg["n"]) <= ref_max_n
+    # the reference runs on the CPU; the float64 torch backend on the benchmark's device
+    x, y = (x.double().cpu(), y.double().cpu()) if small else (x.double(), y.double())
     sigma = cfg.get("sigma")
     with torch.no_grad():
         if quantity in ("rcka", "rcka_official"):
