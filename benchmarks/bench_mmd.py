@@ -19,7 +19,7 @@ from benchmarks.bench_scaling import _backends, _ints
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--n", default="256-32768")
+    ap.add_argument("--n", default="256-16384")
     ap.add_argument("--d", default="64")
     add_common_args(ap, timeout=120.0, repeats=5)
     args = ap.parse_args(argv)

@@ -27,7 +27,7 @@ PEERS = ["official", "textbook", "naive-centred", "torch-cka", "ckatorch", "ckat
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--n", default="256-8192")
+    ap.add_argument("--n", default="256-4096")
     ap.add_argument("--p", default="256")
     add_common_args(ap, timeout=180.0, repeats=5)
     args = ap.parse_args(argv)

@@ -40,7 +40,7 @@ BASELINES = {"linear": ["official", "textbook", "naive-centred"], "rbf": ["textb
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--n", default="128-16384", help="list or power-of-two range lo-hi")
+    ap.add_argument("--n", default="128-8192", help="list or power-of-two range lo-hi")
     ap.add_argument("--p", default="64,256", help="widths (q = p)")
     ap.add_argument("--kernels", default="linear,rbf")
     ap.add_argument("--estimators", default="biased,debiased")
