@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -639,6 +640,12 @@ inline void launch(K kernel, const char* name, int64_t blocks, size_t smem, cuda
   if (smem > 48 * 1024) check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), name);
   kernel<<<(unsigned)blocks, kThreads, smem, stream>>>(args...);
   check_cuda(cudaGetLastError(), name);
+  // RCKA_CUDA_SYNC=1: wait for the kernel, so that a fault is reported with its name
+  static const bool sync = [] {
+    const char* v = std::getenv("RCKA_CUDA_SYNC");
+    return v != nullptr && v[0] == '1';
+  }();
+  if (sync) check_cuda(cudaStreamSynchronize(stream), name);
 }
 
 template <typename T, int MODE>

@@ -20,6 +20,10 @@ Kernels (csrc/pair_kernels.cuh):
 - linear statistics: Gram tiles in sample space, or tiles of X^T Y, X^T X,
   Y^T Y in feature space when p + q <= n. Their backward is two or three
   matrix products, done with torch.matmul (``torch_backend.linear_stats_backward``).
+
+Launch errors raise RuntimeError naming the kernel; with ``RCKA_CUDA_SYNC=1``
+every launch is followed by a stream synchronisation, so that a fault inside a
+kernel is reported with its name too (for debugging; it costs the overlap).
 """
 
 from __future__ import annotations
