@@ -72,9 +72,14 @@ class CMakeBuild(build_ext):
         if cmake is None:
             raise RuntimeError("cmake not found")
         try:
-            pybind11_dir = subprocess.check_output([sys.executable, "-m", "pybind11", "--cmakedir"], text=True).strip()
-        except Exception as e:  # noqa: BLE001
-            raise RuntimeError(f"pybind11 is not installed in the build environment ({e})") from e
+            import pybind11
+
+            pybind11_dir = pybind11.get_cmake_dir()
+        except Exception:  # noqa: BLE001 - ask the interpreter instead (the CMake-documented way)
+            try:
+                pybind11_dir = subprocess.check_output([sys.executable, "-m", "pybind11", "--cmakedir"], text=True).strip()
+            except Exception as e:  # noqa: BLE001
+                raise RuntimeError(f"pybind11 is not installed in the build environment ({e})") from e
         archs = os.environ.get("RCKA_CUDA_ARCHS", "80;90").replace(",", ";")
         tag = f"py{sys.version_info[0]}{sys.version_info[1]}-{archs.replace(';', '_')}"
         build_dir = os.path.join(ROOT, "build", f"cuda-{tag}")
