@@ -387,7 +387,8 @@ def fmt_bytes(b) -> str:
         return "-"
     for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if b >= s:
-            return f"{b / s:.3g} {unit}"
+            v = b / s
+            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.3g} {unit}"
     return f"{b} B"
 
 
