@@ -3,7 +3,9 @@
 // as raw device pointers with sizes and element strides.
 #pragma once
 
+#ifndef RCKA_HOST_EMULATION
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 
 namespace rcka {

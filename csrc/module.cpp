@@ -7,7 +7,9 @@
 // (std::invalid_argument -> ValueError, a failed CUDA call -> RuntimeError).
 #include <pybind11/pybind11.h>
 
+#ifndef RCKA_HOST_EMULATION
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <stdexcept>

@@ -8,12 +8,19 @@
 // (wmma 16x16x16, fp32 accumulation) for fp16/bf16, a SIMT register tile for
 // fp32 and fp64. The epilogue turns inner products into kernel values
 // (tile_math.cuh) and reduces them; nothing n x n leaves the chip.
+//
+// With RCKA_HOST_EMULATION defined (tests/cuda_host/emu.h) the fp32/fp64 (SIMT)
+// kernels compile as plain C++ and run on the CPU, one std::thread per CUDA
+// thread, so their indexing and synchronisation are tested without a GPU.
 #pragma once
 
+#ifndef RCKA_HOST_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+#define RCKA_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 #include <cstdlib>
 #include <stdexcept>
@@ -36,6 +43,7 @@ struct Traits<float> {
   static constexpr int edge = 64, kc = 32, kpad = 1;
   static constexpr bool wmma = false;
 };
+#ifndef RCKA_HOST_EMULATION
 template <>
 struct Traits<__half> {
   using acc = float;
@@ -48,6 +56,7 @@ struct Traits<__nv_bfloat16> {
   static constexpr int edge = 64, kc = 32, kpad = 8;
   static constexpr bool wmma = true;
 };
+#endif
 template <>
 struct Traits<double> {
   using acc = double;
@@ -57,15 +66,16 @@ struct Traits<double> {
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 template <typename T>
 __device__ __forceinline__ T zero_of() { return T(0); }
+#ifndef RCKA_HOST_EMULATION
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <>
 __device__ __forceinline__ __half zero_of<__half>() { return __float2half(0.0f); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.0f); }
+#endif
 
 // ----------------------------------------------------------------------------- operand views
 
@@ -206,6 +216,7 @@ struct SimtTile {
   }
 };
 
+#ifndef RCKA_HOST_EMULATION
 // Tensor-core tile: 4 warps in a 2 x 2 grid, each a 32 x 32 block of 2 x 2
 // wmma 16x16x16 fragments with fp32 accumulators.
 template <typename T>
@@ -252,6 +263,10 @@ struct WmmaTile {
 
 template <typename T>
 using DotTile = typename std::conditional<Traits<T>::wmma, WmmaTile<T>, SimtTile<T>>::type;
+#else
+template <typename T>
+using DotTile = SimtTile<T>;
+#endif
 
 // out[i][j] = <row r0+i of vr, row c0+j of vc> for the edge x edge tile; with
 // norms != nullptr also norms[i] = |row r0+i of vr|^2, norms[edge + j] = |row
@@ -346,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, 1) pair_forward_kernel(PairArgs args
   constexpr int E = Traits<T>::edge, LDD = Smem<T>::ldd;
   constexpr bool RBF = MODE != kHsicLinear;
   constexpr bool TWO = MODE != kMmdRbf;  // two Grams (K of x, L of y)
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  RCKA_DYNAMIC_SMEM(smem_raw);
   Smem<T> sm(smem_raw);
 
   // 32-bit division: the launcher keeps the grid below 2^31 blocks
@@ -528,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 1) pair_backward_kernel(PairArgs arg
   using acc = typename Traits<T>::acc;
   constexpr int E = Traits<T>::edge, LDD = Smem<T>::ldd;
   constexpr bool TWO = MODE == kHsicRbf;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  RCKA_DYNAMIC_SMEM(smem_raw);
   Smem<T> sm(smem_raw);
 
   // 32-bit division: the launcher keeps the grid below 2^31 blocks
@@ -599,7 +614,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) cross_sq_kernel(CrossArgs args, int64_t tiles_a, int64_t tiles_b, int64_t ntile) {
   using acc = typename Traits<T>::acc;
   constexpr int E = Traits<T>::edge, LDD = Smem<T>::ldd;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  RCKA_DYNAMIC_SMEM(smem_raw);
   Smem<T> sm(smem_raw);
   const int64_t g = blockIdx.x / (unsigned)ntile, tile = blockIdx.x % (unsigned)ntile;
   int64_t ti, tj;
@@ -629,6 +644,7 @@ __global__ void __launch_bounds__(kThreads, 1) cross_sq_kernel(CrossArgs args, i
 
 // ----------------------------------------------------------------------------- launchers
 
+#ifndef RCKA_HOST_EMULATION  // the emulation provides its own launch()
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("rcka cuda: ") + what + ": " + cudaGetErrorString(err));
 }
@@ -647,6 +663,7 @@ inline void launch(K kernel, const char* name, int64_t blocks, size_t smem, cuda
   }();
   if (sync) check_cuda(cudaStreamSynchronize(stream), name);
 }
+#endif
 
 template <typename T, int MODE>
 void pair_forward_mode(const PairArgs& a, cudaStream_t stream, const char* name) {

@@ -38,6 +38,9 @@ from . import torch_backend
 Tensor = torch.Tensor
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# devices the wrapper accepts; tests/test_cuda_emulated.py adds "cpu" while it
+# runs the kernels in the CPU emulation of tests/cuda_host/emu.h
+_DEVICE_TYPES = ("cuda",)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -60,7 +63,7 @@ def _check_operands(fn: str, same_cols: bool, **tensors: Tensor) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"cuda backend {fn}: {name} must be a tensor, got {type(t).__name__}")
-        if t.device.type != "cuda":
+        if t.device.type not in _DEVICE_TYPES:
             raise ValueError(f"cuda backend {fn}: {name} must be a CUDA tensor, got {t.device}")
         if t.device != t0.device:
             raise ValueError(f"cuda backend {fn}: {name} is on {t.device} but {n0} is on {t0.device}")
@@ -112,6 +115,8 @@ def _cols(t: Tensor) -> tuple:
 
 def _launch_ctx(t: Tensor) -> Tuple[int, int]:
     dev = t.device
+    if dev.type != "cuda":  # the CPU emulation: device 0, no stream
+        return 0, 0
     return dev.index if dev.index is not None else torch.cuda.current_device(), torch.cuda.current_stream(dev).cuda_stream
 
 

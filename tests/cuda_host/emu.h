@@ -1,0 +1,119 @@
+// CPU emulation of the little of CUDA that the SIMT kernels use, so that
+// csrc/pair_kernels.cuh (fp32 and fp64 paths) and csrc/module.cpp compile with
+// g++ and run on CPU memory (tests/test_cuda_emulated.py). Force-included
+// (g++ -include emu.h) ahead of the sources.
+//
+// A launch runs its blocks one after another; each block is kThreads
+// std::threads meeting at std::barrier for __syncthreads and at per-warp
+// barriers for shuffles. Shared memory is refilled with NaN bytes before every
+// block, so a read of shared memory that the block did not write shows up.
+// Not emulated: tensor cores (fp16/bf16 launchers throw), streams, timing.
+#pragma once
+#define RCKA_HOST_EMULATION 1
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+namespace rcka_emu {
+struct Dim {
+  unsigned x;
+};
+inline thread_local Dim thread_idx{0};
+inline thread_local Dim block_idx{0};
+inline unsigned char* smem_base = nullptr;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::barrier<>* warp_barrier[32] = {};
+inline double shuffle_buf[32][32];
+
+inline void sync_block() { block_barrier->arrive_and_wait(); }
+
+template <typename A>
+inline A shfl_xor(unsigned, A v, int off) {
+  const unsigned w = thread_idx.x / 32, l = thread_idx.x % 32;
+  shuffle_buf[w][l] = (double)v;
+  warp_barrier[w]->arrive_and_wait();
+  const A r = (A)shuffle_buf[w][l ^ (unsigned)off];
+  warp_barrier[w]->arrive_and_wait();
+  return r;
+}
+
+template <typename A>
+inline A atomic_add(A* p, A v) {
+  return std::atomic_ref<A>(*p).fetch_add(v);
+}
+}  // namespace rcka_emu
+
+#define threadIdx (::rcka_emu::thread_idx)
+#define blockIdx (::rcka_emu::block_idx)
+#define __syncthreads() ::rcka_emu::sync_block()
+#define __shfl_xor_sync(mask, v, off) ::rcka_emu::shfl_xor(mask, v, off)
+#define atomicAdd(p, v) ::rcka_emu::atomic_add(p, v)
+#define RCKA_DYNAMIC_SMEM(name) unsigned char* name = ::rcka_emu::smem_base
+
+// ----------------------------------------------------------------------------- the runtime API module.cpp calls
+
+typedef void* cudaStream_t;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "invalid value"; }
+inline const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaErrorInvalidValue"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaGetDeviceCount(int* c) { *c = 1; return cudaSuccess; }
+inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
+inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
+  return cudaSuccess;
+}
+
+// ----------------------------------------------------------------------------- launch
+
+namespace rcka {
+template <typename K, typename... Args>
+inline void launch(K kernel, const char* name, int64_t blocks, size_t smem, cudaStream_t, const Args&... args) {
+  constexpr int threads = 128;  // kThreads
+  if (blocks <= 0) return;
+  if (blocks > 0x7fffffffLL) throw std::runtime_error(std::string("rcka emu: ") + name + ": too many blocks");
+  std::vector<unsigned char> buf(smem + 256);
+  unsigned char* base = buf.data() + (128 - reinterpret_cast<uintptr_t>(buf.data()) % 128);
+  std::barrier<> bar(threads);
+  std::vector<std::barrier<>*> warps;
+  for (int w = 0; w < threads / 32; ++w) warps.push_back(new std::barrier<>(32));
+  rcka_emu::smem_base = base;
+  rcka_emu::block_barrier = &bar;
+  for (int w = 0; w < threads / 32; ++w) rcka_emu::warp_barrier[w] = warps[w];
+  std::memset(base, 0xff, smem);  // NaN in every float/double
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      rcka_emu::thread_idx.x = (unsigned)t;
+      for (int64_t b = 0; b < blocks; ++b) {
+        rcka_emu::block_idx.x = (unsigned)b;
+        kernel(args...);
+        bar.arrive_and_wait();
+        if (t == 0) std::memset(base, 0xff, smem);
+        bar.arrive_and_wait();
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (auto* w : warps) delete w;
+}
+}  // namespace rcka

@@ -1,0 +1,172 @@
+"""The cuda backend's fp32/fp64 kernels, run on the CPU.
+
+csrc/module.cpp and the SIMT kernels of csrc/pair_kernels.cuh are compiled
+with g++ against tests/cuda_host/emu.h (one std::thread per CUDA thread,
+barriers for __syncthreads and shuffles, NaN-filled shared memory) into a
+stand-in for rcka_kernels._rcka_cuda. rcka_kernels/ops/cuda_backend.py then
+runs unchanged on CPU tensors: its checks, workspaces and reductions, the C++
+argument checks, and the kernels' tiling, indexing, synchronisation and
+small-group/tiled paths are all exercised, and compared with the torch
+backend in float64. (The tensor-core fp16/bf16 path needs a GPU:
+tests/test_cuda_parity.py.)
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcka_kernels.ops import torch_backend as tb
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "csrc" / "module.cpp", ROOT / "tests" / "cuda_host" / "emu_launchers.cpp"]
+DEPS = SOURCES + [ROOT / "tests" / "cuda_host" / "emu.h", *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "api.h"]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    try:
+        import pybind11
+    except ImportError:
+        pytest.skip("pybind11 not installed")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in DEPS) + cxx.encode()).hexdigest()[:16]
+    out_dir = ROOT / "build" / "cuda-emu" / h
+    so = out_dir / ("_rcka_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not so.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f"tmp{os.getpid()}.so"
+        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(ROOT / "tests" / "cuda_host" / "emu.h"),
+               f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", *map(str, SOURCES), "-o", str(tmp)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 and "std::barrier" in res.stderr:
+            pytest.skip("the C++ compiler lacks C++20 std::barrier")
+        assert res.returncode == 0, f"building the emulation failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+        os.replace(tmp, so)
+    spec = importlib.util.spec_from_file_location("_rcka_cuda", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def cb(emu, monkeypatch):
+    from rcka_kernels.ops import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_lib", lambda: emu)
+    monkeypatch.setattr(cuda_backend, "_DEVICE_TYPES", ("cuda", "cpu"))
+    return cuda_backend
+
+
+TOL = {torch.float32: 3e-5, torch.float64: 1e-11}
+GTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def _close(a, e, tol, what):
+    a, e = a.double(), e.double()
+    assert torch.isfinite(a).all(), f"{what}: non-finite"
+    err = (a - e).abs().max().item()
+    scale = max(e.abs().max().item(), 1e-30)
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+def _inputs(g, n, p, q, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(g, n, p, generator=gen, dtype=torch.float64)
+    y = 0.5 * torch.randn(g, n, q, generator=gen, dtype=torch.float64)
+    k = min(p, q)
+    y[..., :k] += x[..., :k]
+    return (x - x.mean(1, keepdim=True)).to(dtype), (y - y.mean(1, keepdim=True)).to(dtype)
+
+
+def _gamma(x):
+    return (1.0 / (2 * x.double().var(1).sum(-1))).to(tb.compute_dtype(x.dtype))
+
+
+# (G, n, p, q): small-group path (n <= 128: 1, 2 or 4 tiles) and tiled path (n > 128,
+# ragged last tile), p, q below and above a staging chunk (32 fp32 / 16 fp64 features)
+SHAPES = [(2, 5, 3, 2), (1, 70, 40, 9), (1, 128, 2, 33), (1, 150, 5, 18), (2, 131, 17, 3)]
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g,n,p,q", SHAPES)
+def test_rbf_stats(cb, g, n, p, q, dtype):
+    x, y = _inputs(g, n, p, q, dtype)
+    gx, gy = _gamma(x), _gamma(y)
+    s, rx, ry = cb.rbf_stats(x, y, gx, gy)
+    es, erx, ery = tb.rbf_stats(x.double(), y.double(), gx.double(), gy.double())
+    _close(s, es, TOL[dtype], "S")
+    _close(rx, erx, TOL[dtype], "rx")
+    _close(ry, ery, TOL[dtype], "ry")
+    gen = torch.Generator().manual_seed(3)
+    gs = torch.randn(g, 3, generator=gen, dtype=torch.float64)
+    grx = torch.randn(g, n, generator=gen, dtype=torch.float64)
+    gry = torch.randn(g, n, generator=gen, dtype=torch.float64)
+    cd = tb.compute_dtype(dtype)
+    dx, dy = cb.rbf_stats_backward(x, y, gx, gy, gs, grx.to(cd), gry.to(cd))
+    edx, edy = tb.rbf_stats_backward(x.double(), y.double(), gx.double(), gy.double(), gs, grx, gry)
+    assert dx.dtype == dtype and dy.shape == y.shape
+    _close(dx, edx, GTOL[dtype], "dx")
+    _close(dy, edy, GTOL[dtype], "dy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g,n,p,q", SHAPES + [(1, 300, 20, 45), (2, 140, 70, 3)])
+def test_linear_stats(cb, g, n, p, q, dtype):
+    # small Gram tiles, tiled Gram (p + q > n) and feature-space X^T Y tiles (p + q <= n)
+    x, y = _inputs(g, n, p, q, dtype, seed=1)
+    _close(cb.linear_stats(x, y), tb.linear_stats(x.double(), y.double()), TOL[dtype], "S")
+
+
+# (G, n, m, p): Z = [X; Y] small (n + m <= 128) and tiled, the X/Y boundary inside a tile
+MMD_SHAPES = [(2, 4, 3, 2), (1, 50, 60, 7), (1, 100, 45, 20), (1, 70, 70, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g,n,m,p", MMD_SHAPES)
+def test_mmd_sums(cb, g, n, m, p, dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(g, n, p, generator=gen, dtype=torch.float64).to(dtype)
+    y = (torch.randn(g, m, p, generator=gen, dtype=torch.float64) + 0.3).to(dtype)
+    gamma = _gamma(torch.cat([x, y], 1))
+    _close(cb.rbf_mmd_sums(x, y, gamma), tb.rbf_mmd_sums(x.double(), y.double(), gamma.double()), TOL[dtype], "S")
+    gs = torch.randn(g, 3, generator=gen, dtype=torch.float64)
+    dx, dy = cb.rbf_mmd_sums_backward(x, y, gamma, gs)
+    edx, edy = tb.rbf_mmd_sums_backward(x.double(), y.double(), gamma.double(), gs)
+    _close(dx, edx, GTOL[dtype], "dx")
+    _close(dy, edy, GTOL[dtype], "dy")
+
+
+def test_public_api_through_the_emulation(cb, monkeypatch):
+    # cka with backend="cuda" on CPU tensors: dispatch, custom ops and formulas over the emulated kernels
+    import rcka_kernels as rk
+    from rcka_kernels import _dispatch, reference
+
+    monkeypatch.setitem(_dispatch._loaded, "cuda", cb)
+    monkeypatch.setattr(_dispatch, "_device_reason", lambda name, device: None)
+    x, y = _inputs(1, 40, 6, 4, torch.float64, seed=5)
+    x, y = x[0].clone().requires_grad_(), y[0].clone().requires_grad_()
+    for kernel, debiased in (("rbf", False), ("rbf", True), ("linear", True)):
+        out = rk.cka(x, y, kernel=kernel, sigma=1.2 if kernel == "rbf" else None, debiased=debiased, backend="cuda")
+        ref = reference.cka(x, y, kernel, 1.2 if kernel == "rbf" else None, debiased)
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+        g1 = torch.autograd.grad(out, (x, y))
+        g2 = torch.autograd.grad(ref, (x, y))
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_emulated_module_checks_arguments(emu):
+    with pytest.raises(ValueError, match="unknown dtype"):
+        emu.pair_forward(0, 9, 1, (256, 0, 4, 4, 2, 8, 0, 2, 1), (256, 0, 4, 4, 2, 8, 0, 2, 1), 256, 256, 256, 256, 256, 0, 0)
+    assert emu.device_status()["device_count"] == 1
