@@ -56,7 +56,7 @@ def main(argv=None):
     for c in classes:
         recs = [r for r in bench.records if r["config"]["op"] == "rcka" and r["config"]["classes"] == c]
         plot(recs, RESULTS / f"losses_rcka{c}{'_' + tag if tag else ''}_{args.device}.png",
-             f"RCKA loss (both axes) on (B, {c}) logits, fwd+bwd, {bench.meta['device_name']}")
+             f"RCKA loss (both axes) on (B, {c}) logits, fwd+bwd, {bench.meta['device_name']}", xlabel="B (batch size)")
     return bench
 
 
