@@ -47,9 +47,11 @@ def main(argv=None):
     if args.quick:
         args.n = "256,1024"
     bench = Bench("mmd", args, args.device)
-    provs = [f"rcka-mmd[{b}]" for b in _backends(args.device)] + ["naive-mmd", "geomloss", "geomloss-keops"]
+    provs = [f"rcka-mmd[{b}]" for b in _backends(args.device)] + ["naive-mmd", "geomloss"]
+    if not args.quick:  # KeOps compiles its formulas (minutes on a CPU) on first use: full runs only
+        provs.append("geomloss-keops")
+        _warm_keops(bench, _ints(args.d), args.device)
     tag = args.tag or ("quick" if args.quick else "")
-    _warm_keops(bench, _ints(args.d), args.device)
     for d in _ints(args.d):
         for unbiased in (False, True):
             cfg = dict(op="mmd", p=d, kernel="rbf", debiased=unbiased, sigma=float(d) ** 0.5, dtype="float32")

@@ -32,7 +32,7 @@ def main(argv=None):
     add_common_args(ap, timeout=180.0, repeats=5)
     args = ap.parse_args(argv)
     if args.quick:
-        args.n = "256,1024"
+        args.n = "256,512"
     bench = Bench("peers", args, args.device)
     ours = [f"rcka[{b}]" for b in _backends(args.device)] + [f"rcka-official[{b}]" for b in _backends(args.device)]
     tag = args.tag or ("quick" if args.quick else "")
