@@ -37,12 +37,16 @@ def cases(quick: bool, device: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--only-n", default="", help="comma list: run only the cases with these n (e.g. 2048)")
     add_common_args(ap, timeout=900.0, repeats=3)
     ap.set_defaults(mem_cap_gb=12.0)
     args = ap.parse_args(argv)
     bench = Bench("vs_naive", args, args.device)
     summary = []
+    only = {int(v) for v in args.only_n.split(",") if v}
     for cfg, provs in cases(args.quick, args.device):
+        if only and cfg["n"] not in only:
+            continue
         # a baseline that runs for minutes: time its first run (warm-up costs are negligible there)
         heavy = dict(warmup=0, repeats=1, timeout=max(args.timeout, 1500.0)) if cfg["n"] >= 8192 else {}
         recs = {p: bench.run(p, cfg, **({} if p.startswith("rcka") else heavy)) for p in provs}
