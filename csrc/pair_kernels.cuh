@@ -9,9 +9,10 @@
 // fp32 and fp64. The epilogue turns inner products into kernel values
 // (tile_math.cuh) and reduces them; nothing n x n leaves the chip.
 //
-// With RCKA_HOST_EMULATION defined (tests/cuda_host/emu.h) the fp32/fp64 (SIMT)
-// kernels compile as plain C++ and run on the CPU, one std::thread per CUDA
-// thread, so their indexing and synchronisation are tested without a GPU.
+// With RCKA_HOST_EMULATION defined (tests/cuda_host/emu.h) the kernels compile
+// as plain C++ and run on the CPU, one std::thread per CUDA thread (wmma and
+// the half types emulated too), so their indexing and synchronisation are
+// tested without a GPU.
 #pragma once
 
 #ifndef RCKA_HOST_EMULATION
@@ -43,7 +44,6 @@ struct Traits<float> {
   static constexpr int edge = 64, kc = 32, kpad = 1;
   static constexpr bool wmma = false;
 };
-#ifndef RCKA_HOST_EMULATION
 template <>
 struct Traits<__half> {
   using acc = float;
@@ -56,7 +56,6 @@ struct Traits<__nv_bfloat16> {
   static constexpr int edge = 64, kc = 32, kpad = 8;
   static constexpr bool wmma = true;
 };
-#endif
 template <>
 struct Traits<double> {
   using acc = double;
@@ -68,14 +67,12 @@ __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 template <typename T>
 __device__ __forceinline__ T zero_of() { return T(0); }
-#ifndef RCKA_HOST_EMULATION
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <>
 __device__ __forceinline__ __half zero_of<__half>() { return __float2half(0.0f); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.0f); }
-#endif
 
 // ----------------------------------------------------------------------------- operand views
 
@@ -216,7 +213,6 @@ struct SimtTile {
   }
 };
 
-#ifndef RCKA_HOST_EMULATION
 // Tensor-core tile: 4 warps in a 2 x 2 grid, each a 32 x 32 block of 2 x 2
 // wmma 16x16x16 fragments with fp32 accumulators.
 template <typename T>
@@ -263,10 +259,6 @@ struct WmmaTile {
 
 template <typename T>
 using DotTile = typename std::conditional<Traits<T>::wmma, WmmaTile<T>, SimtTile<T>>::type;
-#else
-template <typename T>
-using DotTile = SimtTile<T>;
-#endif
 
 // out[i][j] = <row r0+i of vr, row c0+j of vc> for the edge x edge tile; with
 // norms != nullptr also norms[i] = |row r0+i of vr|^2, norms[edge + j] = |row

@@ -7,7 +7,8 @@
 // std::threads meeting at std::barrier for __syncthreads and at per-warp
 // barriers for shuffles. Shared memory is refilled with NaN bytes before every
 // block, so a read of shared memory that the block did not write shows up.
-// Not emulated: tensor cores (fp16/bf16 launchers throw), streams, timing.
+// Tensor cores are emulated per warp (wmma below) with the half types in
+// software. Not emulated: streams, timing, the memory model's weaker corners.
 #pragma once
 #define RCKA_HOST_EMULATION 1
 
@@ -64,6 +65,95 @@ inline A atomic_add(A* p, A v) {
 #define __shfl_xor_sync(mask, v, off) ::rcka_emu::shfl_xor(mask, v, off)
 #define atomicAdd(p, v) ::rcka_emu::atomic_add(p, v)
 #define RCKA_DYNAMIC_SMEM(name) unsigned char* name = ::rcka_emu::smem_base
+
+// ----------------------------------------------------------------------------- half types
+
+struct __half {
+  _Float16 v;
+};
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half(float f) { return __half{(_Float16)f}; }
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = (uint32_t)b.bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
+
+inline float emu_to_float(float v) { return v; }
+inline float emu_to_float(__half v) { return __half2float(v); }
+inline float emu_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// ----------------------------------------------------------------------------- wmma (16x16x16)
+// Every thread of the warp holds the whole 16 x 16 fragment and computes the
+// product itself; lane 0 alone stores. The element layouts are the documented
+// ones: matrix_a row_major A(m, k) = p[m * ldm + k], matrix_b col_major
+// B(k, n) = p[n * ldm + k], mem_row_major C(m, n) = p[m * ldm + n].
+
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  T x[16 * 16];
+};
+
+template <typename Use, typename T, typename L>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
+  for (auto& e : f.x) e = v;
+}
+
+template <typename T>
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 8 != 0) throw std::runtime_error("wmma load: misaligned");
+  for (int m = 0; m < 16; ++m)
+    for (int k = 0; k < 16; ++k) f.x[m * 16 + k] = p[m * ldm + k];
+}
+
+template <typename T>
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 8 != 0) throw std::runtime_error("wmma load: misaligned");
+  for (int n = 0; n < 16; ++n)
+    for (int k = 0; k < 16; ++k) f.x[k * 16 + n] = p[n * ldm + k];
+}
+
+template <typename T>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, col_major>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[16 * 16];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.x[m * 16 + n];
+      for (int k = 0; k < 16; ++k) acc += emu_to_float(a.x[m * 16 + k]) * emu_to_float(b.x[k * 16 + n]);
+      out[m * 16 + n] = acc;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0 || layout != mem_row_major) throw std::runtime_error("wmma store: misaligned");
+  if (rcka_emu::thread_idx.x % 32 != 0) return;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) p[m * ldm + n] = f.x[m * 16 + n];
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 // ----------------------------------------------------------------------------- the runtime API module.cpp calls
 
