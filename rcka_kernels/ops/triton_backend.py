@@ -73,9 +73,16 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 2
     extra: Dict[str, Tensor] = field(default_factory=dict)  # workspaces the caller reduces
+    maxnreg: Optional[int] = None  # register budget handed to ptxas (None: its own heuristic)
+
+    def options(self) -> Dict[str, int]:
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
     def run(self) -> None:
-        self.kernel[self.grid](*self.args.values(), **self.consts, num_warps=self.num_warps, num_stages=self.num_stages)
+        self.kernel[self.grid](*self.args.values(), **self.consts, **self.options())
 
 
 def _acc(dtype: torch.dtype):
@@ -104,21 +111,19 @@ def _clamp_p2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, _p2(v)))
 
 
-def _bk(dtype: torch.dtype) -> int:
-    """Features per dot step: 128 bytes of a row per load."""
-    return {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# Block sizes. Reasoned, not tuned on a GPU yet (none was available): tiles of
-# 64 rows keep the two fp32 accumulators of a K/L tile pair at 64 registers a
-# thread with 4 warps; groups of n <= 64 (PCKA's tiny groups) get one program
-# each with the smallest power-of-two tile >= n; fp64 (gradchecks) uses 32.
-# The AOT test compiles every entry for sm_80 and sm_90 and checks shared
-# memory and spills.
+# Block sizes. Reasoned and checked by compiling for sm_80/sm_90 with no GPU
+# (tests/test_triton_aot.py: shared memory, register spills, wgmma/mma), not yet
+# timed on a GPU (none was available), so not autotuned either: an autotuner
+# would pick by timing, and the workspace shape depends on BM. Tiles of 64 rows with 8 warps keep the
+# two fp32 K/L accumulators plus the exp epilogue under 255 registers; groups of
+# n <= 64 (PCKA's tiny groups) get one program each with the smallest
+# power-of-two tile >= n; fp64 (gradchecks) uses 32. Rows whose stride is not a
+# multiple of 16 elements load element by element (no vectorisation), so they
+# get half the feature step to stay clear of spills.
 def _max_block(dtype: torch.dtype) -> int:
     """Largest tile side: 64 (32 for fp64); env RCKA_TRITON_MAX_BLOCK (a power of
     two >= 16) lowers it, so tests reach multi-tile paths at interpreter-sized n."""
@@ -126,27 +131,50 @@ def _max_block(dtype: torch.dtype) -> int:
     return min(hi, _clamp_p2(int(os.environ.get("RCKA_TRITON_MAX_BLOCK", hi)), 16, hi))
 
 
-def hsic_fwd_config(n: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
-    """(BM, BK, num_warps, num_stages) of hsic_stats_fwd_kernel."""
-    hi = _max_block(dtype)
-    bm = _clamp_p2(n, 16, hi)
-    return bm, _bk(dtype), (4 if bm >= 64 else 2), 2
+def _bk(dtype: torch.dtype, aligned: bool = True) -> int:
+    """Features per dot step: 128 bytes of an aligned row per load, half that otherwise."""
+    bk = {torch.float64: 16, torch.float32: 32}.get(dtype, 64)
+    return bk if aligned or dtype == torch.float64 else bk // 2
 
 
-def hsic_bwd_config(n: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int, int]:
+def _warps(block: int) -> int:
+    return 8 if block >= 64 else (4 if block >= 32 else 2)
+
+
+def hsic_fwd_config(n: int, dtype: torch.dtype, aligned: bool = True) -> Tuple[int, int, int, int]:
+    """(BM, BK, num_warps, num_stages) of hsic_stats_fwd_kernel and mmd_sums_fwd_kernel."""
+    bm = _clamp_p2(n, 16, _max_block(dtype))
+    return bm, _bk(dtype, aligned), _warps(bm), 2
+
+
+def hsic_bwd_config(n: int, d: int, dtype: torch.dtype, aligned: bool = True) -> Tuple[int, int, int, int, int, int]:
     """(BM, BN, BK, DC, num_warps, num_stages) of the backward kernels; d = widest output."""
     hi = _max_block(dtype)
     bm = _clamp_p2(n, 16, hi)
     bn = _clamp_p2(n, 16, min(hi, 32))
-    dc = _clamp_p2(d, 16, hi)
-    return bm, bn, _bk(dtype), dc, (4 if bm >= 64 else 2), 2
+    # the backward holds K, L, their weights and two (BM, DC) accumulators: 32
+    # output columns and 8 warps (4 for 16-row tiles) with the full register
+    # budget (BWD_MAXNREG; ptxas's own heuristic caps 8 warps at 128 and spills)
+    # are what compile spill-free
+    dc = _clamp_p2(d, 16, 32)
+    # fp32 dots without tf32 run on FMAs with both operands in registers: half the step
+    bk = _bk(dtype, aligned and dtype != torch.float32)
+    return bm, bn, bk, dc, (4 if bm <= 16 else 8), 2
 
 
 def linear_fwd_config(n: int, p: int, q: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
-    """(BF, BK, num_warps, num_stages) of linear_fro_fwd_kernel."""
+    """(BF, BK, num_warps, num_stages) of linear_fro_fwd_kernel (BK runs over samples:
+    consecutive rows of one feature column are a row stride apart, never vectorised)."""
     hi = _max_block(dtype)
     bf = _clamp_p2(max(p, q), 16, hi)
-    return bf, _clamp_p2(n, 16, max(16, min(hi, _bk(dtype)))), (4 if bf >= 64 else 2), 2
+    return bf, _clamp_p2(n, 16, max(16, min(hi, _bk(dtype)))), _warps(bf), 2
+
+
+BWD_MAXNREG = 255
+
+
+def _aligned(*ts: Tensor) -> bool:
+    return all(t.stride(1) % 16 == 0 for t in ts)
 
 
 @functools.lru_cache(maxsize=64)
@@ -176,11 +204,17 @@ def _table(parts, device: torch.device) -> Tensor:
     return t
 
 
+def _sqnorms(t: Tensor) -> Tensor:
+    """(G, n) squared row norms in the compute dtype (fp32 products summed in fp32)."""
+    c = t.to(compute_dtype(t.dtype))
+    return torch.linalg.vecdot(c, c, dim=-1)
+
+
 def plan_hsic_fwd(x: Tensor, y: Tensor, gx: Optional[Tensor], gy: Optional[Tensor], rbf: bool) -> Launch:
     g, n, p = x.shape
     q = y.shape[2]
     cd = compute_dtype(x.dtype)
-    bm, bk, warps, stages = hsic_fwd_config(n, x.dtype)
+    bm, bk, warps, stages = hsic_fwd_config(n, x.dtype, _aligned(x, y))
     nb = _cdiv(n, bm)
     tab = _table(((0, nb, nb, True),), x.device)
     t = tab.shape[1]
@@ -188,7 +222,8 @@ def plan_hsic_fwd(x: Tensor, y: Tensor, gx: Optional[Tensor], gy: Optional[Tenso
     w = torch.empty(g, 2, nb, nb, bm, dtype=cd, device=x.device) if rbf else s
     gx = gx if rbf else s
     gy = gy if rbf else s
-    args = dict(x_ptr=x, y_ptr=y, gx_ptr=gx, gy_ptr=gy, ti_ptr=tab[1], tj_ptr=tab[2], s_ptr=s, w_ptr=w,
+    nx, ny = (_sqnorms(x), _sqnorms(y)) if rbf else (s, s)
+    args = dict(x_ptr=x, y_ptr=y, nx_ptr=nx, ny_ptr=ny, gx_ptr=gx, gy_ptr=gy, ti_ptr=tab[1], tj_ptr=tab[2], s_ptr=s, w_ptr=w,
                 N=n, P=p, Q=q, sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1), T=t, NB=nb)
     consts = dict(IS_RBF=rbf, BM=bm, BK=bk, ACC=_acc(x.dtype), PREC=_prec(x.dtype))
     return Launch(_k.hsic_stats_fwd_kernel, (t * g,), args, consts, warps, stages, dict(s=s, w=w))
@@ -197,29 +232,30 @@ def plan_hsic_fwd(x: Tensor, y: Tensor, gx: Optional[Tensor], gy: Optional[Tenso
 def plan_hsic_bwd(x, y, gx, gy, gs, grx, gry, rbf: bool) -> Launch:
     g, n, p = x.shape
     q = y.shape[2]
-    bm, bn, bk, dc, warps, stages = hsic_bwd_config(n, max(p, q), x.dtype)
+    bm, bn, bk, dc, warps, stages = hsic_bwd_config(n, max(p, q), x.dtype, _aligned(x, y))
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     nrb = _cdiv(n, bm)
     if not rbf:
         gx = gy = grx = gry = gs
-    args = dict(x_ptr=x, y_ptr=y, gx_ptr=gx, gy_ptr=gy, gs_ptr=gs, grx_ptr=grx, gry_ptr=gry, dx_ptr=dx, dy_ptr=dy,
+    nx, ny = (_sqnorms(x), _sqnorms(y)) if rbf else (gs, gs)
+    args = dict(x_ptr=x, y_ptr=y, nx_ptr=nx, ny_ptr=ny, gx_ptr=gx, gy_ptr=gy, gs_ptr=gs, grx_ptr=grx, gry_ptr=gry, dx_ptr=dx, dy_ptr=dy,
                 N=n, P=p, Q=q, sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1),
                 sdxg=dx.stride(0), sdxn=dx.stride(1), sdyg=dy.stride(0), sdyn=dy.stride(1), NRB=nrb)
     consts = dict(IS_RBF=rbf, BM=bm, BN=bn, BK=bk, DC=dc, ACC=_acc(x.dtype), PREC=_prec(x.dtype), PREC2=_prec2(x.dtype))
     grid = (nrb * g, _cdiv(max(p, q), dc))
-    return Launch(_k.hsic_stats_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy))
+    return Launch(_k.hsic_stats_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy), BWD_MAXNREG)
 
 
 def plan_mmd_fwd(x: Tensor, y: Tensor, gamma: Tensor) -> Launch:
     g, n, d = x.shape
     m = y.shape[1]
     cd = compute_dtype(x.dtype)
-    bm, bk, warps, stages = hsic_fwd_config(max(n, m), x.dtype)
+    bm, bk, warps, stages = hsic_fwd_config(max(n, m), x.dtype, _aligned(x, y))
     nbx, nby = _cdiv(n, bm), _cdiv(m, bm)
     tab = _table(((0, nbx, nbx, True), (1, nby, nby, True), (2, nbx, nby, False)), x.device)
     t = tab.shape[1]
     s = torch.empty(g, t, dtype=cd, device=x.device)
-    args = dict(x_ptr=x, y_ptr=y, gam_ptr=gamma, tab_ptr=tab, s_ptr=s, N=n, M=m, D=d,
+    args = dict(x_ptr=x, y_ptr=y, nx_ptr=_sqnorms(x), ny_ptr=_sqnorms(y), gam_ptr=gamma, tab_ptr=tab, s_ptr=s, N=n, M=m, D=d,
                 sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1), T=t)
     consts = dict(BM=bm, BK=bk, ACC=_acc(x.dtype), PREC=_prec(x.dtype))
     seg = (nbx * (nbx + 1) // 2, nby * (nby + 1) // 2, nbx * nby)
@@ -229,15 +265,15 @@ def plan_mmd_fwd(x: Tensor, y: Tensor, gamma: Tensor) -> Launch:
 def plan_mmd_bwd(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor) -> Launch:
     g, n, d = x.shape
     m = y.shape[1]
-    bm, bn, bk, dc, warps, stages = hsic_bwd_config(max(n, m), d, x.dtype)
+    bm, bn, bk, dc, warps, stages = hsic_bwd_config(max(n, m), d, x.dtype, _aligned(x, y))
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     nbx, nby = _cdiv(n, bm), _cdiv(m, bm)
-    args = dict(x_ptr=x, y_ptr=y, gam_ptr=gamma, gs_ptr=gs, dx_ptr=dx, dy_ptr=dy, N=n, M=m, D=d,
+    args = dict(x_ptr=x, y_ptr=y, nx_ptr=_sqnorms(x), ny_ptr=_sqnorms(y), gam_ptr=gamma, gs_ptr=gs, dx_ptr=dx, dy_ptr=dy, N=n, M=m, D=d,
                 sxg=x.stride(0), sxn=x.stride(1), syg=y.stride(0), syn=y.stride(1),
                 sdxg=dx.stride(0), sdxn=dx.stride(1), sdyg=dy.stride(0), sdyn=dy.stride(1), NBX=nbx, NRB=nbx + nby)
     consts = dict(BM=bm, BN=bn, BK=bk, DC=dc, ACC=_acc(x.dtype), PREC=_prec(x.dtype), PREC2=_prec2(x.dtype))
     grid = ((nbx + nby) * g, _cdiv(d, dc))
-    return Launch(_k.mmd_sums_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy))
+    return Launch(_k.mmd_sums_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy), BWD_MAXNREG)
 
 
 def plan_linear_fwd(x: Tensor, y: Tensor) -> Launch:

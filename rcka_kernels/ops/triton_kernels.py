@@ -5,8 +5,9 @@ Every kernel works on a batch of groups in one launch: grid axis 0 enumerates
 in L2, and neither G nor the tile count hits the 65535 limit of axes 1 and 2);
 backward kernels put the output column chunk on axis 1.
 Gram tiles come from ``tl.dot`` over the feature axis with fp32 accumulation
-(fp64 for fp64 inputs); the squared row norms are accumulated in the same loop,
-so a tile of squared distances costs one pass over its two row blocks.
+(fp64 for fp64 inputs); squared distances add the squared row norms, computed
+once per call by the launcher (``nx_ptr``/``ny_ptr``, (G, n) in the accumulation
+dtype), so the loaded blocks feed the dot only and the loop pipelines.
 
 Forward kernels write one partial sum per (group, tile) to a small workspace
 that the launcher reduces in float64 with torch: deterministic, no atomics.
@@ -28,12 +29,11 @@ import triton.language as tl
 def _gram_tile(a_ptr, b_ptr, sa, sb, rows, cols, na, nb, D,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                ACC: tl.constexpr, PREC: tl.constexpr):
-    """(A_rows . B_cols^T (BM, BN), |a_r|^2 (BM,), |b_c|^2 (BN,)) over D features.
+    """A_rows . B_cols^T (BM, BN) over D features; rows/cols out of range give 0.
 
-    Rows/cols out of range load as zeros."""
+    The loaded blocks feed the dot only (squared norms come precomputed), so they
+    can stay in shared memory and the loop pipelines."""
     acc = tl.zeros((BM, BN), dtype=ACC)
-    na2 = tl.zeros((BM,), dtype=ACC)
-    nb2 = tl.zeros((BN,), dtype=ACC)
     ks = tl.arange(0, BK)
     rmask = rows < na
     cmask = cols < nb
@@ -43,18 +43,17 @@ def _gram_tile(a_ptr, b_ptr, sa, sb, rows, cols, na, nb, D,
         a = tl.load(a_ptr + rows[:, None] * sa + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         bt = tl.load(b_ptr + cols[None, :] * sb + kk[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
         acc = tl.dot(a, bt, acc, input_precision=PREC, out_dtype=ACC)
-        af = a.to(ACC)
-        bf = bt.to(ACC)
-        na2 += tl.sum(af * af, 1)
-        nb2 += tl.sum(bf * bf, 0)
-    return acc, na2, nb2
+    return acc
 
 
 @triton.jit
-def _rbf_tile(dot, na2, nb2, gamma, rows, cols, na, nb, same):
-    """exp(-gamma |a_r - b_c|^2), 0 outside the matrix and, in a same-matrix
-    tile, exactly 0 on the diagonal: the contract's RBF sums run over i != j
-    (the caller adds the unit diagonal back exactly)."""
+def _rbf_tile(dot, na_ptr, nb_ptr, gamma, rows, cols, na, nb, same):
+    """exp(-gamma |a_r - b_c|^2) from the dot tile and the squared row norms,
+    0 outside the matrix and, in a same-matrix tile, exactly 0 on the diagonal:
+    the contract's RBF sums run over i != j (the caller adds the unit diagonal
+    back exactly)."""
+    na2 = tl.load(na_ptr + rows, mask=rows < na, other=0.0)
+    nb2 = tl.load(nb_ptr + cols, mask=cols < nb, other=0.0)
     d = na2[:, None] + nb2[None, :] - 2.0 * dot
     d = tl.maximum(d, 0.0)
     k = tl.exp(-gamma * d)
@@ -67,7 +66,7 @@ def _rbf_tile(dot, na2, nb2, gamma, rows, cols, na, nb, same):
 
 @triton.jit
 def hsic_stats_fwd_kernel(
-    x_ptr, y_ptr, gx_ptr, gy_ptr, ti_ptr, tj_ptr, s_ptr, w_ptr,
+    x_ptr, y_ptr, nx_ptr, ny_ptr, gx_ptr, gy_ptr, ti_ptr, tj_ptr, s_ptr, w_ptr,
     N, P, Q, sxg, sxn, syg, syn, T, NB,
     IS_RBF: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
@@ -89,11 +88,11 @@ def hsic_stats_fwd_kernel(
     cols = j * BM + r
     xg = x_ptr + g * sxg
     yg = y_ptr + g * syg
-    kx, nxr, nxc = _gram_tile(xg, xg, sxn, sxn, rows, cols, N, N, P, BM, BM, BK, ACC, PREC)
-    ky, nyr, nyc = _gram_tile(yg, yg, syn, syn, rows, cols, N, N, Q, BM, BM, BK, ACC, PREC)
+    kx = _gram_tile(xg, xg, sxn, sxn, rows, cols, N, N, P, BM, BM, BK, ACC, PREC)
+    ky = _gram_tile(yg, yg, syn, syn, rows, cols, N, N, Q, BM, BM, BK, ACC, PREC)
     if IS_RBF:
-        kx = _rbf_tile(kx, nxr, nxc, tl.load(gx_ptr + g), rows, cols, N, N, True)
-        ky = _rbf_tile(ky, nyr, nyc, tl.load(gy_ptr + g), rows, cols, N, N, True)
+        kx = _rbf_tile(kx, nx_ptr + g * N, nx_ptr + g * N, tl.load(gx_ptr + g), rows, cols, N, N, True)
+        ky = _rbf_tile(ky, ny_ptr + g * N, ny_ptr + g * N, tl.load(gy_ptr + g), rows, cols, N, N, True)
     w = tl.where(i == j, 1.0, 2.0)
     sp = s_ptr + (g * T + t) * 3
     tl.store(sp + 0, w * tl.sum(tl.sum(kx * ky, 1), 0))
@@ -114,7 +113,7 @@ def hsic_stats_fwd_kernel(
 
 @triton.jit
 def hsic_stats_bwd_kernel(
-    x_ptr, y_ptr, gx_ptr, gy_ptr, gs_ptr, grx_ptr, gry_ptr, dx_ptr, dy_ptr,
+    x_ptr, y_ptr, nx_ptr, ny_ptr, gx_ptr, gy_ptr, gs_ptr, grx_ptr, gry_ptr, dx_ptr, dy_ptr,
     N, P, Q, sxg, sxn, syg, syn, sdxg, sdxn, sdyg, sdyn, NRB,
     IS_RBF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DC: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, PREC2: tl.constexpr,
@@ -150,11 +149,11 @@ def hsic_stats_bwd_kernel(
     for j0 in range(0, N, BN):
         cols = j0 + tl.arange(0, BN)
         cmask = cols < N
-        kx, nxr, nxc = _gram_tile(xg, xg, sxn, sxn, rows, cols, N, N, P, BM, BN, BK, ACC, PREC)
-        ky, nyr, nyc = _gram_tile(yg, yg, syn, syn, rows, cols, N, N, Q, BM, BN, BK, ACC, PREC)
+        kx = _gram_tile(xg, xg, sxn, sxn, rows, cols, N, N, P, BM, BN, BK, ACC, PREC)
+        ky = _gram_tile(yg, yg, syn, syn, rows, cols, N, N, Q, BM, BN, BK, ACC, PREC)
         if IS_RBF:
-            kx = _rbf_tile(kx, nxr, nxc, gam_x, rows, cols, N, N, True)
-            ky = _rbf_tile(ky, nyr, nyc, gam_y, rows, cols, N, N, True)
+            kx = _rbf_tile(kx, nx_ptr + g * N, nx_ptr + g * N, gam_x, rows, cols, N, N, True)
+            ky = _rbf_tile(ky, ny_ptr + g * N, ny_ptr + g * N, gam_y, rows, cols, N, N, True)
             grx_j = tl.load(grx_ptr + g * N + cols, mask=cmask, other=0.0)
             gry_j = tl.load(gry_ptr + g * N + cols, mask=cmask, other=0.0)
             mk = (2.0 * gxy * ky + 4.0 * gxx * kx + grx_i[:, None] + grx_j[None, :]) * kx
@@ -186,7 +185,7 @@ def hsic_stats_bwd_kernel(
 
 @triton.jit
 def mmd_sums_fwd_kernel(
-    x_ptr, y_ptr, gam_ptr, tab_ptr, s_ptr,
+    x_ptr, y_ptr, nx_ptr, ny_ptr, gam_ptr, tab_ptr, s_ptr,
     N, M, D, sxg, sxn, syg, syn, T,
     BM: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -200,33 +199,37 @@ def mmd_sums_fwd_kernel(
     j = tl.load(tab_ptr + 2 * T + t)
     if kind == 1:
         a_ptr = y_ptr + g * syg
+        an_ptr = ny_ptr + g * M
         sa = syn
         na = M
     else:
         a_ptr = x_ptr + g * sxg
+        an_ptr = nx_ptr + g * N
         sa = sxn
         na = N
     if kind == 0:
         b_ptr = x_ptr + g * sxg
+        bn_ptr = nx_ptr + g * N
         sb = sxn
         nb = N
     else:
         b_ptr = y_ptr + g * syg
+        bn_ptr = ny_ptr + g * M
         sb = syn
         nb = M
     r = tl.arange(0, BM)
     rows = i * BM + r
     cols = j * BM + r
     same = kind < 2
-    dot, na2, nb2 = _gram_tile(a_ptr, b_ptr, sa, sb, rows, cols, na, nb, D, BM, BM, BK, ACC, PREC)
-    k = _rbf_tile(dot, na2, nb2, tl.load(gam_ptr + g), rows, cols, na, nb, same)
+    dot = _gram_tile(a_ptr, b_ptr, sa, sb, rows, cols, na, nb, D, BM, BM, BK, ACC, PREC)
+    k = _rbf_tile(dot, an_ptr, bn_ptr, tl.load(gam_ptr + g), rows, cols, na, nb, same)
     w = tl.where(same & (i != j), 2.0, 1.0)
     tl.store(s_ptr + g * T + t, w * tl.sum(tl.sum(k, 1), 0))
 
 
 @triton.jit
 def mmd_sums_bwd_kernel(
-    x_ptr, y_ptr, gam_ptr, gs_ptr, dx_ptr, dy_ptr,
+    x_ptr, y_ptr, nx_ptr, ny_ptr, gam_ptr, gs_ptr, dx_ptr, dy_ptr,
     N, M, D, sxg, sxn, syg, syn, sdxg, sdxn, sdyg, sdyn, NBX, NRB,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DC: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, PREC2: tl.constexpr,
@@ -247,9 +250,11 @@ def mmd_sums_bwd_kernel(
     gam = tl.load(gam_ptr + g)
     if rb < NBX:
         a_ptr = x_ptr + g * sxg
+        an_ptr = nx_ptr + g * N
         sa = sxn
         na = N
         b_ptr = y_ptr + g * syg
+        bn_ptr = ny_ptr + g * M
         sb = syn
         nb = M
         ws = 2.0 * gxx
@@ -258,9 +263,11 @@ def mmd_sums_bwd_kernel(
         ib = rb
     else:
         a_ptr = y_ptr + g * syg
+        an_ptr = ny_ptr + g * M
         sa = syn
         na = M
         b_ptr = x_ptr + g * sxg
+        bn_ptr = nx_ptr + g * N
         sb = sxn
         nb = N
         ws = 2.0 * gyy
@@ -275,15 +282,15 @@ def mmd_sums_bwd_kernel(
     rs = tl.zeros((BM,), dtype=ACC)
     for j0 in range(0, na, BN):
         cols = j0 + tl.arange(0, BN)
-        dot, n_r, n_c = _gram_tile(a_ptr, a_ptr, sa, sa, rows, cols, na, na, D, BM, BN, BK, ACC, PREC)
-        k = ws * _rbf_tile(dot, n_r, n_c, gam, rows, cols, na, na, True)
+        dot = _gram_tile(a_ptr, a_ptr, sa, sa, rows, cols, na, na, D, BM, BN, BK, ACC, PREC)
+        k = ws * _rbf_tile(dot, an_ptr, an_ptr, gam, rows, cols, na, na, True)
         rs += tl.sum(k, 1)
         aj = tl.load(a_ptr + cols[:, None] * sa + ccols[None, :], mask=(cols[:, None] < na) & cm[None, :], other=0.0)
         acc = tl.dot(k, aj.to(ACC), acc, input_precision=PREC2, out_dtype=ACC)
     for j0 in range(0, nb, BN):
         cols = j0 + tl.arange(0, BN)
-        dot, n_r, n_c = _gram_tile(a_ptr, b_ptr, sa, sb, rows, cols, na, nb, D, BM, BN, BK, ACC, PREC)
-        k = gxy * _rbf_tile(dot, n_r, n_c, gam, rows, cols, na, nb, False)
+        dot = _gram_tile(a_ptr, b_ptr, sa, sb, rows, cols, na, nb, D, BM, BN, BK, ACC, PREC)
+        k = gxy * _rbf_tile(dot, an_ptr, bn_ptr, gam, rows, cols, na, nb, False)
         rs += tl.sum(k, 1)
         bj = tl.load(b_ptr + cols[:, None] * sb + ccols[None, :], mask=(cols[:, None] < nb) & cm[None, :], other=0.0)
         acc = tl.dot(k, bj.to(ACC), acc, input_precision=PREC2, out_dtype=ACC)
