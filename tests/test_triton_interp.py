@@ -94,9 +94,10 @@ def test_many_tiles(tiles16, n, p, q, kernel, sigma):
     _cka_case(*_pair(n, p, q, torch.float32), kernel, sigma, True)
 
 
-@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", None)])
-def test_float16_inputs(kernel, sigma):
-    x, y = _pair(37, 20, 24, torch.float16)
+@pytest.mark.parametrize("kernel,sigma,n", [("linear", None, 37), ("linear", None, 70), ("rbf", None, 37)])
+def test_float16_inputs(kernel, sigma, n):
+    """n = 37: the sample-space linear path (p + q > n); n = 70: feature space."""
+    x, y = _pair(n, 20, 24, torch.float16)
     got = rk.cka(x, y, kernel=kernel, sigma=sigma, backend="triton")
     assert got.dtype == torch.float32
     assert_close(got, reference.cka(x, y, kernel, sigma), torch.float16)

@@ -25,6 +25,13 @@ fp32 Gram dots use ``input_precision="ieee"`` unless
 of the fp32 tile weights with fp16/bf16 rows runs in tf32 (as exact on the half
 rows as fp16, with fp32's range, so small gradients do not underflow).
 
+For benchmarks and profiling: the contract functions below are the launchers
+(``rbf_stats(x, y, gamma_x, gamma_y)`` etc., on (G, n, p) CUDA tensors); to time
+one kernel alone, build its ``plan_*`` once and call ``Launch.run()``.
+
+Limits: per group, n * p must stay below 2**31 elements (in-group offsets are
+int32; group offsets are int64).
+
 Memory: inputs and outputs, plus for RBF HSIC a workspace of row-sum partials
 of 2 G n ceil(n / BM) floats (each tile's row and column sums; it is what makes
 the symmetric tiling deterministic without atomics), 1/BM of an n x n Gram.
