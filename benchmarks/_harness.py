@@ -112,6 +112,29 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "out of memory" in s or "can't allocate" in s or "cannot allocate" in s or "outofmemory" in s
 
 
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _malloc_setup() -> None:
+    """Allocations >= 64 KiB go to mmap (returned to the OS on free), so the RSS
+    follows what is live instead of what glibc's heap kept from the warm-up."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
+
+
+def _malloc_trim() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _worker(spec: dict) -> dict:
     import torch
 
@@ -156,6 +179,7 @@ def _worker(spec: dict) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        _malloc_trim()
         base = _status_kb("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -185,6 +209,8 @@ def _worker(spec: dict) -> dict:
 def _isolated(spec: dict) -> dict:
     """Run one spec in this (fresh) process: memory cap, then the worker; never raises."""
     cap = spec.get("mem_cap_gb")
+    if spec["config"].get("device", "cpu") == "cpu":
+        _malloc_setup()
     if cap and spec["config"].get("device", "cpu") == "cpu":
         # address-space cap: an allocation beyond it raises instead of swapping the machine
         lim = int(cap * (1 << 30))
@@ -206,7 +232,7 @@ def _fork_child(spec: dict, conn) -> None:
     conn.close()
 
 
-_PRELOAD = ["torch", "rcka_kernels", "benchmarks._harness", "benchmarks.providers"]
+_PRELOAD = ["torch", "rcka_kernels", "benchmarks._harness", "benchmarks.providers", "benchmarks._preload"]
 
 
 def _run_forked(spec: dict, timeout_s: float) -> dict:
