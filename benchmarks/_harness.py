@@ -347,9 +347,10 @@ class Bench:
             rec["loadavg_after"] = round(os.getloadavg()[0], 2)
             if rec["status"] != "ok":
                 self._failed[gkey] = f"{rec['status']} at n={cfg.get('n')}"
-            elif group is not None and rec.get("wall_s", 0) * 4 > limit:
-                # the next size costs at least 4x (n^2 work): it would hit the time limit
-                self._failed[gkey] = f"took {rec['wall_s']:.0f} s at n={cfg.get('n')}; 4x that exceeds the {limit:.0f} s limit"
+            elif group is not None and rec["time_ms"] / 1e3 * 4 * (1 + spec["warmup"]) > limit:
+                # the next size costs at least 4x per run (n^2 work), and it needs warm-up + one timed run
+                self._failed[gkey] = (f"one run took {rec['time_ms'] / 1e3:.0f} s at n={cfg.get('n')}; "
+                                      f"at 2n, warm-up + one run would exceed the {limit:.0f} s limit")
             if rec["status"] == "ok":
                 ref, kind = self.oracle(prov.quantity, cfg)
                 rec["quantity"] = prov.quantity
