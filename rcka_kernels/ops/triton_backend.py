@@ -71,7 +71,7 @@ def unavailable_reason() -> Optional[str]:
 
 @dataclass
 class Launch:
-    """One kernel launch: ``kernel[grid](*args.values(), **consts, num_warps=, num_stages=)``."""
+    """One kernel launch: ``kernel[grid](*args.values(), **consts, **options())``."""
 
     kernel: object
     grid: Tuple[int, ...]
@@ -80,12 +80,10 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 2
     extra: Dict[str, Tensor] = field(default_factory=dict)  # workspaces the caller reduces
-    maxnreg: Optional[int] = None  # register budget handed to ptxas (None: its own heuristic)
 
     def options(self) -> Dict[str, int]:
         opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
-        if self.maxnreg is not None:
-            opts["maxnreg"] = self.maxnreg
+        opts["maxnreg"] = MAXNREG
         return opts
 
     def run(self) -> None:
@@ -161,8 +159,7 @@ def hsic_bwd_config(n: int, d: int, dtype: torch.dtype, aligned: bool = True) ->
     bn = _clamp_p2(n, 16, min(hi, 32))
     # the backward holds K, L, their weights and two (BM, DC) accumulators: 32
     # output columns and 8 warps (4 for 16-row tiles) with the full register
-    # budget (BWD_MAXNREG; ptxas's own heuristic caps 8 warps at 128 and spills)
-    # are what compile spill-free
+    # budget are what compile spill-free
     dc = _clamp_p2(d, 16, 32)
     # fp32 dots without tf32 run on FMAs with both operands in registers: half the step
     bk = _bk(dtype, aligned and dtype != torch.float32)
@@ -177,7 +174,11 @@ def linear_fwd_config(n: int, p: int, q: int, dtype: torch.dtype) -> Tuple[int, 
     return bf, _clamp_p2(n, 16, max(16, min(hi, _bk(dtype)))), _warps(bf), 2
 
 
-BWD_MAXNREG = 255
+# Every launch may use 255 registers a thread: left to itself, ptxas caps
+# registers to fit more blocks per SM (128 for 8 warps) and then spills a few
+# bytes (seen with triton 3.6 and 3.9, sm_80 and sm_90). Occupancy is not what
+# these kernels live on: each program walks long dot loops over its tiles.
+MAXNREG = 255
 
 
 def _aligned(*ts: Tensor) -> bool:
@@ -250,7 +251,7 @@ def plan_hsic_bwd(x, y, gx, gy, gs, grx, gry, rbf: bool) -> Launch:
                 sdxg=dx.stride(0), sdxn=dx.stride(1), sdyg=dy.stride(0), sdyn=dy.stride(1), NRB=nrb)
     consts = dict(IS_RBF=rbf, BM=bm, BN=bn, BK=bk, DC=dc, ACC=_acc(x.dtype), PREC=_prec(x.dtype), PREC2=_prec2(x.dtype))
     grid = (nrb * g, _cdiv(max(p, q), dc))
-    return Launch(_k.hsic_stats_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy), BWD_MAXNREG)
+    return Launch(_k.hsic_stats_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy))
 
 
 def plan_mmd_fwd(x: Tensor, y: Tensor, gamma: Tensor) -> Launch:
@@ -280,7 +281,7 @@ def plan_mmd_bwd(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor) -> Launch:
                 sdxg=dx.stride(0), sdxn=dx.stride(1), sdyg=dy.stride(0), sdyn=dy.stride(1), NBX=nbx, NRB=nbx + nby)
     consts = dict(BM=bm, BN=bn, BK=bk, DC=dc, ACC=_acc(x.dtype), PREC=_prec(x.dtype), PREC2=_prec2(x.dtype))
     grid = ((nbx + nby) * g, _cdiv(d, dc))
-    return Launch(_k.mmd_sums_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy), BWD_MAXNREG)
+    return Launch(_k.mmd_sums_bwd_kernel, grid, args, consts, warps, stages, dict(dx=dx, dy=dy))
 
 
 def plan_linear_fwd(x: Tensor, y: Tensor) -> Launch:
