@@ -43,8 +43,9 @@ def check_tensor(fn: str, name: str, t) -> None:
         raise ValueError(f"{fn}: {name} is empty (shape {tuple(t.shape)})")
 
 
-def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int, why: str = "") -> None:
-    """Checks for a pair of sample matrices x (..., n, p), y (..., m, q)."""
+def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int, why: str = "", finite: bool = True) -> None:
+    """Checks for a pair of sample matrices x (..., n, p), y (..., m, q).
+    ``finite=False`` leaves the NaN/Inf check to the caller (see ``scan_groups``)."""
     check_tensor(fn, "x", x)
     check_tensor(fn, "y", y)
     if x.device != y.device:
@@ -64,17 +65,36 @@ def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int
     for name, t in (("x", x), ("y", y)):
         if t.shape[-2] < min_rows:
             raise ValueError(f"{fn}: {name} has {t.shape[-2]} samples; at least {min_rows} are needed{why}")
-    check_finite(fn, x, y)
+    if finite:
+        check_finite(fn, x, y)
+
+
+def _raise_non_finite(fn: str, ok: torch.Tensor) -> None:
+    if not config.check_finite or _is_compiling():
+        return
+    if not bool(ok):
+        raise ValueError(
+            f"{fn}: input contains NaN or Inf (set rcka_kernels.config.check_finite = False to skip this check)"
+        )
 
 
 def check_finite(fn: str, *tensors: torch.Tensor) -> None:
     if not config.check_finite or _is_compiling():
         return
-    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-    if not bool(ok):
-        raise ValueError(
-            f"{fn}: input contains NaN or Inf (set rcka_kernels.config.check_finite = False to skip this check)"
-        )
+    _raise_non_finite(fn, torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def scan_groups(fn: str, *groups: torch.Tensor):
+    """One pass over each (G, n, p) group batch: the column minima and maxima give
+    both the NaN/Inf check (they propagate NaN and hold any Inf) and, per group,
+    whether all rows are equal (min == max in every column). Returns the flags."""
+    flags, ok = [], []
+    for t in groups:
+        mn, mx = torch.aminmax(t, dim=1)
+        flags.append((mn == mx).all(-1))
+        ok.append(torch.isfinite(mn).all() & torch.isfinite(mx).all())
+    _raise_non_finite(fn, torch.stack(ok).all())
+    return flags
 
 
 def check_kernel(fn: str, kernel: str, sigma) -> None:

@@ -46,11 +46,6 @@ def _as_groups(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
 
 
-def _is_constant(x3: Tensor) -> Tensor:
-    """(G,) True where all rows of a group are identical."""
-    return (x3 == x3[:, :1]).flatten(1).all(-1)
-
-
 def _center(x3: Tensor) -> Tensor:
     """Subtract the column means (computed in the compute dtype); any residual shift is harmless."""
     mean = x3.mean(1, keepdim=True, dtype=compute_dtype(x3.dtype))
@@ -61,8 +56,8 @@ def _gamma(x3: Tensor, sigma: Sigma) -> Tensor:
     return 0.5 / _bandwidth.sigma2(x3, "median" if sigma is None else sigma)
 
 
-def _prepare(fn, x, y, kernel, sigma, backend, *, same_rows, same_cols, min_rows, why=""):
-    _validate.check_pair(fn, x, y, same_rows=same_rows, same_cols=same_cols, min_rows=min_rows, why=why)
+def _prepare(fn, x, y, kernel, sigma, backend, *, same_rows, same_cols, min_rows, why="", finite=True):
+    _validate.check_pair(fn, x, y, same_rows=same_rows, same_cols=same_cols, min_rows=min_rows, why=why, finite=finite)
     _validate.check_kernel(fn, kernel, sigma)
     _validate.check_sigma_tensor(fn, sigma, x.shape[:-2], x.device)
     return _dispatch.resolve(backend, x.device)
@@ -94,14 +89,18 @@ def _hsic_terms(x3: Tensor, y3: Tensor, kernel: str, sigma: Sigma, debiased: boo
     n = x3.shape[1]
     xc, yc = _center(x3), _center(y3)
     if kernel == "linear":
-        s = _ops.linear_stats(xc, yc, backend)
+        s, _ = _ops.linear_stats(xc, yc, backend)
         cd = compute_dtype(x3.dtype)
         xd, yd = xc.to(cd), yc.to(cd)
-        dx, dy = (xd * xd).sum(-1).double(), (yd * yd).sum(-1).double()
         # row sums K 1 = X (X^T 1): zero up to the residual of the centring, kept exact here
-        rx = (xd @ xd.sum(1)[:, :, None])[..., 0].double() - dx
-        ry = (yd @ yd.sum(1)[:, :, None])[..., 0].double() - dy
-        s = s - torch.stack([(dx * dy).sum(-1), (dx * dx).sum(-1), (dy * dy).sum(-1)], -1)
+        rx = (xd @ xd.sum(1)[:, :, None])[..., 0].double()
+        ry = (yd @ yd.sum(1)[:, :, None])[..., 0].double()
+        if debiased:  # move the diagonal out of the sums, as the contract's RBF sums have it
+            dx, dy = (xd * xd).sum(-1).double(), (yd * yd).sum(-1).double()
+            rx, ry = rx - dx, ry - dy
+            s = s - torch.stack([(dx * dy).sum(-1), (dx * dx).sum(-1), (dy * dy).sum(-1)], -1)
+        else:  # the biased formula only needs full sums: a zero "diagonal" keeps them whole
+            dx = dy = torch.zeros_like(rx)
     else:
         s, rx, ry = _ops.rbf_stats(xc, yc, _gamma(x3, sigma), _gamma(y3, sigma), backend)
         rx, ry = rx.double(), ry.double()
@@ -134,12 +133,13 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     Returns shape ``x.shape[:-2]``.
     """
     m, why = _min_rows(debiased)
-    name = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why)
+    name = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
+    x3, y3 = _as_groups(x), _as_groups(y)
+    cx, cy = _validate.scan_groups("hsic", x3, y3)
     if name == "reference":
         return reference.hsic(x, y, kernel, sigma, debiased).to(_out_dtype(x))
-    x3, y3 = _as_groups(x), _as_groups(y)
     hxy, _, _ = _hsic_terms(x3, y3, kernel, sigma, debiased, name)
-    hxy = torch.where(_is_constant(x3) | _is_constant(y3), torch.zeros_like(hxy), hxy)
+    hxy = torch.where(cx | cy, torch.zeros_like(hxy), hxy)
     return hxy.to(_out_dtype(x)).reshape(x.shape[:-2])
 
 
@@ -152,12 +152,13 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, de
     is cheaper; RBF CKA streams over blocks of the Gram matrices.
     """
     m, why = _min_rows(debiased)
-    name = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why)
+    name = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
+    x3, y3 = _as_groups(x), _as_groups(y)
+    cx, cy = _validate.scan_groups("cka", x3, y3)
     if name == "reference":
         return reference.cka(x, y, kernel, sigma, debiased).to(_out_dtype(x))
-    x3, y3 = _as_groups(x), _as_groups(y)
     hxy, hxx, hyy = _hsic_terms(x3, y3, kernel, sigma, debiased, name)
-    out = _cka_from_terms(hxy, hxx, hyy, _is_constant(x3) | _is_constant(y3))
+    out = _cka_from_terms(hxy, hxx, hyy, cx | cy)
     return out.to(_out_dtype(x)).reshape(x.shape[:-2])
 
 
@@ -172,7 +173,7 @@ def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:
 def _raw_stats(x3, y3, kernel, sigma, backend):
     """Uncentred sum K∘L, sum K∘K, sum L∘L and totals 1^T K 1, 1^T L 1 (float64)."""
     if kernel == "linear":
-        s = _ops.linear_stats(x3, y3, backend)
+        s, _ = _ops.linear_stats(x3, y3, backend)
         tx = (x3.double().sum(1) ** 2).sum(-1)
         ty = (y3.double().sum(1) ** 2).sum(-1)
         return s, tx, ty
@@ -190,13 +191,14 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     1 - tr(K L) / (|K|_F |L|_F), the uncentred alignment of the official RCKA code.
     It bounds ``mmd_upper_bound`` from above. Shapes as ``cka``.
     """
-    name = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2)
+    name = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2, finite=False)
+    x3, y3 = _as_groups(x), _as_groups(y)
+    cx, cy = _validate.scan_groups("gram_discrepancy", x3, y3)
     if name == "reference":
         return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(_out_dtype(x))
-    x3, y3 = _as_groups(x), _as_groups(y)
     if centered:
         hxy, hxx, hyy = _hsic_terms(x3, y3, kernel, sigma, False, name)
-        out = 1.0 - _cka_from_terms(hxy, hxx, hyy, _is_constant(x3) | _is_constant(y3))
+        out = 1.0 - _cka_from_terms(hxy, hxx, hyy, cx | cy)
     else:
         s, _, _ = _raw_stats(x3, y3, kernel, sigma, name)
         ok = (s[:, 1] > 0) & (s[:, 2] > 0)

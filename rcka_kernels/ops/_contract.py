@@ -25,6 +25,10 @@ Functions
   ``S[:, 2] = |Y^T Y|_F^2`` (= sum_ij K_ij L_ij, sum K_ij^2, sum L_ij^2 for K = X X^T).
 - ``linear_stats_backward(x, y, g) -> (dx, dy)``: vector-Jacobian product for
   ``g`` (G, 3) float64.
+- Optional: a backend that keeps O(p q) statistics from forward for backward
+  defines ``linear_saved_shape(G, p, q, n) -> shape``; its ``linear_stats``
+  then returns ``(S, saved)`` and its backward is called as
+  ``linear_stats_backward(x, y, g, saved)``.
 - ``rbf_stats(x, y, gamma_x, gamma_y) -> (S, rx, ry)``: ``S`` as above for the
   RBF Grams K, L but over i != j; ``rx_i = sum_{j != i} K_ij``, ``ry`` likewise (G, n).
 - ``rbf_stats_backward(x, y, gamma_x, gamma_y, gS, grx, gry) -> (dx, dy)``.

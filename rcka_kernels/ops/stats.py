@@ -25,36 +25,51 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------- linear
 
 
+def _saved_shape(backend: str, x: Tensor, y: Tensor):
+    """Shape of what a backend keeps from forward for backward (empty if it recomputes)."""
+    fn = getattr(_dispatch.kernels(backend), "linear_saved_shape", None)
+    return (0,) if fn is None else tuple(fn(x.shape[0], x.shape[2], y.shape[2], x.shape[1]))
+
+
 @torch.library.custom_op("rcka::linear_stats", mutates_args=())
-def linear_stats(x: Tensor, y: Tensor, backend: str) -> Tensor:
-    """(G, 3) float64: |X^T Y|_F^2, |X^T X|_F^2, |Y^T Y|_F^2."""
-    return _dispatch.kernels(backend).linear_stats(x, y)
+def linear_stats(x: Tensor, y: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """(S (G, 3) float64: |X^T Y|_F^2, |X^T X|_F^2, |Y^T Y|_F^2; what backward needs)."""
+    k = _dispatch.kernels(backend)
+    out = k.linear_stats(x, y)
+    if isinstance(out, tuple):
+        if hasattr(k, "linear_saved_shape"):
+            return out
+        out = out[0]
+    return out, x.new_empty((0,), dtype=_stat_dtype(x))
 
 
 @linear_stats.register_fake
 def _(x, y, backend):
-    return x.new_empty((x.shape[0], 3), dtype=torch.float64)
+    return x.new_empty((x.shape[0], 3), dtype=torch.float64), x.new_empty(_saved_shape(backend, x, y), dtype=_stat_dtype(x))
 
 
 @torch.library.custom_op("rcka::linear_stats_backward", mutates_args=())
-def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    return _dispatch.kernels(backend).linear_stats_backward(x, y, g)
+def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor, saved: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    k = _dispatch.kernels(backend)
+    if hasattr(k, "linear_saved_shape"):
+        return tuple(k.linear_stats_backward(x, y, g, saved))
+    return tuple(k.linear_stats_backward(x, y, g))
 
 
 @linear_stats_backward.register_fake
-def _(x, y, g, backend):
+def _(x, y, g, saved, backend):
     return torch.empty_like(x), torch.empty_like(y)
 
 
 def _linear_setup(ctx, inputs, output):
     x, y, backend = inputs
-    ctx.save_for_backward(x, y)
+    ctx.save_for_backward(x, y, output[1])
     ctx.backend = backend
 
 
-def _linear_backward(ctx, g):
-    x, y = ctx.saved_tensors
-    dx, dy = linear_stats_backward(x, y, g.contiguous(), ctx.backend)
+def _linear_backward(ctx, g, _):
+    x, y, saved = ctx.saved_tensors
+    dx, dy = linear_stats_backward(x, y, g.contiguous(), saved, ctx.backend)
     return dx, dy, None
 
 

@@ -67,30 +67,48 @@ def _use_feature_space(n: int, p: int, q: int) -> bool:
     return p + q <= n
 
 
-def linear_stats(x: Tensor, y: Tensor) -> Tensor:
+def linear_saved_shape(g: int, p: int, q: int, n: int):
+    """Feature space keeps X^T Y, X^T X, Y^T Y (packed) so backward needs no GEMM
+    of forward again; sample space keeps nothing (its n x n Grams are recomputed)."""
+    return (g, p * q + p * p + q * q) if _use_feature_space(n, p, q) else (0,)
+
+
+def _unpack(saved: Tensor, p: int, q: int):
+    g = saved.shape[0]
+    a = saved[:, : p * q].view(g, p, q)
+    cx = saved[:, p * q : p * q + p * p].view(g, p, p)
+    cy = saved[:, p * q + p * p :].view(g, q, q)
+    return a, cx, cy
+
+
+def linear_stats(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     cd = compute_dtype(x.dtype)
     x, y = x.to(cd), y.to(cd)
-    n, p, q = x.shape[1], x.shape[2], y.shape[2]
+    g, n, p, q = x.shape[0], x.shape[1], x.shape[2], y.shape[2]
     if _use_feature_space(n, p, q):
-        a = x.transpose(1, 2) @ y
-        cx = x.transpose(1, 2) @ x
-        cy = y.transpose(1, 2) @ y
-    else:
-        a = x @ x.transpose(1, 2)
-        cx, cy = a, y @ y.transpose(1, 2)
-        return torch.stack([_dot(cx, cy), _dot(cx, cx), _dot(cy, cy)], -1)
-    return torch.stack([_dot(a, a), _dot(cx, cx), _dot(cy, cy)], -1)
+        saved = torch.empty(g, p * q + p * p + q * q, dtype=cd, device=x.device)
+        a, cx, cy = _unpack(saved, p, q)
+        torch.bmm(x.transpose(1, 2), y, out=a)
+        torch.bmm(x.transpose(1, 2), x, out=cx)
+        torch.bmm(y.transpose(1, 2), y, out=cy)
+        return torch.stack([_dot(a, a), _dot(cx, cx), _dot(cy, cy)], -1), saved
+    k = x @ x.transpose(1, 2)
+    l = y @ y.transpose(1, 2)
+    return torch.stack([_dot(k, l), _dot(k, k), _dot(l, l)], -1), x.new_empty((0,))
 
 
-def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
+def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor, saved: Tensor = None) -> Tuple[Tensor, Tensor]:
     cd = compute_dtype(x.dtype)
     xd, yd = x.to(cd), y.to(cd)
     gxy, gxx, gyy = (g[:, i, None, None].to(cd) for i in range(3))
     n, p, q = x.shape[1], x.shape[2], y.shape[2]
     if _use_feature_space(n, p, q):
-        a = xd.transpose(1, 2) @ yd
-        dx = (2 * gxy) * (yd @ a.transpose(1, 2)) + (4 * gxx) * (xd @ (xd.transpose(1, 2) @ xd))
-        dy = (2 * gxy) * (xd @ a) + (4 * gyy) * (yd @ (yd.transpose(1, 2) @ yd))
+        if saved is None or not saved.numel():
+            saved = linear_stats(xd, yd)[1]
+        a, cx, cy = _unpack(saved, p, q)
+        # scale the small p x q, p x p factors, not the n x p products; two GEMMs into one output
+        dx = torch.baddbmm(yd @ ((2 * gxy) * a.transpose(1, 2)), xd, (4 * gxx) * cx)
+        dy = torch.baddbmm(xd @ ((2 * gxy) * a), yd, (4 * gyy) * cy)
     else:
         k = xd @ xd.transpose(1, 2)
         l = yd @ yd.transpose(1, 2)
