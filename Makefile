@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test bench bench-quick gpu-check clean
 
-$(STAMP): pyproject.toml setup.py
+# pip builds the optional CUDA library (csrc/) when nvcc is found; a change there rebuilds it.
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -17,11 +18,24 @@ $(STAMP): pyproject.toml setup.py
 
 setup: $(STAMP)
 
+# naive CKA losses vs rcka-kernels (values, time, memory), then a short distillation on digits
 demo: $(STAMP)
 	$(PY) examples/demo.py
+	$(PY) -m rcka_kernels.distill --epochs 8 --teacher-epochs 10 --no-progress --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks.run_all --quick
+
+# on a machine with an NVIDIA GPU: build, the whole suite on CUDA tensors, GPU benchmarks, tagged results
+# (gpu_check.py installs with `pip install --no-build-isolation --no-deps -e .` into the machine's own Python)
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info runs
