@@ -1,6 +1,9 @@
-"""Runs the interpreter suite (tests/test_triton_interp.py) in a subprocess with
-TRITON_INTERPRET=1, which must be set before triton is imported."""
+"""The Triton backend from the outside: the interpreter suite
+(tests/test_triton_interp.py) run in a subprocess with TRITON_INTERPRET=1, which
+must be set before triton is imported, and the backend's behaviour when triton
+cannot be imported at all."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter suite runs in this session directly")
 def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -23,3 +25,28 @@ def test_interpreter_suite():
     )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and "no tests ran" not in proc.stdout
+
+
+def test_without_triton_the_backend_is_unavailable_with_a_reason():
+    code = """
+import sys
+sys.modules["triton"] = None  # as if triton were not installed
+import torch, rcka_kernels as rk
+from rcka_kernels.ops import triton_backend
+reason = triton_backend.unavailable_reason()
+assert reason and "triton" in reason, reason
+st = rk.available_backends()["triton"]
+assert not st.available and "triton" in st.reason, st
+x = torch.randn(10, 3)
+assert rk.cka(x, x, backend="auto").item() > 0.99  # falls back to torch
+try:
+    rk.cka(x, x, backend="triton")
+except RuntimeError as e:
+    assert "triton" in str(e)
+else:
+    raise AssertionError("backend='triton' ran without triton")
+"""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -189,3 +189,20 @@ def test_torch_compile_fullgraph_traces():
     torch.testing.assert_close(out, f(x, y))
     out.sum().backward()
     assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+def test_empty_batch_of_groups():
+    """G = 0 (an empty leading batch) launches nothing and returns empty results, as the torch backend does."""
+    x, y, z = torch.randn(0, 5, 3), torch.randn(0, 5, 2), torch.randn(0, 4, 3)
+    gam, gs, r = torch.ones(0), torch.ones(0, 3, dtype=torch.float64), torch.ones(0, 5)
+    for name, args in [
+        ("linear_stats", (x, y)),
+        ("linear_stats_backward", (x, y, gs)),
+        ("rbf_stats", (x, y, gam, gam)),
+        ("rbf_stats_backward", (x, y, gam, gam, gs, r, r)),
+        ("rbf_mmd_sums", (x, z, gam)),
+        ("rbf_mmd_sums_backward", (x, z, gam, gs)),
+    ]:
+        got, want = getattr(triton_backend, name)(*args), getattr(torch_backend, name)(*args)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]

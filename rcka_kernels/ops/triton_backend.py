@@ -355,7 +355,7 @@ def rbf_stats(x: Tensor, y: Tensor, gamma_x: Tensor, gamma_y: Tensor) -> Tuple[T
     launch.run()
     s = launch.extra["s"].sum(1, dtype=torch.float64)
     w = launch.extra["w"]
-    r = w.sum(3, dtype=torch.float64).reshape(g, 2, -1)[:, :, :n]
+    r = w.sum(3, dtype=torch.float64).reshape(g, 2, w.shape[2] * w.shape[4])[:, :, :n]
     # two fresh tensors: custom-op outputs may not alias each other
     return s, r[:, 0].to(cd, copy=True), r[:, 1].to(cd, copy=True)
 
