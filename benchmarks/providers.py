@@ -294,7 +294,7 @@ def registry() -> dict:
             continue
         P[f"rcka[{b}]"] = Provider(f"rcka[{b}]", "cka", _rcka_cka(b), _only(op="cka"))
         P[f"rcka-official[{b}]"] = Provider(
-            f"rcka-official[{b}]", "official", _rcka_official(b), _only(op="cka", kernel="linear"),
+            f"rcka-official[{b}]", "official", _rcka_official(b), _only(op="cka", kernel="linear", debiased=False),
             note="1 - gram_discrepancy(centered=False): the official alignment, computed by rcka_kernels")
         P[f"rcka-mmd[{b}]"] = Provider(f"rcka-mmd[{b}]", "mmd", _rcka_mmd(b), _only(op="mmd"))
         P[f"RCKALoss[{b}]"] = Provider(f"RCKALoss[{b}]", "rcka", _rcka_loss(b, False), _only(op="rcka"),
@@ -307,7 +307,7 @@ def registry() -> dict:
                                                 note="PCKALoss(official=True)")
     P["official"] = Provider(
         "official", "official", lambda c, x, y: (lambda: _groups(naive.official_alignment)(x, y)),
-        _only(op="cka", kernel="linear"), note="official RCKA CenterKernelAlignment transcribed (n x n Grams, traces of n x n products)")
+        _only(op="cka", kernel="linear", debiased=False), note="official RCKA CenterKernelAlignment transcribed (n x n Grams, traces of n x n products)")
     P["textbook"] = Provider(
         "textbook", "cka", lambda c, x, y: (lambda: _groups(naive.textbook_cka)(x, y, c["kernel"], _sigma2(c))),
         _only(op="cka", debiased=False), note="explicit H = I - 11^T/n, tr(KHLH)")
