@@ -471,7 +471,11 @@ def markdown(meta: dict, records: Iterable[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: List[dict], path: Path, title: str, series_key=lambda r: r["provider"], xlabel: str = "n (samples)") -> Optional[Path]:
+def _series(r: dict) -> str:
+    return r["provider"] + (" (fwd only)" if r.get("mode") == "fwd" else "")
+
+
+def plot(records: List[dict], path: Path, title: str, series_key=_series, xlabel: str = "n (samples)") -> Optional[Path]:
     """Log-log time vs n and extra memory vs n, one line per series (memory below
     64 KiB, the page-level noise of an RSS measurement, is drawn at 64 KiB)."""
     import matplotlib
