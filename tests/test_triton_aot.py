@@ -18,8 +18,9 @@ from ._triton_aot import SHARED_LIMIT, compile_launch, resource_usage, signature
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # sizes that reach every branch of the block-size tables: n, m rows, p, q features
-# (16, 32, 64-row tiles; row strides that are and are not multiples of 16)
-SIZES = [(10, 12, 3, 5), (20, 30, 32, 16), (1000, 900, 96, 64), (1000, 900, 300, 20)]
+# (16, 32, 64-row tiles; 32, 64, 128-column backward chunks; row strides that
+# are and are not multiples of 16)
+SIZES = [(10, 12, 3, 5), (20, 30, 32, 16), (1000, 900, 64, 48), (1000, 900, 192, 128), (1000, 900, 300, 20)]
 
 
 def _meta(*shape, dtype):

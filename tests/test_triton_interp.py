@@ -25,8 +25,9 @@ from rcka_kernels.ops import torch_backend, triton_backend  # noqa: E402
 
 from .utils import TOL, assert_close  # noqa: E402
 
-# (n, p, q): n < tile, n not a multiple of the tile, p = 1, p != q, both linear paths
-SHAPES = [(4, 1, 1), (5, 3, 2), (7, 1, 9), (33, 17, 5), (33, 40, 48), (70, 6, 3)]
+# (n, p, q): n < tile, n not a multiple of the tile, p = 1, p != q, both linear paths,
+# features wider than 64 (the backward's 128-column chunks on 32-row blocks)
+SHAPES = [(4, 1, 1), (5, 3, 2), (7, 1, 9), (33, 17, 5), (33, 40, 48), (70, 6, 3), (40, 80, 12)]
 KERNELS = [("linear", None), ("rbf", None), ("rbf", "mean")]
 
 

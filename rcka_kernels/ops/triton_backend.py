@@ -154,14 +154,18 @@ def hsic_fwd_config(n: int, dtype: torch.dtype, aligned: bool = True) -> Tuple[i
 
 
 def hsic_bwd_config(n: int, d: int, dtype: torch.dtype, aligned: bool = True) -> Tuple[int, int, int, int, int, int]:
-    """(BM, BN, BK, DC, num_warps, num_stages) of the backward kernels; d = widest output."""
+    """(BM, BN, BK, DC, num_warps, num_stages) of the backward kernels; d = widest output.
+
+    A program owns BM output rows and DC output columns and recomputes the K, L
+    tiles it needs, so every extra column chunk repeats the Gram work: wide
+    features get wide chunks (128) on 32-row blocks; up to 64 features, one chunk
+    on 64-row blocks."""
     hi = _max_block(dtype)
     bm = _clamp_p2(n, 16, hi)
     bn = _clamp_p2(n, 16, min(hi, 32))
-    # the backward holds K, L, their weights and two (BM, DC) accumulators: 32
-    # output columns and 8 warps (4 for 16-row tiles) with the full register
-    # budget are what compile spill-free
-    dc = _clamp_p2(d, 16, 32)
+    dc = _clamp_p2(d, 16, min(hi, 64))
+    if d > 64 and dtype != torch.float64:
+        bm, dc = min(bm, 32), 128
     # fp32 dots without tf32 run on FMAs with both operands in registers: half the step
     bk = _bk(dtype, aligned and dtype != torch.float32)
     return bm, bn, bk, dc, (4 if bm <= 16 else 8), 2
