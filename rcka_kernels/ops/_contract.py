@@ -26,8 +26,9 @@ Functions
 - ``linear_stats_backward(x, y, g) -> (dx, dy)``: vector-Jacobian product for
   ``g`` (G, 3) float64.
 - Optional: a backend that keeps O(p q) statistics from forward for backward
-  defines ``linear_saved_shape(G, p, q, n) -> shape``; its ``linear_stats``
-  then returns ``(S, saved)`` and its backward is called as
+  defines ``linear_saved_shape(G, p, q, n) -> shape`` and
+  ``linear_stats_saving(x, y) -> (S, saved)``, which the custom op then calls
+  instead of ``linear_stats``; its backward is called as
   ``linear_stats_backward(x, y, g, saved)``.
 - ``rbf_stats(x, y, gamma_x, gamma_y) -> (S, rx, ry)``: ``S`` as above for the
   RBF Grams K, L but over i != j; ``rx_i = sum_{j != i} K_ij``, ``ry`` likewise (G, n).

@@ -35,12 +35,9 @@ def _saved_shape(backend: str, x: Tensor, y: Tensor):
 def linear_stats(x: Tensor, y: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """(S (G, 3) float64: |X^T Y|_F^2, |X^T X|_F^2, |Y^T Y|_F^2; what backward needs)."""
     k = _dispatch.kernels(backend)
-    out = k.linear_stats(x, y)
-    if isinstance(out, tuple):
-        if hasattr(k, "linear_saved_shape"):
-            return out
-        out = out[0]
-    return out, x.new_empty((0,), dtype=_stat_dtype(x))
+    if hasattr(k, "linear_saved_shape"):
+        return tuple(k.linear_stats_saving(x, y))
+    return k.linear_stats(x, y), x.new_empty((0,), dtype=_stat_dtype(x))
 
 
 @linear_stats.register_fake

@@ -81,7 +81,12 @@ def _unpack(saved: Tensor, p: int, q: int):
     return a, cx, cy
 
 
-def linear_stats(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+def linear_stats(x: Tensor, y: Tensor) -> Tensor:
+    return linear_stats_saving(x, y)[0]
+
+
+def linear_stats_saving(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    """(S, saved): the statistics and what backward reuses (see linear_saved_shape)."""
     cd = compute_dtype(x.dtype)
     x, y = x.to(cd), y.to(cd)
     g, n, p, q = x.shape[0], x.shape[1], x.shape[2], y.shape[2]
@@ -104,7 +109,7 @@ def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor, saved: Tensor = None)
     n, p, q = x.shape[1], x.shape[2], y.shape[2]
     if _use_feature_space(n, p, q):
         if saved is None or not saved.numel():
-            saved = linear_stats(xd, yd)[1]
+            saved = linear_stats_saving(xd, yd)[1]
         a, cx, cy = _unpack(saved, p, q)
         # scale the small p x q, p x p factors, not the n x p products; two GEMMs into one output
         dx = torch.baddbmm(yd @ ((2 * gxy) * a.transpose(1, 2)), xd, (4 * gxx) * cx)
