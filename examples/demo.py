@@ -99,7 +99,7 @@ def main(argv=None):
     print("alignment tr(KL)/(|K||L|) for the official rows: a different quantity (no centring), compared with")
     print("rcka_kernels.reference.official_alignment. 'vs rcka': time and extra-memory ratios of the naive code")
     print("over rcka_kernels computing the same value (CKA rows: cka_loss; official rows: its same-definition row).")
-    print("The mean-centred naive recipe loses digits in float32 as n grows (centring n^2 positive RBF entries);")
+    print("The mean-centred naive recipe loses digits in float32 as n grows (it centres n x n Grams in float32);")
     print("rcka_kernels accumulates in float32 blocks and float64 across blocks.")
     print(f"largest |value - float64 reference| = {max(worst):.1e}; demo took {time.perf_counter() - t_start:.0f} s.")
     return bench
