@@ -111,8 +111,30 @@ def _hsic_terms(x3: Tensor, y3: Tensor, kernel: str, sigma: Sigma, debiased: boo
     return hxy, hxx, hyy
 
 
-def _cka_from_terms(hxy, hxx, hyy, degenerate):
-    ok = (hxx > 0) & (hyy > 0) & ~degenerate
+def _cka_groups(x3, y3, kernel, sigma, debiased, backend, degenerate):
+    """CKA per group. The linear self-terms are compared with the compute dtype's
+    range after dividing by their natural scale (mean |x_i - mean x|^2)^2; the RBF
+    Gram has a unit diagonal, so its scale is 1."""
+    hxy, hxx, hyy = _hsic_terms(x3, y3, kernel, sigma, debiased, backend)
+    if kernel == "linear":
+        cd = compute_dtype(x3.dtype)
+        with torch.no_grad():
+            sx = _center(x3).to(cd).pow(2).sum(-1).mean(-1).double() ** 2
+            sy = _center(y3).to(cd).pow(2).sum(-1).mean(-1).double() ** 2
+        sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+        sy = torch.where(sy > 0, sy, torch.ones_like(sy))
+        hxy, hxx, hyy = hxy / torch.sqrt(sx * sy), hxx / sx, hyy / sy
+    return _cka_from_terms(hxy, hxx, hyy, degenerate, compute_dtype(x3.dtype))
+
+
+def _cka_from_terms(hxy, hxx, hyy, degenerate, dtype=torch.float64):
+    """CKA from the three HSIC terms; 0 where an input is degenerate or a self-term
+    is too small for its gradient to be represented in ``dtype`` (the backends'
+    compute dtype): d CKA / d S grows like HSIC(K,K)^(-3/2), which overflows
+    float32 when K is numerically the identity (e.g. an RBF bandwidth far below
+    the distances) although CKA itself is then meaningless."""
+    tiny = torch.finfo(dtype).tiny
+    ok = (hxx > tiny) & (hyy > tiny) & ~degenerate
     safe = torch.where(ok, hxx * hyy, torch.ones_like(hxx))
     # NaN in any term (unchecked non-finite input) stays NaN instead of becoming 0
     return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy)) + 0.0 * (hxy + hxx + hyy)
@@ -157,8 +179,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, de
     cx, cy = _validate.scan_groups("cka", x3, y3)
     if name == "reference":
         return reference.cka(x, y, kernel, sigma, debiased).to(_out_dtype(x))
-    hxy, hxx, hyy = _hsic_terms(x3, y3, kernel, sigma, debiased, name)
-    out = _cka_from_terms(hxy, hxx, hyy, cx | cy)
+    out = _cka_groups(x3, y3, kernel, sigma, debiased, name, cx | cy)
     return out.to(_out_dtype(x)).reshape(x.shape[:-2])
 
 
@@ -197,8 +218,7 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     if name == "reference":
         return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(_out_dtype(x))
     if centered:
-        hxy, hxx, hyy = _hsic_terms(x3, y3, kernel, sigma, False, name)
-        out = 1.0 - _cka_from_terms(hxy, hxx, hyy, cx | cy)
+        out = 1.0 - _cka_groups(x3, y3, kernel, sigma, False, name, cx | cy)
     else:
         s, _, _ = _raw_stats(x3, y3, kernel, sigma, name)
         ok = (s[:, 1] > 0) & (s[:, 2] > 0)

@@ -230,3 +230,20 @@ def test_torch_compile_traces_without_graph_breaks(kernel, sigma):
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(a.grad, a2.grad)
     assert math.isfinite(out.item())
+
+
+@pytest.mark.parametrize("sigma", [1.8, 1.85])
+def test_rbf_self_terms_below_float32_range_give_zero_not_nan(sigma):
+    """Off-diagonal RBF entries near 1e-20 (bandwidth far below the distances) put
+    the debiased HSIC(K, K) below float32's smallest normal number: d CKA / d S
+    would overflow float32 in the backends (NaN gradients). Documented value: 0."""
+    x = torch.randn(20, 200).requires_grad_()
+    y = torch.randn(20, 200).requires_grad_()
+    v = rk.cka(x, y, kernel="rbf", sigma=sigma, debiased=True)
+    v.backward()
+    assert v.item() == 0.0
+    assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    # float64 has the range: there the value is the reference's
+    xd, yd = x.detach().double(), y.detach().double()
+    torch.testing.assert_close(rk.cka(xd, yd, kernel="rbf", sigma=sigma, debiased=True),
+                               reference.cka(xd, yd, "rbf", sigma, True), rtol=1e-8, atol=0)
