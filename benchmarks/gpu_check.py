@@ -10,7 +10,8 @@ benchmarks/results/. Without a GPU it stops at once with exit code 2.
 Steps (each logged; a failing step does not stop the later ones, the exit code
 is non-zero if any failed):
  1. ``pip install --no-build-isolation --no-deps -e .`` (builds csrc/ where nvcc exists)
- 2. ``pytest tests`` with RCKA_TEST_DEVICES=cpu,cuda -> results/gpu_tests_<gpu>.json
+ 2. ``pytest tests`` with RCKA_TEST_DEVICES=cpu,cuda -> results/gpu_tests_<gpu>.json,
+    then compute-sanitizer memcheck and racecheck over the CUDA backend's contract tests
  3. bench_vs_naive, bench_peers, bench_mmd, bench_losses on cuda, and the full
     bench_scaling sweep (n 128..65536, p in 64..4096, linear/RBF, biased/debiased,
     float32/bfloat16) -> results/*_<gpu>_cuda.{json,md,png}
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +103,18 @@ def main(argv=None) -> int:
     (results / f"gpu_tests_{slug}.json").write_text(json.dumps(
         {"meta": env_info("cuda"), "exit_code": rc, "summary": summary[-1] if summary else None,
          "tail": _step.tails["tests on cpu + cuda"]}, indent=1))
+
+    # compute-sanitizer memcheck and racecheck over the CUDA backend's parity tests (small shapes)
+    sanitizer = shutil.which("compute-sanitizer")
+    for tool in ("memcheck", "racecheck"):
+        if sanitizer is None:
+            print(f"compute-sanitizer not found: {tool} not run", flush=True)
+            failed.append(f"{tool} (no compute-sanitizer)")
+            continue
+        cmd = [sanitizer, "--tool", tool, "--error-exitcode", "3", py, "-m", "pytest", "-q", "-x",
+               "tests/test_cuda_parity.py", "-k", "contract"]
+        if _step(f"compute-sanitizer {tool}", cmd, log, env=dict(os.environ, RCKA_REQUIRE_CUDA="1")):
+            failed.append(tool)
 
     if not args.no_bench:
         tag = ["--tag", slug]
