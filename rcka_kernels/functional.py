@@ -327,6 +327,15 @@ def centered_gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, deb
     name = _check_single("centered_gram", x, kernel, sigma, backend, 4 if debiased else 1)
     if name == "reference":
         return reference.centered_gram(x, kernel, sigma, debiased).to(_out_dtype(x))
+    if hasattr(_dispatch.kernels(name), "centered_gram"):
+        # one fused pass over the tiles (the backend's kernel); torch autograd in backward
+        x3 = _as_groups(x)
+        if kernel == "rbf":
+            gamma = _gamma(x3, sigma)
+        else:
+            gamma = torch.zeros(x3.shape[0], dtype=compute_dtype(x3.dtype), device=x3.device)
+        k = _ops.centered_gram(x3, gamma.to(compute_dtype(x3.dtype)), kernel, debiased, name)
+        return k.to(_out_dtype(x)).reshape(*x.shape[:-1], x.shape[-2])
     k = _gram3(_as_groups(x), kernel, sigma)
     n = k.shape[-1]
     if debiased:

@@ -1,5 +1,5 @@
-"""The Triton backend from the outside: the interpreter suite
-(tests/test_triton_interp.py) run in a subprocess with TRITON_INTERPRET=1, which
+"""The Triton backend from the outside: the interpreter suites
+(tests/test_triton_interp.py, tests/test_triton_centered_gram.py) run in a subprocess with TRITON_INTERPRET=1, which
 must be set before triton is imported, and the backend's behaviour when triton
 cannot be imported at all."""
 
@@ -20,7 +20,8 @@ def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("RCKA_TRITON_MAX_BLOCK", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_interp.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_interp.py",
+         "tests/test_triton_centered_gram.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]

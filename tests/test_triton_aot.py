@@ -54,6 +54,26 @@ def _launches():
                         out.setdefault(key, launch)
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = old
+    # the fused centered_gram: a few configurations (64-row fp32 tiles with and
+    # without tf32, both kernels and modes; small n; fp16 and fp64)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for dtype, n, p, tf32, rbf, deb in [
+            (torch.float32, 1000, 64, False, True, False), (torch.float32, 1000, 64, False, True, True),
+            (torch.float32, 1000, 64, False, False, False), (torch.float32, 1000, 300, True, False, True),
+            (torch.float32, 20, 3, False, True, True), (torch.float16, 1000, 64, False, True, False),
+            (torch.float64, 1000, 64, False, True, True),
+        ]:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            cd = torch.float64 if dtype == torch.float64 else torch.float32
+            launch = tb.plan_centered_gram(_meta(1, n, p, dtype=dtype), _meta(1, dtype=cd), _meta(1, n, dtype=cd),
+                                           _meta(1, dtype=cd), rbf, deb)
+            sig, consts = signature(launch)
+            key = (launch.kernel.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in consts.items()),
+                   launch.num_warps, launch.num_stages)
+            out.setdefault(key, launch)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
     return out
 
 

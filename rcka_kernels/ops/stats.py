@@ -158,3 +158,59 @@ def _mmd_backward(ctx, gs):
 
 
 rbf_mmd_sums.register_autograd(_mmd_backward, setup_context=_mmd_setup)
+
+
+# ----------------------------------------------------------------------------- centred Gram (n x n)
+
+
+@torch.library.custom_op("rcka::centered_gram", mutates_args=())
+def centered_gram(x: Tensor, gamma: Tensor, kernel: str, debiased: bool, backend: str) -> Tensor:
+    """(G, n, n) centred Gram of x (G, n, p) in the compute dtype: H K H, or the
+    U-centred K (zero diagonal) if debiased. gamma (G,) is used for RBF only."""
+    return _dispatch.kernels(backend).centered_gram(x, kernel, gamma, debiased)
+
+
+@centered_gram.register_fake
+def _(x, gamma, kernel, debiased, backend):
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=_stat_dtype(x))
+
+
+def _centre_nxn(g: Tensor, debiased: bool) -> Tensor:
+    """The centring map on any (G, n, n) matrix, with row sums for rows and column
+    sums for columns, so it is its own adjoint (and equals the forward's on symmetric K)."""
+    n = g.shape[-1]
+    if not debiased:
+        return g - g.mean(-1, keepdim=True) - g.mean(-2, keepdim=True) + g.mean((-2, -1), keepdim=True)
+    eye = torch.eye(n, dtype=torch.bool, device=g.device)
+    g = g.masked_fill(eye, 0.0)
+    u = g - g.sum(-1, keepdim=True) / (n - 2) - g.sum(-2, keepdim=True) / (n - 2) + g.sum((-2, -1), keepdim=True) / ((n - 1) * (n - 2))
+    return u.masked_fill(eye, 0.0)
+
+
+def _cg_setup(ctx, inputs, output):
+    x, gamma, kernel, debiased, backend = inputs
+    ctx.save_for_backward(x, gamma)
+    ctx.kernel, ctx.debiased = kernel, debiased
+
+
+def _cg_backward(ctx, go):
+    """Centring is self-adjoint; then the kernel's chain rule with torch ops:
+    linear dX = (Gc + Gc^T) X; RBF dX = -2 gamma (rowsum(M) x - M X), M = (Gc + Gc^T) o K."""
+    x, gamma = ctx.saved_tensors
+    cd = _stat_dtype(x)
+    gc = _centre_nxn(go.to(cd), ctx.debiased)
+    s = gc + gc.transpose(-1, -2)
+    xd = x.to(cd)
+    xd = xd - xd.mean(1, keepdim=True)  # translation-invariant for both kernels (Gc has zero row sums)
+    if ctx.kernel == "linear":
+        dx = s @ xd
+    else:
+        nx = (xd * xd).sum(-1)
+        d = (nx[:, :, None] + nx[:, None, :] - 2.0 * xd @ xd.transpose(1, 2)).clamp_min(0.0)
+        m = s * torch.exp(-gamma.to(cd).reshape(-1, 1, 1) * d)
+        m = m.masked_fill(torch.eye(x.shape[1], dtype=torch.bool, device=x.device), 0.0)
+        dx = -2.0 * gamma.to(cd).reshape(-1, 1, 1) * (m.sum(-1, keepdim=True) * xd - m @ xd)
+    return dx.to(x.dtype), None, None, None, None
+
+
+centered_gram.register_autograd(_cg_backward, setup_context=_cg_setup)

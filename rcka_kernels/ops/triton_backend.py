@@ -385,3 +385,57 @@ def rbf_mmd_sums_backward(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor) -> Tu
     launch = plan_mmd_bwd(x, y, _c(gamma.to(cd)), _c(gs.to(cd)))
     launch.run()
     return launch.extra["dx"], launch.extra["dy"]
+
+
+# ----------------------------------------------------------------------------- centred Gram (n x n output)
+
+
+def plan_centered_gram(x: Tensor, gamma: Optional[Tensor], a: Tensor, c: Tensor, rbf: bool, debiased: bool) -> Launch:
+    """One pass over (group, tile) pairs writing every tile of the centred Gram;
+    a (G, n) and c (G,) are the pass-1 statistics (see centered_gram_kernel)."""
+    g, n, p = x.shape
+    cd = compute_dtype(x.dtype)
+    bm, bk, warps, stages = hsic_fwd_config(n, x.dtype, _aligned(x))
+    nb = _cdiv(n, bm)
+    out = torch.empty(g, n, n, dtype=cd, device=x.device)
+    nx = _sqnorms(x) if rbf else a
+    gam = gamma if rbf else c
+    args = dict(x_ptr=x, nx_ptr=nx, gam_ptr=gam, a_ptr=a, c_ptr=c, o_ptr=out, N=n, P=p,
+                sxg=x.stride(0), sxn=x.stride(1), sog=out.stride(0), son=out.stride(1), T=nb * nb, NB=nb)
+    consts = dict(IS_RBF=rbf, DEBIASED=debiased, BM=bm, BK=bk, ACC=_acc(x.dtype), PREC=_prec(x.dtype))
+    return Launch(_k.centered_gram_kernel, (nb * nb * g,), args, consts, warps, stages, dict(out=out))
+
+
+def centered_gram(x: Tensor, kernel: str, gamma: Tensor, debiased: bool) -> Tensor:
+    """(G, n, n) centred Gram in the compute dtype: biased H K H, or the U-centred K
+    (zero diagonal). Pass 1 gets the row sums (linear: X (X^T 1) by torch; RBF: the
+    rbf_stats kernel), pass 2 writes each tile of the result once.
+
+    x is centred first (for RBF, as every RBF path here; for linear, H X X^T H =
+    H K H and U-centring ignores row/column offsets, so the result is the same
+    with less cancellation)."""
+    cd = compute_dtype(x.dtype)
+    n = x.shape[1]
+    xc = x.to(cd)
+    xc = _c((xc - xc.mean(1, keepdim=True)).to(x.dtype))
+    rbf = kernel == "rbf"
+    if rbf:
+        gam = _c(gamma.to(cd).reshape(-1))
+        _, off, _ = rbf_stats(xc, xc, gam, gam)
+        off = off.double()
+        full = off + 1.0
+    else:
+        gam = None
+        xd = xc.double()
+        full = xd @ xd.sum(1).unsqueeze(-1)
+        full = full[..., 0]
+        off = full - (xd * xd).sum(-1)
+    if debiased:
+        a = off / (n - 2)
+        c = a.sum(-1) / (n - 1)
+    else:
+        a = full / n
+        c = a.mean(-1)
+    launch = plan_centered_gram(xc, gam, _c(a.to(cd)), _c(c.to(cd)), rbf, debiased)
+    launch.run()
+    return launch.extra["out"]

@@ -347,3 +347,45 @@ def linear_fro_fwd_kernel(
         acc = tl.dot(at, b, acc, input_precision=PREC, out_dtype=ACC)
     w = tl.where((kind > 0) & (i != j), 2.0, 1.0)
     tl.store(s_ptr + g * T + t, w * tl.sum(tl.sum(acc * acc, 1), 0))
+
+
+# ----------------------------------------------------------------------------- centred Gram
+
+
+@triton.jit
+def centered_gram_kernel(
+    x_ptr, nx_ptr, gam_ptr, a_ptr, c_ptr, o_ptr,
+    N, P, sxg, sxn, sog, son, T, NB,
+    IS_RBF: tl.constexpr, DEBIASED: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr,
+):
+    """Tile (i, j) = (t // NB, t % NB) of the centred Gram, written once, never read.
+
+    K is the linear or RBF Gram (diagonal exactly 1 for RBF); a (G, n) and c (G,)
+    come from pass 1: biased a = row means, c = their mean, out = K - a_i - a_j + c;
+    debiased (U-centring) a = off-diagonal row sums / (n - 2), c = sum a / (n - 1),
+    out = K - a_i - a_j + c off the diagonal and 0 on it."""
+    pid = tl.program_id(0)
+    t = pid % T
+    g = (pid // T).to(tl.int64)
+    i = t // NB
+    j = t % NB
+    r = tl.arange(0, BM)
+    rows = i * BM + r
+    cols = j * BM + r
+    xg = x_ptr + g * sxg
+    k = _gram_tile(xg, xg, sxn, sxn, rows, cols, N, N, P, BM, BM, BK, ACC, PREC)
+    diag = rows[:, None] == cols[None, :]
+    if IS_RBF:
+        k = _rbf_tile(k, nx_ptr + g * N, nx_ptr + g * N, tl.load(gam_ptr + g), rows, cols, N, N, True)
+        k = tl.where(diag, 1.0, k)
+    rmask = rows < N
+    cmask = cols < N
+    ai = tl.load(a_ptr + g * N + rows, mask=rmask, other=0.0)
+    aj = tl.load(a_ptr + g * N + cols, mask=cmask, other=0.0)
+    c = tl.load(c_ptr + g)
+    out = k - ai[:, None] - aj[None, :] + c
+    if DEBIASED:
+        out = tl.where(diag, 0.0, out)
+    op = o_ptr + g * sog + rows.to(tl.int64)[:, None] * son + cols[None, :]
+    tl.store(op, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
