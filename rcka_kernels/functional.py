@@ -85,18 +85,20 @@ def _hsic_from_stats(s: Tensor, ra: Tensor, rb: Tensor, da: Tensor, db: Tensor, 
 
 
 def _hsic_terms(x3: Tensor, y3: Tensor, kernel: str, sigma: Sigma, debiased: bool, backend: str):
-    """(hxy, hxx, hyy) float64, each (G,), for groups x3 (G, n, p), y3 (G, n, q)."""
+    """(hxy, hxx, hyy) float64, each (G,), for groups x3 (G, n, p), y3 (G, n, q),
+    and the Grams' natural scales (mean diagonal entry, detached: 1 for RBF)."""
     n = x3.shape[1]
     xc, yc = _center(x3), _center(y3)
     if kernel == "linear":
         s, _ = _ops.linear_stats(xc, yc, backend)
         cd = compute_dtype(x3.dtype)
         xd, yd = xc.to(cd), yc.to(cd)
+        dx, dy = (xd * xd).sum(-1).double(), (yd * yd).sum(-1).double()
+        scales = dx.detach().mean(-1), dy.detach().mean(-1)
         # row sums K 1 = X (X^T 1): zero up to the residual of the centring, kept exact here
         rx = (xd @ xd.sum(1)[:, :, None])[..., 0].double()
         ry = (yd @ yd.sum(1)[:, :, None])[..., 0].double()
         if debiased:  # move the diagonal out of the sums, as the contract's RBF sums have it
-            dx, dy = (xd * xd).sum(-1).double(), (yd * yd).sum(-1).double()
             rx, ry = rx - dx, ry - dy
             s = s - torch.stack([(dx * dy).sum(-1), (dx * dx).sum(-1), (dy * dy).sum(-1)], -1)
         else:  # the biased formula only needs full sums: a zero "diagonal" keeps them whole
@@ -105,25 +107,21 @@ def _hsic_terms(x3: Tensor, y3: Tensor, kernel: str, sigma: Sigma, debiased: boo
         s, rx, ry = _ops.rbf_stats(xc, yc, _gamma(x3, sigma), _gamma(y3, sigma), backend)
         rx, ry = rx.double(), ry.double()
         dx = dy = torch.ones_like(rx)
+        scales = dx[:, 0], dy[:, 0]
     hxy = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
     hxx = _hsic_from_stats(s[:, 1], rx, rx, dx, dx, n, debiased)
     hyy = _hsic_from_stats(s[:, 2], ry, ry, dy, dy, n, debiased)
-    return hxy, hxx, hyy
+    return hxy, hxx, hyy, scales
 
 
 def _cka_groups(x3, y3, kernel, sigma, debiased, backend, degenerate):
-    """CKA per group. The linear self-terms are compared with the compute dtype's
-    range after dividing by their natural scale (mean |x_i - mean x|^2)^2; the RBF
-    Gram has a unit diagonal, so its scale is 1."""
-    hxy, hxx, hyy = _hsic_terms(x3, y3, kernel, sigma, debiased, backend)
-    if kernel == "linear":
-        cd = compute_dtype(x3.dtype)
-        with torch.no_grad():
-            sx = _center(x3).to(cd).pow(2).sum(-1).mean(-1).double() ** 2
-            sy = _center(y3).to(cd).pow(2).sum(-1).mean(-1).double() ** 2
-        sx = torch.where(sx > 0, sx, torch.ones_like(sx))
-        sy = torch.where(sy > 0, sy, torch.ones_like(sy))
-        hxy, hxx, hyy = hxy / torch.sqrt(sx * sy), hxx / sx, hyy / sy
+    """CKA per group. The self-terms are compared with the compute dtype's range
+    after dividing by their natural scale (mean diagonal entry)^2, so small but
+    well-conditioned inputs are not mistaken for degenerate ones."""
+    hxy, hxx, hyy, (sx, sy) = _hsic_terms(x3, y3, kernel, sigma, debiased, backend)
+    sx = torch.where(sx > 0, sx * sx, torch.ones_like(sx))
+    sy = torch.where(sy > 0, sy * sy, torch.ones_like(sy))
+    hxy, hxx, hyy = hxy / torch.sqrt(sx * sy), hxx / sx, hyy / sy
     return _cka_from_terms(hxy, hxx, hyy, degenerate, compute_dtype(x3.dtype))
 
 
@@ -160,7 +158,7 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     cx, cy = _validate.scan_groups("hsic", x3, y3)
     if name == "reference":
         return reference.hsic(x, y, kernel, sigma, debiased).to(_out_dtype(x))
-    hxy, _, _ = _hsic_terms(x3, y3, kernel, sigma, debiased, name)
+    hxy, _, _, _ = _hsic_terms(x3, y3, kernel, sigma, debiased, name)
     hxy = torch.where(cx | cy, torch.zeros_like(hxy), hxy)
     return hxy.to(_out_dtype(x)).reshape(x.shape[:-2])
 
