@@ -26,6 +26,8 @@ import torch
 
 from rcka_kernels.ops import torch_backend as tb
 
+from .utils import centred_pair
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "csrc" / "module.cpp", ROOT / "tests" / "cuda_host" / "emu_launchers.cpp"]
 DEPS = SOURCES + [ROOT / "tests" / "cuda_host" / "emu.h", *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "api.h"]
@@ -83,12 +85,8 @@ def _close(a, e, tol, what):
 
 
 def _inputs(g, n, p, q, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(g, n, p, generator=gen, dtype=torch.float64)
-    y = 0.5 * torch.randn(g, n, q, generator=gen, dtype=torch.float64)
-    k = min(p, q)
-    y[..., :k] += x[..., :k]
-    return (x - x.mean(1, keepdim=True)).to(dtype), (y - y.mean(1, keepdim=True)).to(dtype)
+    x, y = centred_pair(g, n, p, q, seed)
+    return x.to(dtype), y.to(dtype)
 
 
 def _gamma(x):

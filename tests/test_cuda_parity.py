@@ -24,7 +24,7 @@ import rcka_kernels as rk
 from rcka_kernels import _cuda, reference
 from rcka_kernels.ops import torch_backend as tb
 
-from .utils import SHAPES, TOL, assert_close
+from .utils import SHAPES, TOL, assert_close, centred_pair
 
 pytestmark = pytest.mark.gpu
 
@@ -68,12 +68,7 @@ GRAD_TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 3e-3, torc
 
 
 def _inputs(g, n, p, q, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(g, n, p, generator=gen, dtype=torch.float64)
-    y = 0.5 * torch.randn(g, n, q, generator=gen, dtype=torch.float64)
-    k = min(p, q)
-    y[..., :k] += x[..., :k]
-    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    x, y = centred_pair(g, n, p, q, seed)
     return x.to(dtype).cuda(), y.to(dtype).cuda()
 
 

@@ -23,7 +23,7 @@ import rcka_kernels as rk  # noqa: E402
 from rcka_kernels import reference  # noqa: E402
 from rcka_kernels.ops import torch_backend, triton_backend  # noqa: E402
 
-from .utils import TOL, assert_close  # noqa: E402
+from .utils import TOL, assert_close, assert_grads_within_torch_error  # noqa: E402
 
 # (n, p, q): n < tile, n not a multiple of the tile, p = 1, p != q, both linear paths,
 # features wider than 64 (the backward's 128-column chunks on 32-row blocks)
@@ -58,13 +58,8 @@ def _check_grads(f, r, x, y, w, dtype):
     got = _grads(lambda a, b: f(a, b, "triton"), x, y, wl)
     base = _grads(lambda a, b: f(a, b, "torch"), x, y, wl)
     want = _grads(r, x, y, w)
-    atol, rtol = TOL[dtype]
-    for g, b, ref, inp in zip(got, base, want, (x, y)):
-        assert g.dtype == inp.dtype and g.shape == inp.shape
-        scale = float(ref.abs().max()) or 1.0
-        err = float((g.double() - ref).abs().max()) / scale
-        err_torch = float((b.double() - ref).abs().max()) / scale
-        assert err <= max(2.0 * err_torch, 5.0 * rtol), (err, err_torch)
+    rtol = TOL[dtype][1]
+    assert_grads_within_torch_error(got, base, want, (x, y), rtol)
 
 
 def _cka_case(x, y, kernel, sigma, debiased):

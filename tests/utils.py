@@ -26,3 +26,25 @@ SHAPES = [
 def assert_close(actual, expected, dtype, scale=1.0):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
+
+
+def centred_pair(g, n, p, q, seed=0):
+    """Correlated, column-centred float64 groups x (g, n, p), y (g, n, q): the
+    inputs of the backend-contract tests (the contract takes centred inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(g, n, p, generator=gen, dtype=torch.float64)
+    y = 0.5 * torch.randn(g, n, q, generator=gen, dtype=torch.float64)
+    k = min(p, q)
+    y[..., :k] += x[..., :k]
+    return x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+
+
+def assert_grads_within_torch_error(got, base, want, inputs, rtol):
+    """Gradients of a fused backend (got) against the float64 reference (want),
+    judged by the torch backend's own error in the same precision (base)."""
+    for g, b, ref, inp in zip(got, base, want, inputs):
+        assert g.dtype == inp.dtype and g.shape == inp.shape
+        scale = float(ref.abs().max()) or 1.0
+        err = float((g.double() - ref).abs().max()) / scale
+        err_torch = float((b.double() - ref).abs().max()) / scale
+        assert err <= max(2.0 * err_torch, 5.0 * rtol), (err, err_torch)
