@@ -65,6 +65,13 @@ def main(argv=None) -> int:
     cfg = Config(**vars(args))
     try:
         run(cfg)
+        if cfg.distributed:
+            import torch.distributed as dist
+
+            # every rank leaves its last collective before any rank tears the group
+            # down; without it a rank could exit mid-exchange and gloo aborts it
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
     except (DistillError, DataError) as e:
         print(f"rcka-distill: error: {e}", file=sys.stderr)
         return 2
