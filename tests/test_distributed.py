@@ -58,6 +58,7 @@ def _worker(rank, port, out_dir):
         g = rkd.all_gather(x[rows].clone().requires_grad_(True))
         res["gather"] = g.detach()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while its peer is mid-exchange
     finally:
         dist.destroy_process_group()
 
