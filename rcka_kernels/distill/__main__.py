@@ -12,6 +12,7 @@ Bad input ends with a one-line message on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .data import DataError
@@ -86,5 +87,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit; a distributed run skips the interpreter's teardown once its work and
+    output are complete, since gloo's threads can abort the process there
+    (SIGABRT, "terminate called without an active exception") under torchrun."""
+    if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def cli() -> None:
+    """The rcka-distill console script."""
+    _exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
