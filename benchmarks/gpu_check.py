@@ -118,10 +118,12 @@ def main(argv=None) -> int:
 
     if not args.no_bench:
         tag = ["--tag", slug]
+        # the comparison users care about most first: against the efficient plain-PyTorch formula, with launch counts
+        runs = [("vs efficient plain PyTorch", ["-m", "benchmarks.bench_efficient", "--device", "cuda", *(["--quick"] if args.quick else []), *tag])]
         if args.quick:
-            runs = [("quick benchmarks", ["-m", "benchmarks.run_all", "--quick", "--device", "cuda", "--", *tag])]
+            runs += [("quick benchmarks", ["-m", "benchmarks.run_all", "--quick", "--device", "cuda", "--", *tag])]
         else:
-            runs = [
+            runs += [
                 ("issue-2 vs naive", ["-m", "benchmarks.bench_vs_naive", "--device", "cuda", *tag]),
                 ("peers", ["-m", "benchmarks.bench_peers", "--device", "cuda", "--n", "256-32768", *tag]),
                 ("mmd", ["-m", "benchmarks.bench_mmd", "--device", "cuda", "--n", "256-65536", "--d", "64,256", *tag]),

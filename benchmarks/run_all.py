@@ -15,7 +15,7 @@ import argparse
 import importlib
 import time
 
-SCRIPTS = ["bench_vs_naive", "bench_peers", "bench_scaling", "bench_mmd", "bench_losses"]
+SCRIPTS = ["bench_efficient", "bench_vs_naive", "bench_peers", "bench_scaling", "bench_mmd", "bench_losses"]
 
 
 def main(argv=None):

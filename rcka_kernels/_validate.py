@@ -1,14 +1,14 @@
 """Argument checks shared by every public function.
 
-Shape, dtype and device checks read only metadata. The NaN/Inf check reads the
-data (one host sync on a GPU); ``rcka_kernels.config.check_finite = False``
-turns it off for hot training loops, and it is skipped while torch.compile traces.
+Shape, dtype and device checks read only metadata. NaN/Inf inputs: see
+``Config.check_finite``; the check is skipped while torch.compile traces.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,9 +19,17 @@ SIGMA_HEURISTICS = ("median", "mean")
 
 @dataclass
 class Config:
-    """Library-wide switches. ``check_finite``: raise on NaN/Inf inputs (default True)."""
+    """Library-wide switches.
 
-    check_finite: bool = True
+    ``check_finite``: what a NaN or Inf input does.
+      - None (default): raise ``ValueError`` for CPU tensors, where the check is free;
+        on a GPU no host synchronisation is made and the result is NaN (NaN/Inf
+        input always gives a NaN value, never a finite wrong number).
+      - True: raise on every device (one host synchronisation per call on a GPU).
+      - False: never check; the result is NaN.
+    """
+
+    check_finite: Optional[bool] = None
 
 
 config = Config()
@@ -69,17 +77,28 @@ def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int
         check_finite(fn, x, y)
 
 
+def wants_finite_check(device: torch.device) -> bool:
+    """Whether to read the data for NaN/Inf on this device (see ``Config.check_finite``)."""
+    if _is_compiling():
+        return False
+    if config.check_finite is None:
+        return device.type == "cpu"
+    return bool(config.check_finite)
+
+
+def _non_finite_error(fn: str) -> ValueError:
+    return ValueError(f"{fn}: input contains NaN or Inf (set rcka_kernels.config.check_finite = False to skip this check)")
+
+
 def _raise_non_finite(fn: str, ok: torch.Tensor) -> None:
-    if not config.check_finite or _is_compiling():
+    if not wants_finite_check(ok.device):
         return
     if not bool(ok):
-        raise ValueError(
-            f"{fn}: input contains NaN or Inf (set rcka_kernels.config.check_finite = False to skip this check)"
-        )
+        raise _non_finite_error(fn)
 
 
 def check_finite(fn: str, *tensors: torch.Tensor) -> None:
-    if not config.check_finite or _is_compiling():
+    if not wants_finite_check(tensors[0].device):
         return
     _raise_non_finite(fn, torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
@@ -95,6 +114,14 @@ def scan_groups(fn: str, *groups: torch.Tensor):
         ok.append(torch.isfinite(mn).all() & torch.isfinite(mx).all())
     _raise_non_finite(fn, torch.stack(ok).all())
     return flags
+
+
+def check_value(fn: str, v: torch.Tensor) -> torch.Tensor:
+    """v, after raising if it is NaN where NaN/Inf input is to be reported (the
+    linear statistics are NaN exactly when their input holds NaN or Inf)."""
+    if wants_finite_check(v.device) and (math.isnan(v.item()) if v.numel() == 1 else bool(torch.isnan(v).any())):
+        raise _non_finite_error(fn)
+    return v
 
 
 def check_kernel(fn: str, kernel: str, sigma) -> None:
@@ -121,7 +148,7 @@ def check_sigma_tensor(fn: str, sigma, batch: torch.Size, device: torch.device) 
         raise ValueError(f"{fn}: sigma is on {sigma.device} and the inputs on {device}")
     if sigma.numel() not in (1, math.prod(batch)):
         raise ValueError(f"{fn}: sigma must have 1 or {math.prod(batch)} values (one per group), got {sigma.numel()}")
-    if not config.check_finite or _is_compiling():
+    if not wants_finite_check(sigma.device):
         return
     if not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
         raise ValueError(f"{fn}: sigma must be positive and finite")

@@ -10,7 +10,12 @@ inputs (statistics are accumulated in float32, float64 for float64 inputs).
 Degenerate inputs: if every row of ``x`` (or ``y``) is the same, there is no
 variation to align and ``hsic`` and ``cka`` return 0 (with zero gradient); CKA is
 also 0 where a self-term HSIC(K, K) is not positive (possible for the debiased
-estimator at tiny n). NaN/Inf inputs raise ``ValueError`` (see ``config``).
+estimator at tiny n). NaN/Inf inputs raise ``ValueError`` on the CPU and give NaN
+on a GPU, where checking would cost a host synchronisation (see ``config``).
+
+Scale: linear CKA and the alignment do not depend on the scale of either input,
+and are computed so that they do not, in every precision (each group is rescaled
+into [-1, 1] before any product); HSIC scales as the product of the squared scales.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from . import _bandwidth, _dispatch, _validate, reference
 from .ops import stats as _ops
+from .ops.linear import linear_alignment
 from .ops.torch_backend import compute_dtype
 
 Tensor = torch.Tensor
@@ -84,45 +90,23 @@ def _hsic_from_stats(s: Tensor, ra: Tensor, rb: Tensor, da: Tensor, db: Tensor, 
     return (s + ta * tb / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * (ra * rb).sum(-1)) / (n * (n - 3))
 
 
-def _hsic_terms(x3: Tensor, y3: Tensor, kernel: str, sigma: Sigma, debiased: bool, backend: str):
-    """(hxy, hxx, hyy) float64, each (G,), for groups x3 (G, n, p), y3 (G, n, q),
-    and the Grams' natural scales (mean diagonal entry, detached: 1 for RBF)."""
+def _rbf_hsic_terms(x3: Tensor, y3: Tensor, sigma: Sigma, debiased: bool, backend: str):
+    """(hxy, hxx, hyy) float64, each (G,), of RBF Grams for groups x3 (G, n, p), y3 (G, n, q)."""
     n = x3.shape[1]
-    xc, yc = _center(x3), _center(y3)
-    if kernel == "linear":
-        s, _ = _ops.linear_stats(xc, yc, backend)
-        cd = compute_dtype(x3.dtype)
-        xd, yd = xc.to(cd), yc.to(cd)
-        dx, dy = (xd * xd).sum(-1).double(), (yd * yd).sum(-1).double()
-        scales = dx.detach().mean(-1), dy.detach().mean(-1)
-        # row sums K 1 = X (X^T 1): zero up to the residual of the centring, kept exact here
-        rx = (xd @ xd.sum(1)[:, :, None])[..., 0].double()
-        ry = (yd @ yd.sum(1)[:, :, None])[..., 0].double()
-        if debiased:  # move the diagonal out of the sums, as the contract's RBF sums have it
-            rx, ry = rx - dx, ry - dy
-            s = s - torch.stack([(dx * dy).sum(-1), (dx * dx).sum(-1), (dy * dy).sum(-1)], -1)
-        else:  # the biased formula only needs full sums: a zero "diagonal" keeps them whole
-            dx = dy = torch.zeros_like(rx)
-    else:
-        s, rx, ry = _ops.rbf_stats(xc, yc, _gamma(x3, sigma), _gamma(y3, sigma), backend)
-        rx, ry = rx.double(), ry.double()
-        dx = dy = torch.ones_like(rx)
-        scales = dx[:, 0], dy[:, 0]
+    s, rx, ry = _ops.rbf_stats(_center(x3), _center(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+    rx, ry = rx.double(), ry.double()
+    dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
     hxy = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
     hxx = _hsic_from_stats(s[:, 1], rx, rx, dx, dx, n, debiased)
     hyy = _hsic_from_stats(s[:, 2], ry, ry, dy, dy, n, debiased)
-    return hxy, hxx, hyy, scales
+    return hxy, hxx, hyy
 
 
-def _cka_groups(x3, y3, kernel, sigma, debiased, backend, degenerate):
-    """CKA per group. The self-terms are compared with the compute dtype's range
-    after dividing by their natural scale (mean diagonal entry)^2, so small but
-    well-conditioned inputs are not mistaken for degenerate ones."""
-    hxy, hxx, hyy, (sx, sy) = _hsic_terms(x3, y3, kernel, sigma, debiased, backend)
-    sx = torch.where(sx > 0, sx * sx, torch.ones_like(sx))
-    sy = torch.where(sy > 0, sy * sy, torch.ones_like(sy))
-    hxy, hxx, hyy = hxy / torch.sqrt(sx * sy), hxx / sx, hyy / sy
-    return _cka_from_terms(hxy, hxx, hyy, degenerate, compute_dtype(x3.dtype))
+def _rbf_cka(x3, y3, sigma, debiased, backend, fn):
+    """RBF CKA per group (G,), from the statistics combined here."""
+    cx, cy = _validate.scan_groups(fn, x3, y3)
+    hxy, hxx, hyy = _rbf_hsic_terms(x3, y3, sigma, debiased, backend)
+    return _cka_from_terms(hxy, hxx, hyy, cx | cy, compute_dtype(x3.dtype))
 
 
 def _cka_from_terms(hxy, hxx, hyy, degenerate, dtype=torch.float64):
@@ -154,11 +138,13 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     """
     m, why = _min_rows(debiased)
     name = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
-    x3, y3 = _as_groups(x), _as_groups(y)
-    cx, cy = _validate.scan_groups("hsic", x3, y3)
     if name == "reference":
         return reference.hsic(x, y, kernel, sigma, debiased).to(_out_dtype(x))
-    hxy, _, _, _ = _hsic_terms(x3, y3, kernel, sigma, debiased, name)
+    if kernel == "linear":
+        return _validate.check_value("hsic", linear_alignment(x, y, "hsic", True, debiased, name))
+    x3, y3 = _as_groups(x), _as_groups(y)
+    cx, cy = _validate.scan_groups("hsic", x3, y3)
+    hxy = _rbf_hsic_terms(x3, y3, sigma, debiased, name)[0]
     hxy = torch.where(cx | cy, torch.zeros_like(hxy), hxy)
     return hxy.to(_out_dtype(x)).reshape(x.shape[:-2])
 
@@ -173,11 +159,11 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, de
     """
     m, why = _min_rows(debiased)
     name = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
-    x3, y3 = _as_groups(x), _as_groups(y)
-    cx, cy = _validate.scan_groups("cka", x3, y3)
     if name == "reference":
         return reference.cka(x, y, kernel, sigma, debiased).to(_out_dtype(x))
-    out = _cka_groups(x3, y3, kernel, sigma, debiased, name, cx | cy)
+    if kernel == "linear":
+        return _validate.check_value("cka", linear_alignment(x, y, "cka", True, debiased, name))
+    out = _rbf_cka(_as_groups(x), _as_groups(y), sigma, debiased, name, "cka")
     return out.to(_out_dtype(x)).reshape(x.shape[:-2])
 
 
@@ -189,13 +175,22 @@ def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:
 # ----------------------------------------------------------------------------- Theorem 2
 
 
+def official_alignment(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:
+    """The official RCKA code's alignment without row scaling (see ``losses.official_alignment``):
+    |X^T Y|_F^2 / (|X^T X|_F |Y^T Y|_F) = tr(K L) / (|K|_F |L|_F) of the uncentred linear
+    Grams, x (..., n, p), y (..., n, q) -> x.shape[:-2]; 0 where an input is 0; any n >= 1."""
+    name = _prepare("official_alignment", x, y, "linear", None, backend, same_rows=True, same_cols=False, min_rows=1, finite=False)
+    if name == "reference":
+        return reference.official_alignment(x, y, False).to(_out_dtype(x))
+    return _validate.check_value("official_alignment", linear_alignment(x, y, "cka", False, False, name))
+
+
 def _raw_stats(x3, y3, kernel, sigma, backend):
     """Uncentred sum K∘L, sum K∘K, sum L∘L and totals 1^T K 1, 1^T L 1 (float64)."""
-    if kernel == "linear":
-        s, _ = _ops.linear_stats(x3, y3, backend)
-        tx = (x3.double().sum(1) ** 2).sum(-1)
-        ty = (y3.double().sum(1) ** 2).sum(-1)
-        return s, tx, ty
+    if kernel == "linear":  # a diagnostic: plain autograd over the feature-space products
+        xd, yd = x3.double(), y3.double()
+        sq = [(m * m).sum((1, 2)) for m in (xd.mT @ yd, xd.mT @ xd, yd.mT @ yd)]
+        return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
     # RBF Grams do not change under a translation of the inputs
     s, rx, ry = _ops.rbf_stats(_center(x3), _center(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
     n = x3.shape[1]
@@ -211,13 +206,15 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     It bounds ``mmd_upper_bound`` from above. Shapes as ``cka``.
     """
     name = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2, finite=False)
-    x3, y3 = _as_groups(x), _as_groups(y)
-    cx, cy = _validate.scan_groups("gram_discrepancy", x3, y3)
     if name == "reference":
         return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(_out_dtype(x))
+    if kernel == "linear":
+        return 1.0 - _validate.check_value("gram_discrepancy", linear_alignment(x, y, "cka", centered, False, name))
+    x3, y3 = _as_groups(x), _as_groups(y)
     if centered:
-        out = 1.0 - _cka_groups(x3, y3, kernel, sigma, False, name, cx | cy)
+        out = 1.0 - _rbf_cka(x3, y3, sigma, False, name, "gram_discrepancy")
     else:
+        _validate.scan_groups("gram_discrepancy", x3, y3)
         s, _, _ = _raw_stats(x3, y3, kernel, sigma, name)
         ok = (s[:, 1] > 0) & (s[:, 2] > 0)
         denom = torch.sqrt(torch.where(ok, s[:, 1] * s[:, 2], torch.ones_like(s[:, 1])))

@@ -120,22 +120,13 @@ def official_alignment(x: Tensor, y: Tensor, l2_norm: bool = False, backend: str
     """
     if x.shape[:-1] != y.shape[:-1]:
         raise ValueError(f"official_alignment: x and y must have the same leading dims and samples, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not l2_norm:
+        return F.official_alignment(x, y, backend=backend)
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     if backend == "reference":
         return reference.official_alignment(x, y, l2_norm).to(out_dtype)
-    if not l2_norm and x.shape[-2] >= 2:
-        return 1.0 - F.gram_discrepancy(x, y, centered=False, backend=backend)
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    fn = _official_l2 if l2_norm else _official_plain
-    return fn(x.to(cd), y.to(cd)).to(out_dtype)
-
-
-def _official_plain(x: Tensor, y: Tensor) -> Tensor:
-    """Uncentred alignment for tiny n where the statistics path does not apply (n = 1: it is 1)."""
-    k, l = x @ x.transpose(-1, -2), y @ y.transpose(-1, -2)
-    kl, kk, ll = (k * l).sum((-1, -2)), (k * k).sum((-1, -2)), (l * l).sum((-1, -2))
-    ok = (kk > 0) & (ll > 0)
-    return torch.where(ok, kl / torch.sqrt(torch.where(ok, kk * ll, torch.ones_like(kk))), torch.zeros_like(kl))
+    return _official_l2(x.to(cd), y.to(cd)).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- shared term

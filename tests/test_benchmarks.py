@@ -160,3 +160,21 @@ def test_sweep_skips_after_failure_and_writes_tagged_results(tmp_path, monkeypat
     assert (tmp_path / "unit_t_cpu.md").read_text().count("\n| cka linear") == len(data["records"])
     png = _harness.plot(data["records"], tmp_path / "unit.png", "unit")
     assert png is not None and png.stat().st_size > 1000
+
+
+def test_efficient_benchmark_records_ratios_ops_and_memory(tmp_path):
+    """bench_efficient measures each case against the plain-PyTorch formula with the same
+    values, and records ratio, op counts and memory with the environment (no time asserted)."""
+    from benchmarks import bench_efficient
+
+    names = ["cka 64x100", "debiased cka 64x100", "RCKALoss official 64x100"]
+    bench_efficient.main(["--only", ",".join(names), "--time-budget", "0", "--min-reps", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "efficient_cpu.json").read_text())
+    assert {"torch", "date", "commit", "device_name", "load_average_before"} <= set(data["meta"])
+    assert [r["case"] for r in data["records"]] == names
+    for r in data["records"]:
+        assert r["value_rel_diff"] < 1e-4, r
+        assert r["reps"] >= 2 and r["ratio"] > 0
+        assert r["ops"]["ours"] > 0 and r["ops"]["baseline"] > 0
+        assert set(r["peak_extra_bytes"]) == {"ours", "baseline"}
+    assert (tmp_path / "efficient_cpu.md").read_text().count("| cka 64x100 |") == 1

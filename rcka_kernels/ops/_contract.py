@@ -25,11 +25,11 @@ Functions
   ``S[:, 2] = |Y^T Y|_F^2`` (= sum_ij K_ij L_ij, sum K_ij^2, sum L_ij^2 for K = X X^T).
 - ``linear_stats_backward(x, y, g) -> (dx, dy)``: vector-Jacobian product for
   ``g`` (G, 3) float64.
-- Optional: a backend that keeps O(p q) statistics from forward for backward
-  defines ``linear_saved_shape(G, p, q, n) -> shape`` and
-  ``linear_stats_saving(x, y) -> (S, saved)``, which the custom op then calls
-  instead of ``linear_stats``; its backward is called as
-  ``linear_stats_backward(x, y, g, saved)``.
+  The linear-kernel autograd op (``ops/linear.py``) calls these on inputs it has
+  centred and scaled into [-1, 1]. The torch backend, which it calls directly,
+  also takes the two inputs stacked (``x`` (2G, n, p), ``y`` None), returns S as
+  the (G, 2, 2) Gram matrix of K and L with what its backward reuses
+  (``linear_stats_saving``), and skips the gradient of an input not needed.
 - ``rbf_stats(x, y, gamma_x, gamma_y) -> (S, rx, ry)``: ``S`` as above for the
   RBF Grams K, L but over i != j; ``rx_i = sum_{j != i} K_ij``, ``ry`` likewise (G, n).
 - ``rbf_stats_backward(x, y, gamma_x, gamma_y, gS, grx, gry) -> (dx, dy)``.

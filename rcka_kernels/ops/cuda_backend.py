@@ -138,7 +138,7 @@ def linear_stats(x: Tensor, y: Tensor) -> Tensor:
     q = y.shape[2]
     device, stream = _launch_ctx(x)
     _, _, tri, small = lib.plan(code, n)
-    if small or not torch_backend._use_feature_space(n, p, q):
+    if small or not torch_backend.use_feature_space(n, p, q):
         # sample space: sum over tiles of the Grams K = X X^T, L = Y Y^T
         if small:
             s = torch.empty(g, 3, dtype=torch.float64, device=x.device)

@@ -2,9 +2,9 @@
 
 Each statistic of ops/_contract.py is one custom op taking the backend's name,
 with a fake (meta) implementation so torch.compile traces it without a graph
-break, and a registered backward that is itself a custom op (the backends
-recompute tiles there; nothing n x n is saved). The combining formulas live in
-functional.py, once for all backends.
+break. The RBF and MMD statistics register their backward here (itself a custom
+op: the backends recompute tiles there; nothing n x n is saved); the linear
+statistics' autograd is ops/linear.py.
 """
 
 from __future__ import annotations
@@ -14,63 +14,36 @@ from typing import Tuple
 import torch
 
 from .. import _dispatch
+from .torch_backend import compute_dtype
 
 Tensor = torch.Tensor
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------- linear
-
-
-def _saved_shape(backend: str, x: Tensor, y: Tensor):
-    """Shape of what a backend keeps from forward for backward (empty if it recomputes)."""
-    fn = getattr(_dispatch.kernels(backend), "linear_saved_shape", None)
-    return (0,) if fn is None else tuple(fn(x.shape[0], x.shape[2], y.shape[2], x.shape[1]))
+# The compiled backends' linear statistics, as opaque ops for torch.compile. Their
+# autograd is ops/linear.py, which calls these in its forward and backward.
 
 
 @torch.library.custom_op("rcka::linear_stats", mutates_args=())
-def linear_stats(x: Tensor, y: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """(S (G, 3) float64: |X^T Y|_F^2, |X^T X|_F^2, |Y^T Y|_F^2; what backward needs)."""
-    k = _dispatch.kernels(backend)
-    if hasattr(k, "linear_saved_shape"):
-        return tuple(k.linear_stats_saving(x, y))
-    return k.linear_stats(x, y), x.new_empty((0,), dtype=_stat_dtype(x))
+def linear_stats(x: Tensor, y: Tensor, backend: str) -> Tensor:
+    """S (G, 3) float64: |X^T Y|_F^2, |X^T X|_F^2, |Y^T Y|_F^2."""
+    return _dispatch.kernels(backend).linear_stats(x, y).double()
 
 
 @linear_stats.register_fake
 def _(x, y, backend):
-    return x.new_empty((x.shape[0], 3), dtype=torch.float64), x.new_empty(_saved_shape(backend, x, y), dtype=_stat_dtype(x))
+    return x.new_empty((x.shape[0], 3), dtype=torch.float64)
 
 
 @torch.library.custom_op("rcka::linear_stats_backward", mutates_args=())
-def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor, saved: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    k = _dispatch.kernels(backend)
-    if hasattr(k, "linear_saved_shape"):
-        return tuple(k.linear_stats_backward(x, y, g, saved))
-    return tuple(k.linear_stats_backward(x, y, g))
+def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """(dx, dy): the vector-Jacobian product of S for g (G, 3) float64."""
+    return tuple(_dispatch.kernels(backend).linear_stats_backward(x, y, g))
 
 
 @linear_stats_backward.register_fake
-def _(x, y, g, saved, backend):
+def _(x, y, g, backend):
     return torch.empty_like(x), torch.empty_like(y)
-
-
-def _linear_setup(ctx, inputs, output):
-    x, y, backend = inputs
-    ctx.save_for_backward(x, y, output[1])
-    ctx.backend = backend
-
-
-def _linear_backward(ctx, g, _):
-    x, y, saved = ctx.saved_tensors
-    dx, dy = linear_stats_backward(x, y, g.contiguous(), saved, ctx.backend)
-    return dx, dy, None
-
-
-linear_stats.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ----------------------------------------------------------------------------- rbf HSIC
@@ -85,7 +58,7 @@ def rbf_stats(x: Tensor, y: Tensor, gamma_x: Tensor, gamma_y: Tensor, backend: s
 @rbf_stats.register_fake
 def _(x, y, gamma_x, gamma_y, backend):
     g, n = x.shape[0], x.shape[1]
-    sd = _stat_dtype(x)
+    sd = compute_dtype(x.dtype)
     return x.new_empty((g, 3), dtype=torch.float64), x.new_empty((g, n), dtype=sd), x.new_empty((g, n), dtype=sd)
 
 
@@ -110,7 +83,7 @@ def _rbf_setup(ctx, inputs, output):
 def _rbf_backward(ctx, gs, grx, gry):
     x, y, gx, gy = ctx.saved_tensors
     g, n = x.shape[0], x.shape[1]
-    sd = _stat_dtype(x)
+    sd = compute_dtype(x.dtype)
     gs = torch.zeros(g, 3, dtype=torch.float64, device=x.device) if gs is None else gs.contiguous()
     grx = torch.zeros(g, n, dtype=sd, device=x.device) if grx is None else grx.contiguous()
     gry = torch.zeros(g, n, dtype=sd, device=x.device) if gry is None else gry.contiguous()
@@ -172,7 +145,7 @@ def centered_gram(x: Tensor, gamma: Tensor, kernel: str, debiased: bool, backend
 
 @centered_gram.register_fake
 def _(x, gamma, kernel, debiased, backend):
-    return x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=_stat_dtype(x))
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=compute_dtype(x.dtype))
 
 
 def _centre_nxn(g: Tensor, debiased: bool) -> Tensor:
@@ -197,7 +170,7 @@ def _cg_backward(ctx, go):
     """Centring is self-adjoint; then the kernel's chain rule with torch ops:
     linear dX = (Gc + Gc^T) X; RBF dX = -2 gamma (rowsum(M) x - M X), M = (Gc + Gc^T) o K."""
     x, gamma = ctx.saved_tensors
-    cd = _stat_dtype(x)
+    cd = compute_dtype(x.dtype)
     gc = _centre_nxn(go.to(cd), ctx.debiased)
     s = gc + gc.transpose(-1, -2)
     xd = x.to(cd)

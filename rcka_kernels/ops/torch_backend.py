@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -62,64 +62,89 @@ def rbf_block(xi: Tensor, x: Tensor, ni: Tensor, nx: Tensor, gamma: Tensor, diag
 # ----------------------------------------------------------------------------- linear
 
 
-def _use_feature_space(n: int, p: int, q: int) -> bool:
-    # feature space ~ n (p + q)^2, sample space ~ n^2 (p + q)
+def use_feature_space(n: int, p: int, q: int) -> bool:
+    """The linear statistics' side, shared by every backend: feature space costs
+    ~ n (p + q)^2, sample space ~ n^2 (p + q)."""
     return p + q <= n
 
 
-def linear_saved_shape(g: int, p: int, q: int, n: int):
-    """Feature space keeps X^T Y, X^T X, Y^T Y (packed) so backward needs no GEMM
-    of forward again; sample space keeps nothing (its n x n Grams are recomputed)."""
-    return (g, p * q + p * p + q * q) if _use_feature_space(n, p, q) else (0,)
+def _sq_norms(*mats: Tensor) -> Tensor:
+    """(G, len(mats)) squared Frobenius norms of (G, a, b) matrices."""
+    return torch.stack([torch.linalg.vector_norm(m, dim=(-2, -1)) for m in mats], -1).square_()
 
 
-def _unpack(saved: Tensor, p: int, q: int):
-    g = saved.shape[0]
-    a = saved[:, : p * q].view(g, p, q)
-    cx = saved[:, p * q : p * q + p * p].view(g, p, p)
-    cy = saved[:, p * q + p * p :].view(g, q, q)
-    return a, cx, cy
+def linear_stats_saving(x: Tensor, y: Optional[Tensor] = None):
+    """(S, saved) in the compute dtype: S (G, 2, 2) = [[<K,K>, <K,L>], [<L,K>, <L,L>]]
+    and what the backward reuses: the Grams K, L in sample space, X^T Y, X^T X,
+    Y^T Y in feature space. ``y=None``: x (2G, n, p) holds each group's X and Y
+    side by side (X_g = x[2g], Y_g = x[2g + 1]), so every product is one batched op
+    for both inputs (and in sample space S is the Gram matrix of the flattened K
+    and L: one more op)."""
+    if x.dtype not in (torch.float32, torch.float64):  # half inputs (a direct call): accumulate in float32
+        x, y = x.float(), None if y is None else y.float()
+    if y is None:
+        g2, n, p = x.shape
+        if use_feature_space(n, p, p):
+            c = torch.bmm(x.mT, x).view(g2 // 2, 2, p, p)  # X^T X, Y^T Y
+            xy = x.view(g2 // 2, 2, n, p)
+            a = torch.bmm(xy[:, 0].mT, xy[:, 1])
+            kk, ll = torch.linalg.vector_norm(c, dim=(-2, -1)).square_().unbind(1)
+            return _gram_of_grams(_sq_norms(a)[:, 0], kk, ll), (a, c[:, 0], c[:, 1])
+        kl = torch.bmm(x, x.mT)  # (2G, n, n): K_g, L_g side by side
+        f = kl.view(g2 // 2, 2, n * n)
+        return torch.bmm(f, f.mT), kl.view(g2 // 2, 2, n, n).unbind(1)
+    n, p, q = x.shape[1], x.shape[2], y.shape[2]
+    if use_feature_space(n, p, q):
+        a, cx, cy = torch.bmm(x.mT, y), torch.bmm(x.mT, x), torch.bmm(y.mT, y)
+        return _gram_of_grams(*_sq_norms(a, cx, cy).unbind(1)), (a, cx, cy)
+    k, l = torch.bmm(x, x.mT), torch.bmm(y, y.mT)
+    return _gram_of_grams(torch.linalg.vecdot(k.flatten(1), l.flatten(1)), *_sq_norms(k, l).unbind(1)), (k, l)
+
+
+def _gram_of_grams(kl: Tensor, kk: Tensor, ll: Tensor) -> Tensor:
+    return torch.stack([kk, kl, kl, ll], -1).view(-1, 2, 2)
 
 
 def linear_stats(x: Tensor, y: Tensor) -> Tensor:
-    return linear_stats_saving(x, y)[0]
+    """S (G, 3) = (<K,L>, <K,K>, <L,L>) of ops/_contract.py."""
+    return linear_stats_saving(x, y)[0].view(-1, 4)[:, (1, 0, 3)].double()
 
 
-def linear_stats_saving(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
-    """(S, saved): the statistics and what backward reuses (see linear_saved_shape)."""
-    cd = compute_dtype(x.dtype)
-    x, y = x.to(cd), y.to(cd)
-    g, n, p, q = x.shape[0], x.shape[1], x.shape[2], y.shape[2]
-    if _use_feature_space(n, p, q):
-        saved = torch.empty(g, p * q + p * p + q * q, dtype=cd, device=x.device)
-        a, cx, cy = _unpack(saved, p, q)
-        torch.bmm(x.transpose(1, 2), y, out=a)
-        torch.bmm(x.transpose(1, 2), x, out=cx)
-        torch.bmm(y.transpose(1, 2), y, out=cy)
-        return torch.stack([_dot(a, a), _dot(cx, cx), _dot(cy, cy)], -1), saved
-    k = x @ x.transpose(1, 2)
-    l = y @ y.transpose(1, 2)
-    return torch.stack([_dot(k, l), _dot(k, k), _dot(l, l)], -1), x.new_empty((0,))
-
-
-def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor, saved: Tensor = None) -> Tuple[Tensor, Tensor]:
-    cd = compute_dtype(x.dtype)
-    xd, yd = x.to(cd), y.to(cd)
-    gxy, gxx, gyy = (g[:, i, None, None].to(cd) for i in range(3))
-    n, p, q = x.shape[1], x.shape[2], y.shape[2]
-    if _use_feature_space(n, p, q):
-        if saved is None or not saved.numel():
-            saved = linear_stats_saving(xd, yd)[1]
-        a, cx, cy = _unpack(saved, p, q)
-        # scale the small p x q, p x p factors, not the n x p products; two GEMMs into one output
-        dx = torch.baddbmm(yd @ ((2 * gxy) * a.transpose(1, 2)), xd, (4 * gxx) * cx)
-        dy = torch.baddbmm(xd @ ((2 * gxy) * a), yd, (4 * gyy) * cy)
+def linear_stats_backward(x: Tensor, y: Optional[Tensor], g, saved=None, need=(True, True)):
+    """(dx, dy) for g = dv/dS, a (G, 3) tensor or three (G, 1, 1) tensors (gkl, gkk,
+    gll), None standing for a zero coefficient:
+    dX = 2 gkl L X + 4 gkk K X, in feature space 2 gkl Y (X^T Y)^T + 4 gkk X (X^T X);
+    dY likewise. The small factors are scaled, never the n x p products. None for an
+    input not in ``need``. x, y as in linear_stats_saving."""
+    dtype = x.dtype
+    if dtype not in (torch.float32, torch.float64):  # half inputs (a direct call): float32, cast back at the end
+        x, y = x.float(), None if y is None else y.float()
+    xs, ys = x.view(-1, 2, *x.shape[1:]).unbind(1) if y is None else (x, y)
+    if saved is None:
+        saved = linear_stats_saving(x, y)[1]
+    if torch.is_tensor(g):
+        g = g.to(x.dtype)[:, :, None, None].unbind(1)
+    gkl, gkk, gll = g
+    out = []
+    if len(saved) == 3:  # feature space
+        a, cx, cy = saved
+        for want, self_, other, cross, c, gs in ((need[0], xs, ys, a.mT, cx, gkk), (need[1], ys, xs, a, cy, gll)):
+            if not want:
+                out.append(None)
+                continue
+            # 2 [other (gkl cross) + 2 self (gs c)], the second GEMM accumulating into the first
+            d = torch.bmm(other, gkl * cross)
+            out.append(d.mul_(2.0) if gs is None else d.baddbmm_(self_, gs * c, beta=2.0, alpha=4.0))
     else:
-        k = xd @ xd.transpose(1, 2)
-        l = yd @ yd.transpose(1, 2)
-        dx = ((2 * gxy) * l + (4 * gxx) * k) @ xd
-        dy = ((2 * gxy) * k + (4 * gyy) * l) @ yd
-    return dx.to(x.dtype), dy.to(y.dtype)
+        k, l = saved
+        for want, self_, gram, other, gs in ((need[0], xs, k, l, gkk), (need[1], ys, l, k, gll)):
+            if not want:
+                out.append(None)
+                continue
+            # 2 (gkl L + 2 gkk K) X (beta=0: the GEMM's input is ignored)
+            m = other * gkl if gs is None else torch.addcmul(other * gkl, gram, gs, value=2.0)
+            out.append(torch.baddbmm(self_, m, self_, beta=0.0, alpha=2.0))
+    return tuple(d if d is None or d.dtype == dtype else d.to(dtype) for d in out)
 
 
 # ----------------------------------------------------------------------------- rbf HSIC statistics

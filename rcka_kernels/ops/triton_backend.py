@@ -46,7 +46,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .torch_backend import compute_dtype
+from .torch_backend import compute_dtype, use_feature_space
 
 Tensor = torch.Tensor
 
@@ -312,11 +312,6 @@ def _segment_sums(s: Tensor, seg: Tuple[int, int, int]) -> Tensor:
 # ----------------------------------------------------------------------------- the contract
 
 
-def _use_feature_space(n: int, p: int, q: int) -> bool:
-    # the torch backend's rule, so both backends take the same path
-    return p + q <= n
-
-
 def _c(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
@@ -324,7 +319,7 @@ def _c(t: Tensor) -> Tensor:
 def linear_stats(x: Tensor, y: Tensor) -> Tensor:
     x, y = _c(x), _c(y)
     n, p, q = x.shape[1], x.shape[2], y.shape[2]
-    if _use_feature_space(n, p, q):
+    if use_feature_space(n, p, q):
         launch = plan_linear_fwd(x, y)
         launch.run()
         return _segment_sums(launch.extra["s"], launch.extra["seg"])
@@ -339,7 +334,7 @@ def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor) -> Tuple[Tensor, Tens
     x, y = _c(x), _c(y)
     cd = compute_dtype(x.dtype)
     n, p, q = x.shape[1], x.shape[2], y.shape[2]
-    if not _use_feature_space(n, p, q):
+    if not use_feature_space(n, p, q):
         launch = plan_hsic_bwd(x, y, None, None, _c(g.to(cd)), None, None, rbf=False)
         launch.run()
         return launch.extra["dx"], launch.extra["dy"]

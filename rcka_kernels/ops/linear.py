@@ -1,0 +1,203 @@
+"""Linear-kernel HSIC, CKA and uncentred alignment: one autograd op, closed-form backward.
+
+    functional.py (checks, dispatch) -> linear_alignment (here) -> backend products
+    (ops/_contract.py: linear_stats_saving, linear_stats_backward) -> kernels
+
+Forward, for groups x (G, n, p), y (G, n, q):
+ 1. Prepare: centre the columns (not for the uncentred alignment) and divide each
+    group by s, its largest column range (uncentred: its largest |entry|), so every
+    entry lies in [-1, 1]: the products can neither overflow nor underflow, whatever
+    the scale of the input, and CKA does not see s. s = 0 exactly when all rows are
+    equal (uncentred: x = 0): the inputs become 0 and the value is 0. s is NaN or Inf
+    exactly when the input holds NaN or Inf, and NaN then reaches the value.
+    Same-shaped x and y are stacked into one (G, 2, n, p) tensor, so every step is
+    one op for both.
+ 2. Products: the backend's S = (<K,L>, <K,K>, <L,L>) of the prepared inputs
+    (feature or sample space, whichever is cheaper) and what its backward reuses.
+ 3. Debiased (Song et al. 2012): centred inputs have K 1 = 0, so with the
+    diagonals d = diag K, e = diag L the unbiased HSIC is a correction of S,
+        n (n-3) HSIC_u(K, L) = <K,L> - c1 d.e + c2 (1'd)(1'e),
+    c1 = n / (n-2), c2 = 1 / ((n-1)(n-2)); likewise for (K, K) and (L, L).
+ 4. Value: hsic = S'_kl (s_x s_y)^2 / N with N = (n-1)^2 or n (n-3);
+    cka = S'_kl / sqrt(S'_kk S'_ll), and 0 where a self-term is not positive.
+Backward: dv/dS' in closed form -> the backend's vector-Jacobian product
+(2 gkl L X + 4 gkk K X) -> the diagonal terms 2 gd_i u_i -> the centring
+projection (debiased only: the diagonal terms' columns do not sum to 0) -> times
+1/s (the value is homogeneous in each input's scale, so this is exact). An input
+that does not require grad gets no gradient work.
+
+This is a ``torch.autograd.Function`` rather than a ``torch.library`` custom op:
+the forward hands the backward a dozen intermediates (the prepared inputs, the
+products, S), which a custom op could only pass as extra outputs, and a custom op
+call costs about 30 us more on the CPU, the price of the whole loss at the paper's
+batch sizes. torch.compile traces it (the torch backend is plain torch ops); the
+compiled backends are reached through their custom ops (ops/stats.py), opaque to
+the tracer with fake kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import stats as _stats
+from . import torch_backend
+from .torch_backend import compute_dtype
+
+Tensor = torch.Tensor
+
+STATISTICS = ("cka", "hsic")
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+_SMALL = 1 << 16  # entries below which the op count, not memory traffic, sets the time
+
+
+def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(u, s, inv): groups z (B, n, f) centred (if asked) and times inv = 1/s with
+    s = max |entry| after centring, per group; inv = 0 where s = 0. The first row
+    is subtracted before the mean, so a column whose rows are all equal becomes
+    exactly 0 (a mean alone would leave its rounding error). ``owned``: z is a
+    buffer of ours, worked on in place (a fresh n x p buffer costs more than the
+    arithmetic on it)."""
+    if z.dtype not in (torch.float32, torch.float64):  # half inputs: everything in float32
+        z, owned = z.float(), True
+    if centered:
+        z = z.sub_(z[:, :1].clone()) if owned else z - z[:, :1]
+        z.sub_(z.mean(1, keepdim=True))
+    elif not owned:
+        z = z.clone()
+    if z.numel() < _SMALL:
+        s = z.abs().amax((1, 2), keepdim=True)
+    else:  # no n x p temporary
+        s = torch.maximum(z.amax((1, 2), keepdim=True), z.amin((1, 2), keepdim=True).neg_())
+    inv = torch.reciprocal(s).nan_to_num_(posinf=0.0)  # NaN input still reaches u through z
+    return z.mul_(inv), s, inv
+
+
+def _prepare(x: Tensor, y: Tensor, centered: bool):
+    """(u, w, s, inv), s and inv (G, 2, 1, 1): per group, x's then y's. Same-shaped
+    inputs come back as one tensor u (2G, n, p), each group's x and y side by side,
+    and w None."""
+    if x.shape == y.shape:
+        u, s, inv = _scale(torch.stack([x, y], 1).view(-1, *x.shape[1:]), centered, True)
+        return u, None, s.view(-1, 2, 1, 1), inv.view(-1, 2, 1, 1)
+    (u, sx, ix), (w, sy, iy) = _scale(x, centered, False), _scale(y, centered, False)
+    return u, w, torch.stack([sx, sy], 1), torch.stack([ix, iy], 1)
+
+
+def _halves(u: Tensor, w: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return u.view(-1, 2, *u.shape[1:]).unbind(1) if w is None else (u, w)
+
+
+# ----------------------------------------------------------------------------- backend products
+
+
+def _products(u, w, backend: str, dtype: torch.dtype):
+    """(S (G, 3) in the compute dtype, saved) from the backend. The torch backend is
+    called directly (it takes the stacked pair); compiled backends through their
+    custom op, in the input dtype (the prepared entries lie in [-1, 1])."""
+    if backend == "torch":
+        return torch_backend.linear_stats_saving(u, w)
+    a, b = (t.to(dtype).contiguous() for t in _halves(u, w))
+    kl, kk, ll = _stats.linear_stats(a, b, backend).to(u.dtype).unbind(1)
+    return torch.stack([kk, kl, kl, ll], -1).view(-1, 2, 2), ()
+
+
+def _products_backward(u, w, g, saved, backend: str, need, dtype: torch.dtype):
+    """The backend's vector-Jacobian product for g = (gkl, gkk, gll), each (G, 1, 1) or None."""
+    if backend == "torch":
+        return torch_backend.linear_stats_backward(u, w, g, saved, need)
+    zero = next(c for c in g if c is not None) * 0
+    g3 = torch.cat([zero if c is None else c for c in g], 1)[:, :, 0].double()
+    a, b = (t.to(dtype).contiguous() for t in _halves(u, w))
+    da, db = _stats.linear_stats_backward(a, b, g3, backend)
+    return tuple(d.to(u.dtype) if want else None for d, want in zip((da, db), need))
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+_TINY = {dt: torch.finfo(dt).tiny for dt in (torch.float32, torch.float64)}
+
+
+def _debias_terms(n: int):
+    return n / (n - 2), 1.0 / ((n - 1) * (n - 2))
+
+
+class _LinearAlignment(torch.autograd.Function):
+    """x (..., n, p), y (..., n, q) -> (...): the shapes are handled here, so the
+    autograd graph holds this one node."""
+
+    @staticmethod
+    def forward(ctx, x, y, statistic: str, centered: bool, debiased: bool, backend: str):
+        batch, n = x.shape[:-2], x.shape[-2]
+        u, w, scale, inv = _prepare(x.reshape(-1, n, x.shape[-1]), y.reshape(-1, n, y.shape[-1]), centered)
+        s, saved = _products(u, w, backend, x.dtype)
+        d = t = None
+        if debiased:
+            c1, c2 = _debias_terms(n)
+            sq = [torch.linalg.vector_norm(t, dim=-1).square_() for t in ((u,) if w is None else (u, w))]
+            d = sq[0].view(-1, 2, n) if w is None else torch.stack(sq, 1)
+            t = d.sum(-1, keepdim=True)  # (G, 2, 1): 1'd, 1'e of the diagonals d (G, 2, n) of K and L
+            s = torch.add(s, torch.add(t * t.mT, d @ d.mT, alpha=-c1 / c2), alpha=c2)
+        kk, kl, _, ll = s.view(-1, 4).unbind(1)
+        tiny = _TINY[s.dtype]
+        if statistic == "hsic":
+            r = scale.view(-1, 2).prod(1).square_().div_((n - 1) ** 2 if not debiased else n * (n - 3))
+        elif debiased:  # 0 where a self-term is not positive
+            r = torch.rsqrt(kk * ll).masked_fill_(torch.minimum(kk, ll) <= tiny, 0.0)
+        else:  # kk, ll >= 0, and 0 only for a degenerate input, whose kl is then exactly 0
+            r = (kk * ll).clamp_min_(tiny).rsqrt_()
+        v = kl * r  # r = (kk ll)^(-1/2) (cka) or (s_x s_y)^2 / N (hsic)
+        ctx.statistic, ctx.centered, ctx.backend, ctx.dtype = statistic, centered, backend, x.dtype
+        ctx.shapes = x.shape, y.shape
+        ctx.save_for_backward(u, w, inv, kk, ll, r, v, d, t, *saved)
+        return v.view(batch)
+
+    @staticmethod
+    def backward(ctx, gv):
+        u, w, inv, kk, ll, r, v, d, t, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad[:2]
+        if not (need[0] or need[1]):
+            return None, None, None, None, None, None
+        one = need[0] != need[1]
+        g = v.shape[0]
+        # dv/dkl = r; cka (v = kl r): dv/dkk = -v r^2 ll / 2, dv/dll = -v r^2 kk / 2.
+        # With one input to differentiate, its 1/s is folded into these coefficients.
+        gkl = gv.reshape(g) * (r * inv.view(g, 2)[:, 0 if need[0] else 1]) if one else gv.reshape(g) * r
+        gkk = gll = None
+        if ctx.statistic == "cka":
+            h = (v * r).mul_(gkl).mul_(-0.5)  # dv/dkk = h ll, dv/dll = h kk
+            gkk = (h * ll).view(g, 1, 1) if need[0] or d is not None else None
+            gll = (h * kk).view(g, 1, 1) if need[1] or d is not None else None
+        gkl = gkl.view(g, 1, 1)
+        grads = list(_products_backward(u, w, (gkl, gkk, gll), saved, ctx.backend, need, ctx.dtype))
+        if d is not None:  # the diagonals: dv/dd = -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]]
+            c1, c2 = _debias_terms(d.shape[-1])
+            zero = gkl * 0
+            gs = torch.cat([2 * gkk if gkk is not None else zero, gkl, gkl, 2 * gll if gll is not None else zero], 1)
+            gd = torch.add((gs.view(g, 2, 2) @ t) * c2, gs.view(g, 2, 2) @ d, alpha=-c1)
+            for i, ui in enumerate(_halves(u, w)):
+                if grads[i] is not None:
+                    gi = grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
+                    if ctx.centered:  # through the centring u = (x - mean) / s
+                        gi.sub_(gi.mean(1, keepdim=True))
+        if not one:
+            grads = [gi.mul_(iv) for gi, iv in zip(grads, inv.unbind(1))]
+        out = []
+        for gi, shape in zip(grads, ctx.shapes):
+            if gi is not None:
+                gi = gi.view(shape) if gi.dtype == ctx.dtype else gi.to(ctx.dtype).view(shape)
+            out.append(gi)
+        return out[0], out[1], None, None, None, None
+
+
+def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debiased: bool, backend: str) -> Tensor:
+    """Linear-kernel ``statistic`` ("cka" or "hsic") of checked x (..., n, p),
+    y (..., n, q) -> (...), in the compute dtype. ``centered=False``: the uncentred
+    alignment |X^T Y|^2 / (|X^T X| |Y^T Y|) (statistic "cka", biased only)."""
+    return _LinearAlignment.apply(x, y, statistic, centered, debiased, backend)

@@ -1,0 +1,181 @@
+"""The lean linear path (rcka_kernels/ops/linear.py): values and gradients against the
+float64 reference for every combination of which inputs require grad, stacked
+(p = q) and separate inputs, sample and feature space, groups, both estimators and
+the uncentred alignment; scale invariance; NaN policy; and op counts (deterministic,
+never a time) against the efficient plain-PyTorch formula."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import rcka_kernels as rk
+from rcka_kernels import _validate, reference
+from rcka_kernels.losses import official_alignment
+
+from .utils import TOL, assert_close
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import efficient  # noqa: E402
+
+# (batch, n, p, q): sample space (n < p + q) and feature space, stacked (p = q) and not
+CASES = [((), 9, 6, 6), ((2,), 7, 3, 9), ((), 30, 4, 4), ((2, 3), 30, 4, 7), ((3,), 5, 1, 1)]
+GRADS = [(True, False), (False, True), (True, True), (False, False)]
+
+
+def _pair(batch, n, p, q, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, n, p, generator=gen, dtype=torch.float64)
+    y = 0.5 * torch.randn(*batch, n, q, generator=gen, dtype=torch.float64)
+    k = min(p, q)
+    y[..., :k] += x[..., :k]
+    return (3.0 * x + 1.5).to(dtype), y.to(dtype)
+
+
+STATS = {
+    "cka": (lambda x, y, deb: rk.cka(x, y, debiased=deb), lambda x, y, deb: reference.cka(x, y, "linear", None, deb)),
+    "hsic": (lambda x, y, deb: rk.hsic(x, y, debiased=deb), lambda x, y, deb: reference.hsic(x, y, "linear", None, deb)),
+    "alignment": (lambda x, y, deb: official_alignment(x, y), lambda x, y, deb: reference.official_alignment(x, y, False)),
+}
+
+
+def _stat_cases():
+    for name in STATS:
+        for deb in ((False, True) if name != "alignment" else (False,)):
+            yield name, deb
+
+
+@pytest.mark.parametrize("name,debiased", list(_stat_cases()))
+@pytest.mark.parametrize("batch,n,p,q", CASES)
+@pytest.mark.parametrize("grads", GRADS)
+def test_values_and_gradients_match_reference(name, debiased, batch, n, p, q, grads):
+    if debiased and n < 4:
+        pytest.skip("the debiased estimator needs n >= 4")
+    ours, ref = STATS[name]
+    x, y = _pair(batch, n, p, q)
+    w = torch.randn(batch, dtype=torch.float64)  # an upstream gradient that is not all ones
+    a, b = x.clone().requires_grad_(grads[0]), y.clone().requires_grad_(grads[1])
+    got = ours(a, b, debiased)
+    assert got.shape == batch and got.dtype == torch.float64
+    torch.testing.assert_close(got, ref(x, y, debiased), rtol=1e-10, atol=1e-13)
+    leaves = [t for t in (a, b) if t.requires_grad]
+    if not leaves:
+        assert not got.requires_grad
+        return
+    g = torch.autograd.grad((got * w).sum(), leaves)
+    ra, rb = x.clone().requires_grad_(grads[0]), y.clone().requires_grad_(grads[1])
+    want = torch.autograd.grad((ref(ra, rb, debiased) * w).sum(), [t for t in (ra, rb) if t.requires_grad])
+    for gi, wi in zip(g, want):
+        torch.testing.assert_close(gi, wi, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,debiased", list(_stat_cases()))
+@pytest.mark.parametrize("batch,n,p,q", [((2,), 6, 4, 4), ((2,), 7, 3, 5), ((), 12, 2, 2), ((), 12, 2, 3)])
+def test_gradcheck(name, debiased, batch, n, p, q):
+    ours, _ = STATS[name]
+    x, y = _pair(batch, n, p, q)
+    x.requires_grad_(), y.requires_grad_()
+    assert gradcheck(lambda a, b: ours(a, b, debiased), (x, y))
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e-8, 1e8, 1e15])
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("n,p,q", [(64, 100, 100), (300, 16, 8)])
+def test_float32_scale_invariance(scale, debiased, n, p, q):
+    """CKA does not depend on the scale of either input, and neither does our float32
+    result: sums of squares are taken after a per-group rescaling."""
+    x, y = _pair((), n, p, q, dtype=torch.float32)
+    want = reference.cka(x, y, "linear", None, debiased)
+    for a, b in ((x * scale, y), (x, y * scale), (x * scale, y * scale)):
+        assert_close(rk.cka(a, b, debiased=debiased), want, torch.float32)
+    # HSIC scales as the squared scales: compare with the float64 reference of the same input
+    h = rk.hsic(x * scale, y, debiased=debiased)
+    assert torch.isfinite(h)
+    assert_close(h / scale**2, reference.hsic(x, y, "linear", None, debiased), torch.float32)
+    # the gradient of cka(c x) with respect to x is that of cka(x)
+    a = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(rk.cka(a * scale, y, debiased=debiased), a)
+    (g1,) = torch.autograd.grad(rk.cka(a, y, debiased=debiased), a)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, g1, rtol=1e-3, atol=1e-3 * float(g1.abs().max()))
+
+
+def test_float16_inputs_whose_squares_overflow_float16():
+    x, y = _pair((), 40, 12, 12, dtype=torch.float16)
+    x = x * 300.0  # |x|^2 ~ 1e6 > 65504
+    got = rk.cka(x, y)
+    assert got.dtype == torch.float32
+    assert_close(got, reference.cka(x, y, "linear", None, False), torch.float16)
+
+
+def test_debiased_and_biased_match_the_efficient_formulas():
+    x, y = _pair((3,), 20, 5, 30)
+    torch.testing.assert_close(rk.cka(x, y), efficient.linear_cka(x, y), rtol=1e-10, atol=0)
+    torch.testing.assert_close(rk.cka(x, y, debiased=True), efficient.linear_cka_debiased(x, y), rtol=1e-10, atol=0)
+    torch.testing.assert_close(official_alignment(x, y), efficient.official_alignment(x, y), rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------- NaN policy
+
+
+def test_finite_check_policy():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    old = rk.config.check_finite
+    try:
+        rk.config.check_finite = None  # default: free on the CPU, no host sync on a GPU
+        assert _validate.wants_finite_check(cpu) and not _validate.wants_finite_check(cuda)
+        rk.config.check_finite = True
+        assert _validate.wants_finite_check(cuda)
+        rk.config.check_finite = False
+        assert not _validate.wants_finite_check(cpu)
+    finally:
+        rk.config.check_finite = old
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name,debiased", list(_stat_cases()))
+def test_non_finite_input_gives_nan_without_a_host_read(bad, name, debiased):
+    """With the check off (as on a GPU by default), NaN/Inf input gives NaN, never a
+    finite value, and the call reads nothing back to the host."""
+    ours, _ = STATS[name]
+    x, y = _pair((2,), 8, 3, 3, dtype=torch.float32)
+    y[1, 3, 1] = bad
+    old = rk.config.check_finite
+    rk.config.check_finite = False
+    try:
+        ops = efficient.count_ops(lambda: ours(x, y, debiased), backward=False)
+        v = ours(x, y, debiased)
+    finally:
+        rk.config.check_finite = old
+    assert "_local_scalar_dense" not in ops
+    assert torch.isnan(v[1]) and torch.isfinite(v[0])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ours(x, y, debiased)
+
+
+# ----------------------------------------------------------------------------- op counts
+
+
+def _ops(fn, x, y):
+    x = x.detach().requires_grad_()
+    return efficient.count_ops(lambda: fn(x, y))
+
+
+@pytest.mark.parametrize("batch,n,p", [((), 64, 100), ((), 128, 100), ((), 300, 20), ((8,), 32, 64)])
+def test_no_more_ops_than_the_efficient_formula(batch, n, p):
+    """Ops per forward + backward (each a kernel launch on a GPU), student requiring
+    grad and teacher detached: at most those of the efficient plain-PyTorch formula."""
+    x, y = _pair(batch, n, p, p, dtype=torch.float32)
+    ours, base = _ops(rk.cka, x, y), _ops(efficient.linear_cka, x, y)
+    assert len(ours) <= len(base), (ours, base)
+
+
+def test_a_detached_input_gets_no_gradient_work():
+    x, y = _pair((), 64, 100, 100, dtype=torch.float32)
+    one = efficient.count_ops(lambda: rk.cka(x.clone().requires_grad_(), y))
+    both = efficient.count_ops(lambda: rk.cka(x.clone().requires_grad_(), y.clone().requires_grad_()))
+    gemms = [op for op in one if "mm" in op]
+    assert len(gemms) == len([op for op in both if "mm" in op]) - 1  # one backward GEMM, not two
+    assert len(one) < len(both)
