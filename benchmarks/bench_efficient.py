@@ -24,6 +24,7 @@ _OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "(unset)")  # as the proces
 
 import argparse
 import json
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -130,6 +131,10 @@ def measure(name: str, op: str, shape, q: int, device: str, backend: str, budget
     return rec
 
 
+def _ms(seconds: float) -> str:
+    return _harness.fmt_ms(seconds * 1e3)
+
+
 def table(records: List[dict]) -> str:
     lines = [
         "| case | backend | ours | plain PyTorch | ratio | ops ours / plain | extra memory ours / plain |",
@@ -138,7 +143,7 @@ def table(records: List[dict]) -> str:
     for r in records:
         t, o, m = r["median_s"], r["ops"], r["peak_extra_bytes"]
         lines.append(
-            f"| {r['case']} | {r['backend']} | {_harness.fmt_ms(t['ours'])} | {_harness.fmt_ms(t['baseline'])} | "
+            f"| {r['case']} | {r['backend']} | {_ms(t['ours'])} | {_ms(t['baseline'])} | "
             f"**{r['ratio']:.2f}** | {o['ours']} / {o['baseline']} | {_harness.fmt_bytes(m['ours'])} / {_harness.fmt_bytes(m['baseline'])} |"
         )
     return "\n".join(lines)
@@ -155,13 +160,13 @@ def main(argv=None):
     ap.add_argument("--out", default=str(_harness.RESULTS), help="folder for the JSON and markdown")
     ap.add_argument("--tag", default="")
     args, _ = ap.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     backends = (args.backends or ("torch,triton" if args.device == "cuda" else "torch")).split(",")
     names = QUICK if args.quick else [c[0] for c in CASES]
     if args.only:
         names = args.only.split(",")
     meta = _harness.env_info(args.device)
-    meta.update(script="bench_efficient", omp_wait_policy=_OMP_WAIT_POLICY,
-                load_average_before=list(os.getloadavg()), argv=argv)
+    meta.update(script="bench_efficient", OMP_WAIT_POLICY=_OMP_WAIT_POLICY, argv=["-m", "benchmarks.bench_efficient", *(argv or [])])
     records = []
     for name, op, shape, q in CASES:
         if name not in names:
@@ -177,17 +182,17 @@ def main(argv=None):
                 rec = {"case": name, "backend": backend, "status": "error", "error": f"{type(e).__name__}: {e}"}
             records.append(rec)
             if "ratio" in rec:
-                print(f"{name:28s} {backend:6s} ours {_harness.fmt_ms(rec['median_s']['ours']):>10s}  plain {_harness.fmt_ms(rec['median_s']['baseline']):>10s}"
+                print(f"{name:28s} {backend:6s} ours {_ms(rec['median_s']['ours']):>10s}  plain {_ms(rec['median_s']['baseline']):>10s}"
                       f"  ratio {rec['ratio']:.2f}  ops {rec['ops']['ours']}/{rec['ops']['baseline']}", flush=True)
             else:
                 print(f"{name:28s} {backend:6s} {rec['status']}: {rec.get('reason') or rec.get('error')}", flush=True)
-    meta["load_average_after"] = list(os.getloadavg())
+    meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"efficient{('_' + args.tag) if args.tag else ''}_{args.device}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     ok = [r for r in records if "ratio" in r]
-    (out / f"{stem}.md").write_text(f"# {stem}\n\n{meta['device_name']}, torch {meta['torch']}, load average {meta['load_average_before']}\n\n{table(ok)}\n")
+    (out / f"{stem}.md").write_text(f"# {stem}\n\n{meta['device_name']}, torch {meta['torch']}, load average {meta['loadavg_start']} -> {meta['loadavg_end']}, OMP_WAIT_POLICY {meta['OMP_WAIT_POLICY']}\n\n{table(ok)}\n")
     print(f"wrote {out / stem}.json and .md")
 
 

@@ -102,7 +102,7 @@ def available_backends(device=None) -> Dict[str, BackendStatus]:
 def _preferred(device: torch.device):
     if device.type == "cuda":
         return ("triton", "cuda")
-    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("RCKA_AUTO_TRITON") == "1":
+    if os.environ.get("RCKA_AUTO_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1":
         return ("triton",)
     return ()
 

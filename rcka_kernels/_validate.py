@@ -79,11 +79,10 @@ def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int
 
 def wants_finite_check(device: torch.device) -> bool:
     """Whether to read the data for NaN/Inf on this device (see ``Config.check_finite``)."""
-    if _is_compiling():
+    c = config.check_finite
+    if c is False or (c is None and device.type != "cpu"):
         return False
-    if config.check_finite is None:
-        return device.type == "cpu"
-    return bool(config.check_finite)
+    return not _is_compiling()
 
 
 def _non_finite_error(fn: str) -> ValueError:

@@ -170,7 +170,7 @@ def test_efficient_benchmark_records_ratios_ops_and_memory(tmp_path):
     names = ["cka 64x100", "debiased cka 64x100", "RCKALoss official 64x100"]
     bench_efficient.main(["--only", ",".join(names), "--time-budget", "0", "--min-reps", "2", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "efficient_cpu.json").read_text())
-    assert {"torch", "date", "commit", "device_name", "load_average_before"} <= set(data["meta"])
+    assert {"torch", "date", "git_commit", "device_name", "loadavg_start", "loadavg_end", "OMP_WAIT_POLICY"} <= set(data["meta"])
     assert [r["case"] for r in data["records"]] == names
     for r in data["records"]:
         assert r["value_rel_diff"] < 1e-4, r

@@ -58,19 +58,21 @@ _SMALL = 1 << 16  # entries below which the op count, not memory traffic, sets t
 
 def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(u, s, inv): groups z (B, n, f) centred (if asked) and times inv = 1/s with
-    s = max |entry| after centring, per group; inv = 0 where s = 0. The first row
-    is subtracted before the mean, so a column whose rows are all equal becomes
-    exactly 0 (a mean alone would leave its rounding error). ``owned``: z is a
-    buffer of ours, worked on in place (a fresh n x p buffer costs more than the
-    arithmetic on it)."""
+    s = max |entry| after centring, per group (B, 1, 1); inv = 0 where s = 0. The
+    first row is subtracted before the mean, so a column whose rows are all equal
+    becomes exactly 0 (a mean alone would leave its rounding error). Large inputs
+    are worked on in place when ``owned`` (a buffer of ours): a fresh n x p buffer
+    costs more than the arithmetic on it."""
     if z.dtype not in (torch.float32, torch.float64):  # half inputs: everything in float32
         z, owned = z.float(), True
+    small = z.shape[0] * z.shape[1] * z.shape[2] < _SMALL
+    if small or not owned:
+        z = z - z[:, :1] if centered else z.clone()
+    else:
+        z.sub_(z[:, :1].clone()) if centered else None
     if centered:
-        z = z.sub_(z[:, :1].clone()) if owned else z - z[:, :1]
         z.sub_(z.mean(1, keepdim=True))
-    elif not owned:
-        z = z.clone()
-    if z.numel() < _SMALL:
+    if small:
         s = z.abs().amax((1, 2), keepdim=True)
     else:  # no n x p temporary
         s = torch.maximum(z.amax((1, 2), keepdim=True), z.amin((1, 2), keepdim=True).neg_())
@@ -79,32 +81,34 @@ def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tens
 
 
 def _prepare(x: Tensor, y: Tensor, centered: bool):
-    """(u, w, s, inv), s and inv (G, 2, 1, 1): per group, x's then y's. Same-shaped
-    inputs come back as one tensor u (2G, n, p), each group's x and y side by side,
-    and w None."""
+    """(u, w, s, inv) for x (..., n, p), y (..., n, q); s and inv (2G, 1, 1) hold
+    each group's x then y. Same-shaped inputs come back as one tensor u (2G, n, p),
+    each group's x and y side by side, and w None."""
+    n = x.shape[-2]
     if x.shape == y.shape:
-        u, s, inv = _scale(torch.stack([x, y], 1).view(-1, *x.shape[1:]), centered, True)
-        return u, None, s.view(-1, 2, 1, 1), inv.view(-1, 2, 1, 1)
-    (u, sx, ix), (w, sy, iy) = _scale(x, centered, False), _scale(y, centered, False)
-    return u, w, torch.stack([sx, sy], 1), torch.stack([ix, iy], 1)
+        z = torch.stack([x, y], -3)
+        u, s, inv = _scale(z if z.dim() == 3 else z.view(-1, n, x.shape[-1]), centered, True)
+        return u, None, s, inv
+    (u, sx, ix), (w, sy, iy) = (_scale(t.reshape(-1, n, t.shape[-1]), centered, False) for t in (x, y))
+    return u, w, torch.stack([sx, sy], 1).view(-1, 1, 1), torch.stack([ix, iy], 1).view(-1, 1, 1)
 
 
 def _halves(u: Tensor, w: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return u.view(-1, 2, *u.shape[1:]).unbind(1) if w is None else (u, w)
+    return (u[0::2], u[1::2]) if w is None else (u, w)
 
 
 # ----------------------------------------------------------------------------- backend products
 
 
 def _products(u, w, backend: str, dtype: torch.dtype):
-    """(S (G, 3) in the compute dtype, saved) from the backend. The torch backend is
-    called directly (it takes the stacked pair); compiled backends through their
+    """(S (G, 2, 2) in the compute dtype, saved) from the backend. The torch backend
+    is called directly (it takes the stacked pair); compiled backends through their
     custom op, in the input dtype (the prepared entries lie in [-1, 1])."""
     if backend == "torch":
         return torch_backend.linear_stats_saving(u, w)
     a, b = (t.to(dtype).contiguous() for t in _halves(u, w))
     kl, kk, ll = _stats.linear_stats(a, b, backend).to(u.dtype).unbind(1)
-    return torch.stack([kk, kl, kl, ll], -1).view(-1, 2, 2), ()
+    return torch_backend._gram_of_grams(kl, kk, ll), ()
 
 
 def _products_backward(u, w, g, saved, backend: str, need, dtype: torch.dtype):
@@ -134,29 +138,28 @@ class _LinearAlignment(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, statistic: str, centered: bool, debiased: bool, backend: str):
-        batch, n = x.shape[:-2], x.shape[-2]
-        u, w, scale, inv = _prepare(x.reshape(-1, n, x.shape[-1]), y.reshape(-1, n, y.shape[-1]), centered)
+        n = x.shape[-2]
+        u, w, scale, inv = _prepare(x, y, centered)
         s, saved = _products(u, w, backend, x.dtype)
         d = t = None
         if debiased:
             c1, c2 = _debias_terms(n)
-            sq = [torch.linalg.vector_norm(t, dim=-1).square_() for t in ((u,) if w is None else (u, w))]
-            d = sq[0].view(-1, 2, n) if w is None else torch.stack(sq, 1)
-            t = d.sum(-1, keepdim=True)  # (G, 2, 1): 1'd, 1'e of the diagonals d (G, 2, n) of K and L
+            sq = [torch.linalg.vector_norm(h, dim=-1).square_() for h in ((u,) if w is None else (u, w))]
+            d = sq[0].view(-1, 2, n) if w is None else torch.stack(sq, 1)  # (G, 2, n): diag K, diag L
+            t = d.sum(-1, keepdim=True)  # (G, 2, 1): 1'd, 1'e
             s = torch.add(s, torch.add(t * t.mT, d @ d.mT, alpha=-c1 / c2), alpha=c2)
-        kk, kl, _, ll = s.view(-1, 4).unbind(1)
-        tiny = _TINY[s.dtype]
+        kk, kl, ll = s[:, :1, :1], s[:, :1, 1:], s[:, 1:, 1:]  # (G, 1, 1) each
         if statistic == "hsic":
-            r = scale.view(-1, 2).prod(1).square_().div_((n - 1) ** 2 if not debiased else n * (n - 3))
+            r = scale.view(-1, 2).prod(1).square_().div_((n - 1) ** 2 if not debiased else n * (n - 3)).view(-1, 1, 1)
         elif debiased:  # 0 where a self-term is not positive
-            r = torch.rsqrt(kk * ll).masked_fill_(torch.minimum(kk, ll) <= tiny, 0.0)
+            r = torch.rsqrt(kk * ll).masked_fill_(torch.minimum(kk, ll) <= _TINY[s.dtype], 0.0)
         else:  # kk, ll >= 0, and 0 only for a degenerate input, whose kl is then exactly 0
-            r = (kk * ll).clamp_min_(tiny).rsqrt_()
+            r = (kk * ll).clamp_min_(_TINY[s.dtype]).rsqrt_()
         v = kl * r  # r = (kk ll)^(-1/2) (cka) or (s_x s_y)^2 / N (hsic)
         ctx.statistic, ctx.centered, ctx.backend, ctx.dtype = statistic, centered, backend, x.dtype
         ctx.shapes = x.shape, y.shape
         ctx.save_for_backward(u, w, inv, kk, ll, r, v, d, t, *saved)
-        return v.view(batch)
+        return v.view(x.shape[:-2])
 
     @staticmethod
     def backward(ctx, gv):
@@ -165,29 +168,28 @@ class _LinearAlignment(torch.autograd.Function):
         if not (need[0] or need[1]):
             return None, None, None, None, None, None
         one = need[0] != need[1]
-        g = v.shape[0]
         # dv/dkl = r; cka (v = kl r): dv/dkk = -v r^2 ll / 2, dv/dll = -v r^2 kk / 2.
         # With one input to differentiate, its 1/s is folded into these coefficients.
-        gkl = gv.reshape(g) * (r * inv.view(g, 2)[:, 0 if need[0] else 1]) if one else gv.reshape(g) * r
+        gkl = gv.reshape(-1, 1, 1) * (r * inv[0 if need[0] else 1::2] if one else r)
         gkk = gll = None
         if ctx.statistic == "cka":
             h = (v * r).mul_(gkl).mul_(-0.5)  # dv/dkk = h ll, dv/dll = h kk
-            gkk = (h * ll).view(g, 1, 1) if need[0] or d is not None else None
-            gll = (h * kk).view(g, 1, 1) if need[1] or d is not None else None
-        gkl = gkl.view(g, 1, 1)
+            gkk = h * ll if need[0] or d is not None else None
+            gll = h * kk if need[1] or d is not None else None
         grads = list(_products_backward(u, w, (gkl, gkk, gll), saved, ctx.backend, need, ctx.dtype))
         if d is not None:  # the diagonals: dv/dd = -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]]
             c1, c2 = _debias_terms(d.shape[-1])
             zero = gkl * 0
             gs = torch.cat([2 * gkk if gkk is not None else zero, gkl, gkl, 2 * gll if gll is not None else zero], 1)
-            gd = torch.add((gs.view(g, 2, 2) @ t) * c2, gs.view(g, 2, 2) @ d, alpha=-c1)
+            gs = gs.view(-1, 2, 2)
+            gd = torch.add((gs @ t) * c2, gs @ d, alpha=-c1)
             for i, ui in enumerate(_halves(u, w)):
                 if grads[i] is not None:
                     gi = grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
                     if ctx.centered:  # through the centring u = (x - mean) / s
                         gi.sub_(gi.mean(1, keepdim=True))
         if not one:
-            grads = [gi.mul_(iv) for gi, iv in zip(grads, inv.unbind(1))]
+            grads = [grads[0].mul_(inv[0::2]), grads[1].mul_(inv[1::2])]
         out = []
         for gi, shape in zip(grads, ctx.shapes):
             if gi is not None:
