@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._validate import _is_compiling
-from .ops.torch_backend import block_elems, compute_dtype, sq_dist_block
+from .ops.torch_backend import block_elems, center_columns, compute_dtype, sq_dist_block
 
 Tensor = torch.Tensor
 _DIGIT = 16
@@ -26,8 +26,8 @@ _BINS = 1 << _DIGIT
 
 
 def _center(x: Tensor) -> Tensor:
-    x = x.to(compute_dtype(x.dtype))
-    return x - x.mean(1, keepdim=True)
+    """x centred in the compute dtype (distances are taken there)."""
+    return center_columns(x.to(compute_dtype(x.dtype)))
 
 
 def mean_sq_distance(x: Tensor) -> Tensor:

@@ -99,22 +99,24 @@ def available_backends(device=None) -> Dict[str, BackendStatus]:
     return {name: status(name, dev) for name in BACKENDS}
 
 
-def _preferred(device: torch.device):
+def _preferred(device: torch.device, kernel: str):
     if device.type == "cuda":
-        return ("triton", "cuda")
+        # linear statistics are GEMMs: cuBLAS (the torch backend) until a committed GPU
+        # measurement shows a compiled backend faster (benchmarks/bench_efficient.py)
+        return () if kernel == "linear" else ("triton", "cuda")
     if os.environ.get("RCKA_AUTO_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1":
         return ("triton",)
     return ()
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend to run for tensors on ``device``."""
+def resolve(backend: str, device: torch.device, kernel: str = "rbf") -> str:
+    """The backend to run for tensors on ``device`` and statistics of ``kernel``."""
     if backend != "auto":
         st = status(backend, device)
         if not st.available:
             raise RuntimeError(f"backend {backend!r} is unavailable: {st.reason}")
         return backend
-    for name in _preferred(device):
+    for name in _preferred(device, kernel):
         st = status(name, device)
         if st.available:
             return name
@@ -123,6 +125,11 @@ def resolve(backend: str, device: torch.device) -> str:
             _warned.add(key)
             warnings.warn(f"rcka_kernels: backend {name!r} unavailable ({st.reason}); using 'torch'", RuntimeWarning, stacklevel=3)
     return "torch"
+
+
+def provides(name: str, function: str) -> bool:
+    """Whether backend ``name`` implements an optional contract member (ops/_contract.py OPTIONAL)."""
+    return hasattr(kernels(name), function)
 
 
 def kernels(name: str):

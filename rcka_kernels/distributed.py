@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from . import _validate
 from . import functional as F
+from .ops.torch_backend import compute_dtype
 
 __all__ = ["is_distributed", "all_reduce_sum", "all_gather", "cka", "hsic", "cka_loss"]
 
@@ -160,12 +161,8 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: 
         return F.hsic(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel == "linear":
         hxy, _, _, const = _linear_terms(x, y, debiased, group)
-        return torch.where(const, torch.zeros_like(hxy), hxy).to(_out_dtype(x))
+        return torch.where(const, torch.zeros_like(hxy), hxy).to(compute_dtype(x.dtype))
     return F.hsic(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
-
-
-def _out_dtype(x: Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: bool = False, group=None, backend: str = "auto") -> Tensor:
@@ -182,7 +179,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: b
     if kernel != "linear":
         return F.cka(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     hxy, hxx, hyy, const = _linear_terms(x, y, debiased, group)
-    return F._cka_from_terms(hxy, hxx, hyy, const).to(_out_dtype(x))
+    return F._cka_from_terms(hxy, hxx, hyy, const).to(compute_dtype(x.dtype))
 
 
 def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 from . import _bandwidth, _dispatch, _validate, reference
 from .ops import stats as _ops
 from .ops.linear import linear_alignment
-from .ops.torch_backend import compute_dtype
+from .ops.torch_backend import center_columns, compute_dtype, gram_matrix
 
 Tensor = torch.Tensor
 Sigma = Union[None, float, str, Tensor]
@@ -44,18 +44,8 @@ __all__ = [
 ]
 
 
-def _out_dtype(x: Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _as_groups(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous()
-
-
-def _center(x3: Tensor) -> Tensor:
-    """Subtract the column means (computed in the compute dtype); any residual shift is harmless."""
-    mean = x3.mean(1, keepdim=True, dtype=compute_dtype(x3.dtype))
-    return x3 - mean.to(x3.dtype)
 
 
 def _gamma(x3: Tensor, sigma: Sigma) -> Tensor:
@@ -66,7 +56,7 @@ def _prepare(fn, x, y, kernel, sigma, backend, *, same_rows, same_cols, min_rows
     _validate.check_pair(fn, x, y, same_rows=same_rows, same_cols=same_cols, min_rows=min_rows, why=why, finite=finite)
     _validate.check_kernel(fn, kernel, sigma)
     _validate.check_sigma_tensor(fn, sigma, x.shape[:-2], x.device)
-    return _dispatch.resolve(backend, x.device)
+    return _dispatch.resolve(backend, x.device, kernel)
 
 
 # ----------------------------------------------------------------------------- HSIC / CKA
@@ -93,7 +83,7 @@ def _hsic_from_stats(s: Tensor, ra: Tensor, rb: Tensor, da: Tensor, db: Tensor, 
 def _rbf_hsic_terms(x3: Tensor, y3: Tensor, sigma: Sigma, debiased: bool, backend: str):
     """(hxy, hxx, hyy) float64, each (G,), of RBF Grams for groups x3 (G, n, p), y3 (G, n, q)."""
     n = x3.shape[1]
-    s, rx, ry = _ops.rbf_stats(_center(x3), _center(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+    s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
     rx, ry = rx.double(), ry.double()
     dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
     hxy = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
@@ -139,14 +129,14 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     m, why = _min_rows(debiased)
     name = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
     if name == "reference":
-        return reference.hsic(x, y, kernel, sigma, debiased).to(_out_dtype(x))
+        return reference.hsic(x, y, kernel, sigma, debiased).to(compute_dtype(x.dtype))
     if kernel == "linear":
         return _validate.check_value("hsic", linear_alignment(x, y, "hsic", True, debiased, name))
     x3, y3 = _as_groups(x), _as_groups(y)
     cx, cy = _validate.scan_groups("hsic", x3, y3)
     hxy = _rbf_hsic_terms(x3, y3, sigma, debiased, name)[0]
     hxy = torch.where(cx | cy, torch.zeros_like(hxy), hxy)
-    return hxy.to(_out_dtype(x)).reshape(x.shape[:-2])
+    return hxy.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 
 def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
@@ -160,11 +150,11 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, de
     m, why = _min_rows(debiased)
     name = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
     if name == "reference":
-        return reference.cka(x, y, kernel, sigma, debiased).to(_out_dtype(x))
+        return reference.cka(x, y, kernel, sigma, debiased).to(compute_dtype(x.dtype))
     if kernel == "linear":
         return _validate.check_value("cka", linear_alignment(x, y, "cka", True, debiased, name))
     out = _rbf_cka(_as_groups(x), _as_groups(y), sigma, debiased, name, "cka")
-    return out.to(_out_dtype(x)).reshape(x.shape[:-2])
+    return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 
 def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:
@@ -181,7 +171,7 @@ def official_alignment(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor
     Grams, x (..., n, p), y (..., n, q) -> x.shape[:-2]; 0 where an input is 0; any n >= 1."""
     name = _prepare("official_alignment", x, y, "linear", None, backend, same_rows=True, same_cols=False, min_rows=1, finite=False)
     if name == "reference":
-        return reference.official_alignment(x, y, False).to(_out_dtype(x))
+        return reference.official_alignment(x, y, False).to(compute_dtype(x.dtype))
     return _validate.check_value("official_alignment", linear_alignment(x, y, "cka", False, False, name))
 
 
@@ -192,7 +182,7 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
         sq = [(m * m).sum((1, 2)) for m in (xd.mT @ yd, xd.mT @ xd, yd.mT @ yd)]
         return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
     # RBF Grams do not change under a translation of the inputs
-    s, rx, ry = _ops.rbf_stats(_center(x3), _center(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+    s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
     n = x3.shape[1]
     return s + n, rx.double().sum(-1) + n, ry.double().sum(-1) + n  # add the unit diagonal back
 
@@ -207,7 +197,7 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     """
     name = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2, finite=False)
     if name == "reference":
-        return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(_out_dtype(x))
+        return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(compute_dtype(x.dtype))
     if kernel == "linear":
         return 1.0 - _validate.check_value("gram_discrepancy", linear_alignment(x, y, "cka", centered, False, name))
     x3, y3 = _as_groups(x), _as_groups(y)
@@ -219,7 +209,7 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
         ok = (s[:, 1] > 0) & (s[:, 2] > 0)
         denom = torch.sqrt(torch.where(ok, s[:, 1] * s[:, 2], torch.ones_like(s[:, 1])))
         out = 1.0 - torch.where(ok, s[:, 0] / denom, torch.zeros_like(denom))
-    return out.to(_out_dtype(x)).reshape(x.shape[:-2])
+    return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 
 def mmd_upper_bound(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True, backend: str = "auto") -> Tensor:
@@ -231,18 +221,18 @@ def mmd_upper_bound(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigm
     """
     name = _prepare("mmd_upper_bound", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2)
     if name == "reference":
-        return reference.mmd_upper_bound(x, y, kernel, sigma, centered).to(_out_dtype(x))
+        return reference.mmd_upper_bound(x, y, kernel, sigma, centered).to(compute_dtype(x.dtype))
     x3, y3 = _as_groups(x), _as_groups(y)
     n = x3.shape[1]
     if centered:
-        return torch.zeros(x.shape[:-2], dtype=_out_dtype(x), device=x.device)
+        return torch.zeros(x.shape[:-2], dtype=compute_dtype(x.dtype), device=x.device)
     s, tx, ty = _raw_stats(x3, y3, kernel, sigma, name)
     ok = (s[:, 1] > 0) & (s[:, 2] > 0)
     mx = torch.where(ok, tx / torch.sqrt(torch.where(ok, s[:, 1], torch.ones_like(tx))), torch.zeros_like(tx))
     my = torch.where(ok, ty / torch.sqrt(torch.where(ok, s[:, 2], torch.ones_like(ty))), torch.zeros_like(ty))
     # mean K^ = (1^T K 1) / (n^2 |K|_F), so (n^2/2)(mean K^ - mean L^)^2 = (mx - my)^2 / (2 n^2)
     out = (mx - my) ** 2 / (2.0 * n * n)
-    return out.to(_out_dtype(x)).reshape(x.shape[:-2])
+    return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 
 # ----------------------------------------------------------------------------- MMD
@@ -260,7 +250,7 @@ def mmd(x: Tensor, y: Tensor, *, kernel: str = "rbf", sigma: Sigma = None, unbia
     why = " for the unbiased estimator" if unbiased else ""
     name = _prepare("mmd", x, y, kernel, sigma, backend, same_rows=False, same_cols=True, min_rows=m, why=why)
     if name == "reference":
-        return reference.mmd(x, y, kernel, sigma, unbiased).to(_out_dtype(x))
+        return reference.mmd(x, y, kernel, sigma, unbiased).to(compute_dtype(x.dtype))
     x3, y3 = _as_groups(x), _as_groups(y)
     n, mm = x3.shape[1], y3.shape[1]
     # every term is invariant to a common translation: centre on the pooled mean
@@ -280,7 +270,7 @@ def mmd(x: Tensor, y: Tensor, *, kernel: str = "rbf", sigma: Sigma = None, unbia
         out = (s[:, 0] - dx) / (n * (n - 1)) + (s[:, 1] - dy) / (mm * (mm - 1)) - 2.0 * s[:, 2] / (n * mm)
     else:
         out = s[:, 0] / (n * n) + s[:, 1] / (mm * mm) - 2.0 * s[:, 2] / (n * mm)
-    return out.to(_out_dtype(x)).reshape(x.shape[:-2])
+    return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 
 # ----------------------------------------------------------------------------- Gram matrices
@@ -293,26 +283,23 @@ def _check_single(fn, x, kernel, sigma, backend, min_rows):
     _validate.check_kernel(fn, kernel, sigma)
     _validate.check_sigma_tensor(fn, sigma, x.shape[:-2], x.device)
     _validate.check_finite(fn, x)
-    return _dispatch.resolve(backend, x.device)
+    return _dispatch.resolve(backend, x.device, kernel)
 
 
-def _gram3(x3: Tensor, kernel: str, sigma: Sigma) -> Tensor:
-    xd = x3.to(compute_dtype(x3.dtype))
-    if kernel == "linear":
-        return xd @ xd.transpose(1, 2)
-    xc = _center(xd)
-    nx = (xc * xc).sum(-1)
-    d = (nx[:, :, None] + nx[:, None, :] - 2.0 * xc @ xc.transpose(1, 2)).clamp_min(0.0)
-    d = d * (1.0 - torch.eye(d.shape[-1], dtype=d.dtype, device=d.device))
-    return torch.exp(-_gamma(x3, sigma)[:, None, None] * d)
+def _gamma_or_zero(x3: Tensor, kernel: str, sigma: Sigma) -> Tensor:
+    """gamma (G,) in the compute dtype; 0 (unused) for the linear kernel."""
+    if kernel == "rbf":
+        return _gamma(x3, sigma).to(compute_dtype(x3.dtype))
+    return torch.zeros(x3.shape[0], dtype=compute_dtype(x3.dtype), device=x3.device)
 
 
 def gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, backend: str = "auto") -> Tensor:
     """The Gram matrix K (..., n, n) of the rows of x (..., n, p). It is n x n: for small n."""
     name = _check_single("gram", x, kernel, sigma, backend, 1)
     if name == "reference":
-        return reference.gram(x, kernel, sigma).to(_out_dtype(x))
-    return _gram3(_as_groups(x), kernel, sigma).to(_out_dtype(x)).reshape(*x.shape[:-1], x.shape[-2])
+        return reference.gram(x, kernel, sigma).to(compute_dtype(x.dtype))
+    x3 = _as_groups(x)
+    return gram_matrix(x3, kernel, _gamma_or_zero(x3, kernel, sigma)).reshape(*x.shape[:-1], x.shape[-2])
 
 
 def centered_gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
@@ -321,25 +308,9 @@ def centered_gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, deb
     products give the unbiased HSIC: hsic = <K_u, L_u> / (n (n-3))."""
     name = _check_single("centered_gram", x, kernel, sigma, backend, 4 if debiased else 1)
     if name == "reference":
-        return reference.centered_gram(x, kernel, sigma, debiased).to(_out_dtype(x))
-    if hasattr(_dispatch.kernels(name), "centered_gram"):
-        # one fused pass over the tiles (the backend's kernel); torch autograd in backward
-        x3 = _as_groups(x)
-        if kernel == "rbf":
-            gamma = _gamma(x3, sigma)
-        else:
-            gamma = torch.zeros(x3.shape[0], dtype=compute_dtype(x3.dtype), device=x3.device)
-        k = _ops.centered_gram(x3, gamma.to(compute_dtype(x3.dtype)), kernel, debiased, name)
-        return k.to(_out_dtype(x)).reshape(*x.shape[:-1], x.shape[-2])
-    k = _gram3(_as_groups(x), kernel, sigma)
-    n = k.shape[-1]
-    if debiased:
-        k = k * (1.0 - torch.eye(n, dtype=k.dtype, device=k.device))
-        r = k.sum(-1) / (n - 2)
-        k = k - r[:, :, None] - r[:, None, :] + (r.sum(-1) / (n - 1))[:, None, None]
-        k = k * (1.0 - torch.eye(n, dtype=k.dtype, device=k.device))
-    else:
-        r = k.mean(-1)
-        k = k - r[:, :, None] - r[:, None, :] + r.mean(-1)[:, None, None]
-    return k.to(_out_dtype(x)).reshape(*x.shape[:-1], n)
-
+        return reference.centered_gram(x, kernel, sigma, debiased).to(compute_dtype(x.dtype))
+    if not _dispatch.provides(name, "centered_gram"):
+        name = "torch"
+    x3 = _as_groups(x)
+    k = _ops.centered_gram(x3, _gamma_or_zero(x3, kernel, sigma), kernel, debiased, name)
+    return k.reshape(*x.shape[:-1], x.shape[-2])

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import functional as F
 from . import reference
+from .ops.torch_backend import compute_dtype
 
 __all__ = ["CKALoss", "RCKALoss", "PCKALoss", "official_alignment"]
 
@@ -122,11 +123,10 @@ def official_alignment(x: Tensor, y: Tensor, l2_norm: bool = False, backend: str
         raise ValueError(f"official_alignment: x and y must have the same leading dims and samples, got {tuple(x.shape)} and {tuple(y.shape)}")
     if not l2_norm:
         return F.official_alignment(x, y, backend=backend)
-    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    cd = compute_dtype(x.dtype)
     if backend == "reference":
-        return reference.official_alignment(x, y, l2_norm).to(out_dtype)
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _official_l2(x.to(cd), y.to(cd)).to(out_dtype)
+        return reference.official_alignment(x, y, l2_norm).to(cd)
+    return _official_l2(x.to(cd), y.to(cd))
 
 
 # ----------------------------------------------------------------------------- shared term
@@ -158,7 +158,7 @@ class _AlignmentTerms(nn.Module):
         if n < (4 if self.debiased else 2):
             # no pairwise relation to align between fewer than two samples: a constant term
             z = 0.0 * s.sum((-1, -2))
-            return z if z.dtype in (torch.float32, torch.float64) else z.float()
+            return z.to(compute_dtype(z.dtype))
         return weight * F.cka_loss(s, t, kernel=self.kernel, sigma=self.sigma, debiased=self.debiased, backend=self.backend)
 
     def extra_repr(self) -> str:

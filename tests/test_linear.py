@@ -179,3 +179,11 @@ def test_a_detached_input_gets_no_gradient_work():
     gemms = [op for op in one if "mm" in op]
     assert len(gemms) == len([op for op in both if "mm" in op]) - 1  # one backward GEMM, not two
     assert len(one) < len(both)
+
+
+def test_auto_takes_the_torch_backend_for_linear_statistics_on_cuda():
+    """cuBLAS GEMMs until a committed GPU measurement shows a compiled backend faster."""
+    from rcka_kernels import _dispatch
+
+    assert _dispatch._preferred(torch.device("cuda"), "linear") == ()
+    assert _dispatch._preferred(torch.device("cuda"), "rbf") == ("triton", "cuda")

@@ -39,6 +39,12 @@ Functions
 - ``rbf_mmd_sums_backward(x, y, gamma, gS) -> (dx, dy)``.
 """
 
+# Optional: a backend may implement these; the public functions fall back to the
+# torch backend's (``rcka_kernels._dispatch.provides``).
+# - ``centered_gram(x, kernel, gamma, debiased) -> (G, n, n)`` in the compute dtype:
+#   H K H, or the U-centred K (zero diagonal) if debiased; gamma (G,) for RBF.
+OPTIONAL = ("centered_gram",)
+
 FUNCTIONS = (
     "linear_stats",
     "linear_stats_backward",

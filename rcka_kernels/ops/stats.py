@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 
 from .. import _dispatch
-from .torch_backend import compute_dtype
+from .torch_backend import center_columns, centre_nxn, compute_dtype, gram_matrix
 
 Tensor = torch.Tensor
 
@@ -148,18 +148,6 @@ def _(x, gamma, kernel, debiased, backend):
     return x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=compute_dtype(x.dtype))
 
 
-def _centre_nxn(g: Tensor, debiased: bool) -> Tensor:
-    """The centring map on any (G, n, n) matrix, with row sums for rows and column
-    sums for columns, so it is its own adjoint (and equals the forward's on symmetric K)."""
-    n = g.shape[-1]
-    if not debiased:
-        return g - g.mean(-1, keepdim=True) - g.mean(-2, keepdim=True) + g.mean((-2, -1), keepdim=True)
-    eye = torch.eye(n, dtype=torch.bool, device=g.device)
-    g = g.masked_fill(eye, 0.0)
-    u = g - g.sum(-1, keepdim=True) / (n - 2) - g.sum(-2, keepdim=True) / (n - 2) + g.sum((-2, -1), keepdim=True) / ((n - 1) * (n - 2))
-    return u.masked_fill(eye, 0.0)
-
-
 def _cg_setup(ctx, inputs, output):
     x, gamma, kernel, debiased, backend = inputs
     ctx.save_for_backward(x, gamma)
@@ -171,17 +159,14 @@ def _cg_backward(ctx, go):
     linear dX = (Gc + Gc^T) X; RBF dX = -2 gamma (rowsum(M) x - M X), M = (Gc + Gc^T) o K."""
     x, gamma = ctx.saved_tensors
     cd = compute_dtype(x.dtype)
-    gc = _centre_nxn(go.to(cd), ctx.debiased)
+    gc = centre_nxn(go.to(cd), ctx.debiased)
     s = gc + gc.transpose(-1, -2)
-    xd = x.to(cd)
-    xd = xd - xd.mean(1, keepdim=True)  # translation-invariant for both kernels (Gc has zero row sums)
+    xd = center_columns(x.to(cd))  # translation-invariant for both kernels (Gc has zero row sums)
     if ctx.kernel == "linear":
         dx = s @ xd
-    else:
-        nx = (xd * xd).sum(-1)
-        d = (nx[:, :, None] + nx[:, None, :] - 2.0 * xd @ xd.transpose(1, 2)).clamp_min(0.0)
-        m = s * torch.exp(-gamma.to(cd).reshape(-1, 1, 1) * d)
-        m = m.masked_fill(torch.eye(x.shape[1], dtype=torch.bool, device=x.device), 0.0)
+    else:  # the diagonal's weights cancel in rowsum(M) x - M X: left out, not cancelled in rounding
+        m = s * gram_matrix(xd, "rbf", gamma)
+        m.diagonal(dim1=-2, dim2=-1).zero_()
         dx = -2.0 * gamma.to(cd).reshape(-1, 1, 1) * (m.sum(-1, keepdim=True) * xd - m @ xd)
     return dx.to(x.dtype), None, None, None, None
 

@@ -29,6 +29,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def center_columns(x: Tensor) -> Tensor:
+    """x (G, n, p) minus its column means (computed in the compute dtype), in x's dtype;
+    any residual shift is harmless (the statistics fed with it are translation-invariant)."""
+    return x - x.mean(1, keepdim=True, dtype=compute_dtype(x.dtype)).to(x.dtype)
+
+
 def _rows_per_block(g: int, n_cols: int) -> int:
     return max(1, block_elems() // max(1, g * n_cols))
 
@@ -143,6 +149,38 @@ def linear_stats_backward(x: Tensor, y: Optional[Tensor], g, saved=None, need=(T
             m = ogram * gkl if gs is None else torch.addcmul(ogram * gkl, gram, gs, value=2.0)
             out.append(torch.baddbmm(self_, m, self_, beta=0.0, alpha=2.0))
     return tuple(d if d is None or d.dtype == dtype else d.to(dtype) for d in out)
+
+
+# ----------------------------------------------------------------------------- n x n matrices (small n)
+
+
+def gram_matrix(x: Tensor, kernel: str, gamma: Tensor) -> Tensor:
+    """The Gram matrices (G, n, n) of x (G, n, p) in the compute dtype: x x^T, or
+    exp(-gamma |x_i - x_j|^2) with an exact unit diagonal (gamma (G,))."""
+    x = x.to(compute_dtype(x.dtype))
+    if kernel == "linear":
+        return x @ x.mT
+    x = center_columns(x)
+    nx = (x * x).sum(-1)
+    return torch.exp(sq_dist_block(x, x, nx, nx, diag_at=0, diag=0.0) * -gamma.to(x.dtype)[:, None, None])
+
+
+def centre_nxn(g: Tensor, debiased: bool) -> Tensor:
+    """The centring map on any (G, n, n) matrix, with row sums for rows and column
+    sums for columns, so it is its own adjoint (H K H on a symmetric K; with
+    ``debiased`` the U-centring, zero diagonal)."""
+    n = g.shape[-1]
+    if not debiased:
+        return g - g.mean(-1, keepdim=True) - g.mean(-2, keepdim=True) + g.mean((-2, -1), keepdim=True)
+    eye = torch.eye(n, dtype=torch.bool, device=g.device)
+    g = g.masked_fill(eye, 0.0)
+    u = g - g.sum(-1, keepdim=True) / (n - 2) - g.sum(-2, keepdim=True) / (n - 2) + g.sum((-2, -1), keepdim=True) / ((n - 1) * (n - 2))
+    return u.masked_fill(eye, 0.0)
+
+
+def centered_gram(x: Tensor, kernel: str, gamma: Tensor, debiased: bool) -> Tensor:
+    """Optional contract member: the centred Gram (G, n, n) in the compute dtype."""
+    return centre_nxn(gram_matrix(x, kernel, gamma), debiased)
 
 
 # ----------------------------------------------------------------------------- rbf HSIC statistics

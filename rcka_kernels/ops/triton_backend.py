@@ -46,6 +46,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import torch_backend
 from .torch_backend import compute_dtype, use_feature_space
 
 Tensor = torch.Tensor
@@ -329,21 +330,15 @@ def linear_stats(x: Tensor, y: Tensor) -> Tensor:
 
 
 def linear_stats_backward(x: Tensor, y: Tensor, g: Tensor) -> Tuple[Tensor, Tensor]:
-    """Feature space: dx = 2 gxy Y (X^T Y)^T + 4 gxx X (X^T X) by torch.matmul (cuBLAS);
-    sample space: the fused kernel dx = (2 gxy L + 4 gxx K) X without forming K, L."""
+    """Feature space: the torch backend's GEMMs (cuBLAS); sample space: the fused
+    kernel dx = (2 gxy L + 4 gxx K) X without forming K, L."""
     x, y = _c(x), _c(y)
-    cd = compute_dtype(x.dtype)
     n, p, q = x.shape[1], x.shape[2], y.shape[2]
-    if not use_feature_space(n, p, q):
-        launch = plan_hsic_bwd(x, y, None, None, _c(g.to(cd)), None, None, rbf=False)
-        launch.run()
-        return launch.extra["dx"], launch.extra["dy"]
-    xd, yd = x.to(cd), y.to(cd)
-    gxy, gxx, gyy = (g[:, i, None, None].to(cd) for i in range(3))
-    a = xd.transpose(1, 2) @ yd
-    dx = (2 * gxy) * (yd @ a.transpose(1, 2)) + (4 * gxx) * (xd @ (xd.transpose(1, 2) @ xd))
-    dy = (2 * gxy) * (xd @ a) + (4 * gyy) * (yd @ (yd.transpose(1, 2) @ yd))
-    return dx.to(x.dtype), dy.to(y.dtype)
+    if use_feature_space(n, p, q):
+        return torch_backend.linear_stats_backward(x, y, g)
+    launch = plan_hsic_bwd(x, y, None, None, _c(g.to(compute_dtype(x.dtype))), None, None, rbf=False)
+    launch.run()
+    return launch.extra["dx"], launch.extra["dy"]
 
 
 def rbf_stats(x: Tensor, y: Tensor, gamma_x: Tensor, gamma_y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
