@@ -66,12 +66,11 @@ def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tens
     if z.dtype not in (torch.float32, torch.float64):  # half inputs: everything in float32
         z, owned = z.float(), True
     small = z.shape[0] * z.shape[1] * z.shape[2] < _SMALL
-    if small or not owned:
-        z = z - z[:, :1] if centered else z.clone()
-    else:
-        z.sub_(z[:, :1].clone()) if centered else None
     if centered:
+        z = z - z[:, :1] if small or not owned else z.sub_(z[:, :1].clone())
         z.sub_(z.mean(1, keepdim=True))
+    elif not owned:
+        z = z.clone()
     if small:
         s = z.abs().amax((1, 2), keepdim=True)
     else:  # no n x p temporary
