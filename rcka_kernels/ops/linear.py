@@ -53,25 +53,24 @@ STATISTICS = ("cka", "hsic")
 # ----------------------------------------------------------------------------- prepare
 
 
-_SMALL = 1 << 16  # entries below which the op count, not memory traffic, sets the time
+_SMALL = 1 << 16  # entries below which op count, not memory traffic, sets the time
 
 
 def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(u, s, inv): groups z (B, n, f) centred (if asked) and times inv = 1/s with
     s = max |entry| after centring, per group (B, 1, 1); inv = 0 where s = 0. The
     first row is subtracted before the mean, so a column whose rows are all equal
-    becomes exactly 0 (a mean alone would leave its rounding error). Large inputs
-    are worked on in place when ``owned`` (a buffer of ours): a fresh n x p buffer
-    costs more than the arithmetic on it."""
+    becomes exactly 0 (a mean alone would leave its rounding error). ``owned``: z
+    is a buffer of ours, worked on in place (a fresh n x p buffer costs memory, and
+    at large n more time than the arithmetic on it)."""
     if z.dtype not in (torch.float32, torch.float64):  # half inputs: everything in float32
         z, owned = z.float(), True
-    small = z.shape[0] * z.shape[1] * z.shape[2] < _SMALL
     if centered:
-        z = z - z[:, :1] if small or not owned else z.sub_(z[:, :1].clone())
+        z = z.sub_(z[:, :1].clone()) if owned else z - z[:, :1]
         z.sub_(z.mean(1, keepdim=True))
     elif not owned:
         z = z.clone()
-    if small:
+    if z.shape[0] * z.shape[1] * z.shape[2] < _SMALL:
         s = z.abs().amax((1, 2), keepdim=True)
     else:  # no n x p temporary
         s = torch.maximum(z.amax((1, 2), keepdim=True), z.amin((1, 2), keepdim=True).neg_())
