@@ -80,10 +80,12 @@ def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tens
 
 def _prepare(x: Tensor, y: Tensor, centered: bool):
     """(u, w, s, inv) for x (..., n, p), y (..., n, q); s and inv (2G, 1, 1) hold
-    each group's x then y. Same-shaped inputs come back as one tensor u (2G, n, p),
-    each group's x and y side by side, and w None."""
+    each group's x then y. Small same-shaped inputs come back as one tensor u
+    (2G, n, p), each group's x and y side by side, and w None: every step is then
+    one op for both. Large ones stay apart, so that a half not needed by the
+    backward can be freed."""
     n = x.shape[-2]
-    if x.shape == y.shape:
+    if x.shape == y.shape and 2 * x.numel() < _SMALL:
         z = torch.stack([x, y], -3)
         u, s, inv = _scale(z if z.dim() == 3 else z.view(-1, n, x.shape[-1]), centered, True)
         return u, None, s, inv
@@ -109,15 +111,16 @@ def _products(u, w, backend: str, dtype: torch.dtype):
     return torch_backend._gram_of_grams(kl, kk, ll), ()
 
 
-def _products_backward(u, w, g, saved, backend: str, need, dtype: torch.dtype):
-    """The backend's vector-Jacobian product for g = (gkl, gkk, gll), each (G, 1, 1) or None."""
+def _products_backward(a, b, g, saved, backend: str, need, dtype: torch.dtype):
+    """The backend's vector-Jacobian product for g = (gkl, gkk, gll), each (G, 1, 1) or
+    None, at the prepared inputs a, b (G, n, p), (G, n, q)."""
     if backend == "torch":
-        return torch_backend.linear_stats_backward(u, w, g, saved, need)
+        return torch_backend.linear_stats_backward(a, b, g, saved, need)
     zero = next(c for c in g if c is not None) * 0
     g3 = torch.cat([zero if c is None else c for c in g], 1)[:, :, 0].double()
-    a, b = (t.to(dtype).contiguous() for t in _halves(u, w))
-    da, db = _stats.linear_stats_backward(a, b, g3, backend)
-    return tuple(d.to(u.dtype) if want else None for d, want in zip((da, db), need))
+    cd = a.dtype
+    da, db = _stats.linear_stats_backward(a.to(dtype).contiguous(), b.to(dtype).contiguous(), g3, backend)
+    return tuple(d.to(cd) if want else None for d, want in zip((da, db), need))
 
 
 # ----------------------------------------------------------------------------- the op
@@ -156,12 +159,15 @@ class _LinearAlignment(torch.autograd.Function):
         v = kl * r  # r = (kk ll)^(-1/2) (cka) or (s_x s_y)^2 / N (hsic)
         ctx.statistic, ctx.centered, ctx.backend, ctx.dtype = statistic, centered, backend, x.dtype
         ctx.shapes = x.shape, y.shape
-        ctx.save_for_backward(u, w, inv, kk, ll, r, v, d, t, *saved)
+        halves = _halves(u, w)
+        if len(saved) == 2 and not debiased:  # sample space: an input is used only for its own gradient
+            halves = tuple(h if want else None for h, want in zip(halves, ctx.needs_input_grad[:2]))
+        ctx.save_for_backward(*halves, inv, kk, ll, r, v, d, t, *saved)
         return v.view(x.shape[:-2])
 
     @staticmethod
     def backward(ctx, gv):
-        u, w, inv, kk, ll, r, v, d, t, *saved = ctx.saved_tensors
+        a, b, inv, kk, ll, r, v, d, t, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
         if not (need[0] or need[1]):
             return None, None, None, None, None, None
@@ -174,14 +180,14 @@ class _LinearAlignment(torch.autograd.Function):
             h = (v * r).mul_(gkl).mul_(-0.5)  # dv/dkk = h ll, dv/dll = h kk
             gkk = h * ll if need[0] or d is not None else None
             gll = h * kk if need[1] or d is not None else None
-        grads = list(_products_backward(u, w, (gkl, gkk, gll), saved, ctx.backend, need, ctx.dtype))
+        grads = list(_products_backward(a, b, (gkl, gkk, gll), saved, ctx.backend, need, ctx.dtype))
         if d is not None:  # the diagonals: dv/dd = -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]]
             c1, c2 = _debias_terms(d.shape[-1])
             zero = gkl * 0
             gs = torch.cat([2 * gkk if gkk is not None else zero, gkl, gkl, 2 * gll if gll is not None else zero], 1)
             gs = gs.view(-1, 2, 2)
             gd = torch.add((gs @ t) * c2, gs @ d, alpha=-c1)
-            for i, ui in enumerate(_halves(u, w)):
+            for i, ui in enumerate((a, b)):
                 if grads[i] is not None:
                     gi = grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
                     if ctx.centered:  # through the centring u = (x - mean) / s

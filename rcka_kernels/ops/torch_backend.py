@@ -81,8 +81,8 @@ def _sq_norms(*mats: Tensor) -> Tensor:
 
 def linear_stats_saving(x: Tensor, y: Optional[Tensor] = None):
     """(S, saved) in the compute dtype: S (G, 2, 2) = [[<K,K>, <K,L>], [<L,K>, <L,L>]]
-    and what the backward reuses: the Grams in sample space, X^T Y and the self
-    products in feature space. ``y=None``: x (2G, n, p) holds each group's X and Y
+    and what the backward reuses: (K, L) in sample space, (X^T Y, X^T X, Y^T Y) in
+    feature space. ``y=None``: x (2G, n, p) holds each group's X and Y
     side by side (X_g = x[2g], Y_g = x[2g + 1]), so every product is one batched op
     for both inputs (and in sample space S is the Gram matrix of the flattened K
     and L: one more op)."""
@@ -94,10 +94,10 @@ def linear_stats_saving(x: Tensor, y: Optional[Tensor] = None):
             c = torch.bmm(x.mT, x)  # (2G, p, p): X^T X and Y^T Y side by side
             a = torch.bmm(x[0::2].mT, x[1::2])
             kk, ll = torch.linalg.vector_norm(c, dim=(-2, -1)).square_().view(-1, 2).unbind(1)
-            return _gram_of_grams(_sq_norms(a)[:, 0], kk, ll), (a, c)
+            return _gram_of_grams(_sq_norms(a)[:, 0], kk, ll), (a, c[0::2], c[1::2])
         kl = torch.bmm(x, x.mT)  # (2G, n, n): K and L side by side
         f = kl.view(g2 // 2, 2, n * n)
-        return torch.bmm(f, f.mT), (kl,)
+        return torch.bmm(f, f.mT), (kl[0::2], kl[1::2])
     n, p, q = x.shape[1], x.shape[2], y.shape[2]
     if use_feature_space(n, p, q):
         a, cx, cy = torch.bmm(x.mT, y), torch.bmm(x.mT, x), torch.bmm(y.mT, y)
@@ -115,38 +115,38 @@ def linear_stats(x: Tensor, y: Tensor) -> Tensor:
     return linear_stats_saving(x, y)[0].view(-1, 4)[:, (1, 0, 3)].double()
 
 
-def linear_stats_backward(x: Tensor, y: Optional[Tensor], g, saved=None, need=(True, True)):
+def linear_stats_backward(x: Optional[Tensor], y: Optional[Tensor], g, saved=None, need=(True, True)):
     """(dx, dy) for g = dv/dS, a (G, 3) tensor or three (G, 1, 1) tensors (gkl, gkk,
     gll), None standing for a zero coefficient:
     dX = 2 gkl L X + 4 gkk K X, in feature space 2 gkl Y (X^T Y)^T + 4 gkk X (X^T X);
     dY likewise. The small factors are scaled, never the n x p products. None for an
-    input not in ``need``. x, y, saved as linear_stats_saving's."""
-    dtype = x.dtype
+    input not in ``need``. x (G, n, p), y (G, n, q); with ``saved`` from
+    linear_stats_saving, an input whose gradient is not needed may be None in
+    sample space (only its Gram is used)."""
+    dtype = (x if x is not None else y).dtype
     if dtype not in (torch.float32, torch.float64):  # half inputs (a direct call): float32, cast back at the end
-        x, y = x.float(), None if y is None else y.float()
+        x, y = x.float(), y.float()
     if saved is None:
         saved = linear_stats_saving(x, y)[1]
     if torch.is_tensor(g):
-        g = g.to(x.dtype)[:, :, None, None].unbind(1)
+        g = g.to(saved[0].dtype)[:, :, None, None].unbind(1)
     gkl, gkk, gll = g
-    stacked = y is None
-    halves = (x[0::2], x[1::2]) if stacked else (x, y)
-    feature = use_feature_space(x.shape[1], x.shape[2], halves[1].shape[2])
+    halves = (x, y)
     out = []
     for i in range(2):
         if not need[i]:
             out.append(None)
             continue
         self_, other, gs = halves[i], halves[1 - i], (gkk, gll)[i]
-        if feature:
-            a, c = saved[0], (saved[1][i::2] if stacked else saved[1 + i])
+        if len(saved) == 3:  # feature space
+            a, c = saved[0], saved[1 + i]
             cross = a.mT if i == 0 else a
             # 2 [other (gkl cross) + 2 self (gs c)], the second GEMM accumulating into the first
             d = torch.bmm(other, gkl * cross)
             out.append(d.mul_(2.0) if gs is None else d.baddbmm_(self_, gs * c, beta=2.0, alpha=4.0))
         else:  # sample space: 2 (gkl L + 2 gkk K) X (beta=0: the GEMM's input is ignored)
-            gram, ogram = (saved[0][i::2], saved[0][1 - i::2]) if stacked else (saved[i], saved[1 - i])
-            m = ogram * gkl if gs is None else torch.addcmul(ogram * gkl, gram, gs, value=2.0)
+            gram, ogram = saved[i], saved[1 - i]
+            m = ogram * gkl if gs is None else (ogram * gkl).addcmul_(gram, gs, value=2.0)  # one n x n temporary
             out.append(torch.baddbmm(self_, m, self_, beta=0.0, alpha=2.0))
     return tuple(d if d is None or d.dtype == dtype else d.to(dtype) for d in out)
 
