@@ -56,7 +56,10 @@ def _prepare(fn, x, y, kernel, sigma, backend, *, same_rows, same_cols, min_rows
     _validate.check_pair(fn, x, y, same_rows=same_rows, same_cols=same_cols, min_rows=min_rows, why=why, finite=finite)
     _validate.check_kernel(fn, kernel, sigma)
     _validate.check_sigma_tensor(fn, sigma, x.shape[:-2], x.device)
-    return _dispatch.resolve(backend, x.device, kernel)
+    name = _dispatch.resolve(backend, x.device, kernel)
+    if name == "reference" and not finite:  # the other backends' statistics report NaN/Inf themselves
+        _validate.check_finite(fn, x, y)
+    return name
 
 
 # ----------------------------------------------------------------------------- HSIC / CKA
@@ -283,7 +286,7 @@ def _check_single(fn, x, kernel, sigma, backend, min_rows):
     _validate.check_kernel(fn, kernel, sigma)
     _validate.check_sigma_tensor(fn, sigma, x.shape[:-2], x.device)
     _validate.check_finite(fn, x)
-    return _dispatch.resolve(backend, x.device, kernel)
+    return _dispatch.resolve(backend, x.device)  # the n x n matrices: the fused Triton pass where it runs
 
 
 def _gamma_or_zero(x3: Tensor, kernel: str, sigma: Sigma) -> Tensor:

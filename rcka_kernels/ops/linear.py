@@ -47,9 +47,6 @@ from .torch_backend import compute_dtype
 
 Tensor = torch.Tensor
 
-STATISTICS = ("cka", "hsic")
-
-
 # ----------------------------------------------------------------------------- prepare
 
 
@@ -108,7 +105,7 @@ def _products(u, w, backend: str, dtype: torch.dtype):
         return torch_backend.linear_stats_saving(u, w)
     a, b = (t.to(dtype).contiguous() for t in _halves(u, w))
     kl, kk, ll = _stats.linear_stats(a, b, backend).to(u.dtype).unbind(1)
-    return torch_backend._gram_of_grams(kl, kk, ll), ()
+    return torch_backend.gram_of_grams(kl, kk, ll), ()
 
 
 def _products_backward(a, b, g, saved, backend: str, need, dtype: torch.dtype):

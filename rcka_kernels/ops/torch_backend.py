@@ -94,19 +94,20 @@ def linear_stats_saving(x: Tensor, y: Optional[Tensor] = None):
             c = torch.bmm(x.mT, x)  # (2G, p, p): X^T X and Y^T Y side by side
             a = torch.bmm(x[0::2].mT, x[1::2])
             kk, ll = torch.linalg.vector_norm(c, dim=(-2, -1)).square_().view(-1, 2).unbind(1)
-            return _gram_of_grams(_sq_norms(a)[:, 0], kk, ll), (a, c[0::2], c[1::2])
+            return gram_of_grams(_sq_norms(a)[:, 0], kk, ll), (a, c[0::2], c[1::2])
         kl = torch.bmm(x, x.mT)  # (2G, n, n): K and L side by side
         f = kl.view(g2 // 2, 2, n * n)
         return torch.bmm(f, f.mT), (kl[0::2], kl[1::2])
     n, p, q = x.shape[1], x.shape[2], y.shape[2]
     if use_feature_space(n, p, q):
         a, cx, cy = torch.bmm(x.mT, y), torch.bmm(x.mT, x), torch.bmm(y.mT, y)
-        return _gram_of_grams(*_sq_norms(a, cx, cy).unbind(1)), (a, cx, cy)
+        return gram_of_grams(*_sq_norms(a, cx, cy).unbind(1)), (a, cx, cy)
     k, l = torch.bmm(x, x.mT), torch.bmm(y, y.mT)
-    return _gram_of_grams(torch.linalg.vecdot(k.flatten(1), l.flatten(1)), *_sq_norms(k, l).unbind(1)), (k, l)
+    return gram_of_grams(torch.linalg.vecdot(k.flatten(1), l.flatten(1)), *_sq_norms(k, l).unbind(1)), (k, l)
 
 
-def _gram_of_grams(kl: Tensor, kk: Tensor, ll: Tensor) -> Tensor:
+def gram_of_grams(kl: Tensor, kk: Tensor, ll: Tensor) -> Tensor:
+    """(G, 2, 2) [[<K,K>, <K,L>], [<L,K>, <L,L>]] from the three (G,) statistics."""
     return torch.stack([kk, kl, kl, ll], -1).view(-1, 2, 2)
 
 
