@@ -3,23 +3,17 @@
 Each rank holds a shard of the rows: x_r (n_r, p), y_r (n_r, q), with n = sum n_r.
 The result equals the single-process value on the concatenated batch.
 
-Linear kernel: communication is independent of the batch size. Two all-reduces:
-  1. column sums (p + q) and n      -> global means mu, nu
-  2. with locally centred rows xc_i = x_i - mu, yc_i = y_i - nu:
-     C_xy = Xc^T Yc (p x q), C_xx = Xc^T Xc (p x p), C_yy = Yc^T Yc (q x q)
-     and, for the debiased estimator, three scalars
-     e_xy = sum_i |xc_i|^2 |yc_i|^2, e_xx = sum_i |xc_i|^4, e_yy = sum_i |yc_i|^4.
-Then with K = Xc Xc^T (centring X shifts K by a_i + a_j + c, which neither HSIC
-estimator sees):
-  biased   tr(KHLH) = |C_xy|_F^2, HSIC = |C_xy|_F^2 / (n-1)^2
-  debiased (Song et al.), K~ = K - diag(K): since Xc^T 1 = 0, K~ 1 = -diag(K), so
-     tr(K~L~)        = |C_xy|_F^2 - e_xy
-     1^T K~ 1         = -tr(C_xx)
-     (K~1).(L~1)      = e_xy
-     HSIC_u = [|C_xy|^2 - e_xy + tr(C_xx) tr(C_yy) / ((n-1)(n-2)) - 2 e_xy / (n-2)] / (n (n-3))
-Gradients: the all-reduces are an autograd Function whose backward all-reduces
-the incoming gradient the same way (p x q, p x p, q x q, 3 scalars; then p + q),
-so backward communication is batch-size independent too.
+Linear kernel: communication is independent of the batch size, and the value and
+its closed-form backward are those of the single-process op (ops/linear.py):
+  1. SUM all-reduce of the column sums (p + q) and n -> global means
+  2. MAX all-reduce of the column extremes (a global batch of identical rows gives
+     0) and of max |x - mean|, max |y - mean| -> the rows are rescaled into [-1, 1]
+  3. SUM all-reduce of X^T Y (p x q), X^T X (p x p), Y^T Y (q x q) of the prepared
+     local rows and, debiased, the 2 x 2 Gram and the sums of the diagonals
+     |x_i|^2, |y_i|^2 (Song et al.'s estimator is a correction of the statistics by
+     them, as in a single process).
+Backward: one scalar all-reduce (the upstream gradients of all ranks), and,
+debiased, one of the gradient's column sums (p + q) for the centring.
 
 RBF kernel: the features are all-gathered (gradient flows back to the local
 shard) and the single-process ``functional.cka`` runs on the global batch.
@@ -41,6 +35,7 @@ import torch.distributed as dist
 
 from . import _validate
 from . import functional as F
+from .ops import linear, torch_backend
 from .ops.torch_backend import compute_dtype
 
 __all__ = ["is_distributed", "all_reduce_sum", "all_gather", "cka", "hsic", "cka_loss"]
@@ -113,39 +108,73 @@ def all_gather(x: Tensor, group=None) -> Tensor:
     return _AllGather.apply(group, x, [int(s.item()) for s in sizes])
 
 
-def _linear_terms(x: Tensor, y: Tensor, debiased: bool, group):
-    """(hxy, hxx, hyy) float64 from globally reduced centred statistics, and
-    whether either input is constant over the global batch."""
-    cd = torch.float64
-    xd, yd = x.to(cd), y.to(cd)
-    n_local = torch.tensor([float(x.shape[0])], dtype=cd, device=x.device)
-    sx, sy, n_t = all_reduce_sum(xd.sum(0), yd.sum(0), n_local, group=group)
-    n = int(n_t.item())
-    min_rows = 4 if debiased else 2
-    if n < min_rows:
-        raise ValueError(f"distributed cka: the global batch has {n} samples; at least {min_rows} are needed")
-    xc, yc = xd - sx / n, yd - sy / n
-    cxy, cxx, cyy = xc.T @ yc, xc.T @ xc, yc.T @ yc
-    if debiased:
-        a, b = (xc * xc).sum(-1), (yc * yc).sum(-1)
-        e = torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()])
-        cxy, cxx, cyy, e = all_reduce_sum(cxy, cxx, cyy, e, group=group)
-    else:
-        cxy, cxx, cyy = all_reduce_sum(cxy, cxx, cyy, group=group)
-    sxy, sxx, syy = (cxy * cxy).sum(), (cxx * cxx).sum(), (cyy * cyy).sum()
-    # every row of the global batch identical <=> column max == column min on all ranks
-    ext = torch.cat([xd.amax(0), -xd.amin(0), yd.amax(0), -yd.amin(0)]).detach()
-    dist.all_reduce(ext, op=dist.ReduceOp.MAX, group=group)
-    p, q = x.shape[1], y.shape[1]
-    const = (ext[:p] == -ext[p : 2 * p]).all() | (ext[2 * p : 2 * p + q] == -ext[2 * p + q :]).all()
-    if not debiased:
-        return sxy / (n - 1) ** 2, sxx / (n - 1) ** 2, syy / (n - 1) ** 2, const
-    tx, ty = torch.diagonal(cxx).sum(), torch.diagonal(cyy).sum()
+class _GlobalLinear(torch.autograd.Function):
+    """Linear CKA or HSIC of the global batch from all-reduced statistics, with the
+    single-process op's value and closed-form backward (``ops/linear.py``):
+    prepared (centred, rescaled) local rows, feature-space products summed over
+    ranks, and a backward that needs only the upstream scalar from the other
+    ranks (plus, debiased, the column sums of the gradient for the centring)."""
 
-    def hu(s, e_ab, ta, tb):
-        return (s - e_ab + ta * tb / ((n - 1) * (n - 2)) - 2.0 * e_ab / (n - 2)) / (n * (n - 3))
+    @staticmethod
+    def forward(ctx, x, y, statistic: str, debiased: bool, group):
+        cd = compute_dtype(x.dtype)
+        u, w = x.to(cd), y.to(cd)
+        p, q = u.shape[1], w.shape[1]
+        sums = torch.cat([u.sum(0), w.sum(0), u.new_full((1,), float(u.shape[0]))])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        n = int(sums[-1].item())
+        min_rows = 4 if debiased else 2
+        if n < min_rows:
+            raise ValueError(f"distributed {statistic}: the global batch has {n} samples; at least {min_rows} are needed")
+        u, w = u - sums[:p] / n, w - sums[p : p + q] / n
+        # one MAX all-reduce: column extremes (every row of the global batch identical
+        # <=> column max == min everywhere) and the scales max |u|, max |w|
+        ext = torch.cat([x.amax(0).to(cd), -x.amin(0).to(cd), y.amax(0).to(cd), -y.amin(0).to(cd), u.abs().amax()[None], w.abs().amax()[None]])
+        dist.all_reduce(ext, op=dist.ReduceOp.MAX, group=group)
+        const = (ext[:p] == -ext[p : 2 * p]).all() | (ext[2 * p : 2 * p + q] == -ext[2 * p + q : -2]).all()
+        scale = ext[-2:]
+        inv = torch.reciprocal(scale).nan_to_num_(posinf=0.0)
+        u, w = u.mul_(inv[0]), w.mul_(inv[1])
+        a, cx, cy = u.mT @ w, u.mT @ u, w.mT @ w
+        parts = [a, cx, cy]
+        d = None
+        if debiased:
+            d = torch.stack([torch.linalg.vector_norm(u, dim=-1), torch.linalg.vector_norm(w, dim=-1)]).square_()  # (2, n_local)
+            parts += [d @ d.mT, d.sum(-1)]
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        a, cx, cy, *rest = (t.view(1, *m.shape) for t, m in zip(flat.split([m.numel() for m in parts]), parts))
+        dd, t = (rest[0], rest[1].view(1, 2, 1)) if debiased else (None, None)
+        sq = torch.stack([torch.linalg.vector_norm(m) for m in (a, cx, cy)]).square_()
+        s = torch_backend.gram_of_grams(sq[:1], sq[1:2], sq[2:])
+        kk, ll, r, v = linear.value(s, dd, t, scale.view(2, 1, 1), statistic, n)
+        r = r.masked_fill(const, 0.0)  # a degenerate global batch: 0, with zero gradient
+        v = v.masked_fill(const, 0.0)
+        ctx.statistic, ctx.group, ctx.n, ctx.dtype = statistic, group, n, x.dtype
+        ctx.save_for_backward(u, w, inv, kk, ll, r, v, None if d is None else d[None], t, a, cx, cy)
+        return v.view(())
 
-    return hu(sxy, e[0], tx, ty), hu(sxx, e[1], tx, tx), hu(syy, e[2], ty, ty), const
+    @staticmethod
+    def backward(ctx, gv):
+        u, w, inv, kk, ll, r, v, d, t, a, cx, cy = ctx.saved_tensors
+        need = ctx.needs_input_grad[:2]
+        gv = gv.reshape(1, 1, 1).to(v.dtype).contiguous()
+        dist.all_reduce(gv, op=dist.ReduceOp.SUM, group=ctx.group)  # the sum of the ranks' losses
+        g = linear.coefficients(gv, kk, ll, r, v, ctx.statistic, need, d is not None)
+        grads = list(torch_backend.linear_stats_backward(u[None], w[None], g, (a, cx, cy), need))
+        if d is not None:
+            gd = linear.diagonal_grad(g, d, t, ctx.n)
+            for i, ui in enumerate((u, w)):
+                if grads[i] is not None:
+                    grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
+            # through the centring on the global mean: minus the global column means of the gradient
+            cols = torch.cat([gi.sum(1).reshape(-1) if gi is not None else ui.new_zeros(ui.shape[1]) for gi, ui in zip(grads, (u, w))])
+            dist.all_reduce(cols, op=dist.ReduceOp.SUM, group=ctx.group)
+            for i, c in enumerate(cols.split([u.shape[1], w.shape[1]])):
+                if grads[i] is not None:
+                    grads[i].sub_(c / ctx.n)
+        out = [None if gi is None else (gi[0] * inv[i]).to(ctx.dtype) for i, gi in enumerate(grads)]
+        return out[0], out[1], None, None, None
 
 
 def _check(fn, x, y):
@@ -160,8 +189,7 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: 
     if not is_distributed(group):
         return F.hsic(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel == "linear":
-        hxy, _, _, const = _linear_terms(x, y, debiased, group)
-        return torch.where(const, torch.zeros_like(hxy), hxy).to(compute_dtype(x.dtype))
+        return _GlobalLinear.apply(x, y, "hsic", debiased, group)
     return F.hsic(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
 
 
@@ -178,8 +206,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: b
         return F.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel != "linear":
         return F.cka(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
-    hxy, hxx, hyy, const = _linear_terms(x, y, debiased, group)
-    return F._cka_from_terms(hxy, hxx, hyy, const).to(compute_dtype(x.dtype))
+    return _GlobalLinear.apply(x, y, "cka", debiased, group)
 
 
 def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:

@@ -130,6 +130,43 @@ def _debias_terms(n: int):
     return n / (n - 2), 1.0 / ((n - 1) * (n - 2))
 
 
+def value(s: Tensor, dd: Optional[Tensor], t: Optional[Tensor], scale: Tensor, statistic: str, n: int):
+    """(kk, ll, r, v), each (G, 1, 1): the statistic v = kl r from S (G, 2, 2) of the
+    prepared inputs. Debiased when the diagonals' Gram dd = d d^T (G, 2, 2) and
+    sums t (G, 2, 1) are given. scale (2G, 1, 1): each group's s_x, s_y (hsic)."""
+    if dd is not None:
+        c1, c2 = _debias_terms(n)
+        s = torch.add(s, torch.add(t * t.mT, dd, alpha=-c1 / c2), alpha=c2)
+    kk, kl, ll = s[:, :1, :1], s[:, :1, 1:], s[:, 1:, 1:]
+    if statistic == "hsic":
+        r = scale.view(-1, 2).prod(1).square_().div_((n - 1) ** 2 if dd is None else n * (n - 3)).view(-1, 1, 1)
+    elif dd is not None:  # 0 where a self-term is not positive
+        r = torch.rsqrt(kk * ll).masked_fill_(torch.minimum(kk, ll) <= _TINY[s.dtype], 0.0)
+    else:  # kk, ll >= 0, and 0 only for a degenerate input, whose kl is then exactly 0
+        r = (kk * ll).clamp_min_(_TINY[s.dtype]).rsqrt_()
+    return kk, ll, r, kl * r  # r = (kk ll)^(-1/2) (cka) or (s_x s_y)^2 / N (hsic)
+
+
+def coefficients(gv: Tensor, kk, ll, r, v, statistic: str, need, diagonals: bool):
+    """g = (gkl, gkk, gll) = gv dv/dS, each (G, 1, 1) or None where not needed:
+    dv/dkl = r; cka (v = kl r): dv/dkk = -v r^2 ll / 2, dv/dll = -v r^2 kk / 2."""
+    gkl = gv * r
+    if statistic != "cka":
+        return gkl, None, None
+    h = (v * r).mul_(gkl).mul_(-0.5)  # dv/dkk = h ll, dv/dll = h kk
+    return gkl, h * ll if need[0] or diagonals else None, h * kk if need[1] or diagonals else None
+
+
+def diagonal_grad(g, d: Tensor, t: Tensor, n: int) -> Tensor:
+    """(G, 2, n) gradient with respect to the diagonals d of K and L (debiased):
+    -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]]."""
+    gkl, gkk, gll = g
+    c1, c2 = _debias_terms(n)
+    zero = gkl * 0
+    gs = torch.cat([2 * gkk if gkk is not None else zero, gkl, gkl, 2 * gll if gll is not None else zero], 1).view(-1, 2, 2)
+    return torch.add((gs @ t) * c2, gs @ d, alpha=-c1)
+
+
 class _LinearAlignment(torch.autograd.Function):
     """x (..., n, p), y (..., n, q) -> (...): the shapes are handled here, so the
     autograd graph holds this one node."""
@@ -139,21 +176,12 @@ class _LinearAlignment(torch.autograd.Function):
         n = x.shape[-2]
         u, w, scale, inv = _prepare(x, y, centered)
         s, saved = _products(u, w, backend, x.dtype)
-        d = t = None
+        d = t = dd = None
         if debiased:
-            c1, c2 = _debias_terms(n)
             sq = [torch.linalg.vector_norm(h, dim=-1).square_() for h in ((u,) if w is None else (u, w))]
             d = sq[0].view(-1, 2, n) if w is None else torch.stack(sq, 1)  # (G, 2, n): diag K, diag L
-            t = d.sum(-1, keepdim=True)  # (G, 2, 1): 1'd, 1'e
-            s = torch.add(s, torch.add(t * t.mT, d @ d.mT, alpha=-c1 / c2), alpha=c2)
-        kk, kl, ll = s[:, :1, :1], s[:, :1, 1:], s[:, 1:, 1:]  # (G, 1, 1) each
-        if statistic == "hsic":
-            r = scale.view(-1, 2).prod(1).square_().div_((n - 1) ** 2 if not debiased else n * (n - 3)).view(-1, 1, 1)
-        elif debiased:  # 0 where a self-term is not positive
-            r = torch.rsqrt(kk * ll).masked_fill_(torch.minimum(kk, ll) <= _TINY[s.dtype], 0.0)
-        else:  # kk, ll >= 0, and 0 only for a degenerate input, whose kl is then exactly 0
-            r = (kk * ll).clamp_min_(_TINY[s.dtype]).rsqrt_()
-        v = kl * r  # r = (kk ll)^(-1/2) (cka) or (s_x s_y)^2 / N (hsic)
+            t, dd = d.sum(-1, keepdim=True), d @ d.mT
+        kk, ll, r, v = value(s, dd, t, scale, statistic, n)
         ctx.statistic, ctx.centered, ctx.backend, ctx.dtype = statistic, centered, backend, x.dtype
         ctx.shapes = x.shape, y.shape
         halves = _halves(u, w)
@@ -169,21 +197,13 @@ class _LinearAlignment(torch.autograd.Function):
         if not (need[0] or need[1]):
             return None, None, None, None, None, None
         one = need[0] != need[1]
-        # dv/dkl = r; cka (v = kl r): dv/dkk = -v r^2 ll / 2, dv/dll = -v r^2 kk / 2.
-        # With one input to differentiate, its 1/s is folded into these coefficients.
-        gkl = gv.reshape(-1, 1, 1) * (r * inv[0 if need[0] else 1::2] if one else r)
-        gkk = gll = None
-        if ctx.statistic == "cka":
-            h = (v * r).mul_(gkl).mul_(-0.5)  # dv/dkk = h ll, dv/dll = h kk
-            gkk = h * ll if need[0] or d is not None else None
-            gll = h * kk if need[1] or d is not None else None
-        grads = list(_products_backward(a, b, (gkl, gkk, gll), saved, ctx.backend, need, ctx.dtype))
-        if d is not None:  # the diagonals: dv/dd = -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]]
-            c1, c2 = _debias_terms(d.shape[-1])
-            zero = gkl * 0
-            gs = torch.cat([2 * gkk if gkk is not None else zero, gkl, gkl, 2 * gll if gll is not None else zero], 1)
-            gs = gs.view(-1, 2, 2)
-            gd = torch.add((gs @ t) * c2, gs @ d, alpha=-c1)
+        gv = gv.reshape(-1, 1, 1)
+        if one:  # fold the one input's 1/s into the small coefficients
+            gv = gv * inv[0 if need[0] else 1::2]
+        g = coefficients(gv, kk, ll, r, v, ctx.statistic, need, d is not None)
+        grads = list(_products_backward(a, b, g, saved, ctx.backend, need, ctx.dtype))
+        if d is not None:
+            gd = diagonal_grad(g, d, t, d.shape[-1])
             for i, ui in enumerate((a, b)):
                 if grads[i] is not None:
                     gi = grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
