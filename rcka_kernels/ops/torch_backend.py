@@ -126,7 +126,7 @@ def linear_stats_backward(x: Optional[Tensor], y: Optional[Tensor], g, saved=Non
     sample space (only its Gram is used)."""
     dtype = (x if x is not None else y).dtype
     if dtype not in (torch.float32, torch.float64):  # half inputs (a direct call): float32, cast back at the end
-        x, y = x.float(), y.float()
+        x, y = (None if t is None else t.float() for t in (x, y))
     if saved is None:
         saved = linear_stats_saving(x, y)[1]
     if torch.is_tensor(g):
