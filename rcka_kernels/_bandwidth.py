@@ -143,7 +143,10 @@ def sigma2(x: Tensor, sigma) -> Tensor:
         return (s * s).expand(g).contiguous()
     if isinstance(sigma, (int, float)):
         return torch.full((g,), float(sigma) ** 2, dtype=cd, device=x.device)
+    # every squared distance 0 (all rows equal): K = 1 whatever the bandwidth, so 1 is
+    # used (0 would make gamma = 1 / (2 sigma^2) infinite and K NaN)
     mean = mean_sq_distance(x)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
     if sigma == "mean":
         return mean
     med = median_sq_distance(x)

@@ -65,6 +65,7 @@ def bandwidth(x: torch.Tensor, sigma: Sigma = "median") -> torch.Tensor:
       (more than half of all pairs coincide) the "mean" value is used instead.
     - "mean": the mean of all n^2 squared distances, 2 (mean|x|^2 - |mean x|^2);
       it needs only O(n p) work, so it streams.
+    If every distance is 0 (all rows equal), K = 1 whatever the bandwidth: 1 is used.
     """
     batch = x.shape[:-2]
     if isinstance(sigma, torch.Tensor):
@@ -73,6 +74,7 @@ def bandwidth(x: torch.Tensor, sigma: Sigma = "median") -> torch.Tensor:
         return torch.full(batch, float(sigma) ** 2, dtype=torch.float64, device=x.device)
     d = sq_distances(x)
     mean = d.mean((-1, -2))
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
     if sigma == "mean":
         return mean
     if sigma == "median":

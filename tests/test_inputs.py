@@ -247,3 +247,27 @@ def test_rbf_self_terms_below_float32_range_give_zero_not_nan(sigma):
     xd, yd = x.detach().double(), y.detach().double()
     torch.testing.assert_close(rk.cka(xd, yd, kernel="rbf", sigma=sigma, debiased=True),
                                reference.cka(xd, yd, "rbf", sigma, True), rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("sigma", [None, "median", "mean"])
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_constant_input_with_a_heuristic_bandwidth_is_zero_not_nan(sigma, debiased, backend):
+    """All distances 0 gives a 0 median and mean: the bandwidth is then immaterial
+    (K = 1), not a division by zero."""
+    y = torch.randn(60, 3, dtype=torch.float64)
+    for a, b in ((torch.ones(60, 7, dtype=torch.float64), y), (y, torch.ones(60, 7, dtype=torch.float64))):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        for fn in (rk.cka, rk.hsic):
+            v = fn(a, b, kernel="rbf", sigma=sigma, debiased=debiased, backend=backend)
+            assert abs(v.item()) <= (1e-12 if backend == "reference" else 0.0)  # the textbook oracle rounds
+            ga, gb = torch.autograd.grad(v, (a, b))
+            assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
+
+
+@pytest.mark.parametrize("sigma", [None, "mean"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_mmd_of_identical_constant_samples_is_zero(sigma, unbiased):
+    z = torch.zeros(20, 3)
+    assert rk.mmd(z, torch.zeros(30, 3), sigma=sigma, unbiased=unbiased).item() == 0.0
+    assert rk.mmd(z + 2.0, torch.full((30, 3), 2.0), sigma=sigma, unbiased=unbiased).item() == 0.0
