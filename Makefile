@@ -38,10 +38,11 @@ bench: $(PEERS)
 bench-quick: $(PEERS)
 	$(PY) -m benchmarks.run_all --quick
 
-# on a machine with an NVIDIA GPU: build, the whole suite on CUDA tensors, GPU benchmarks, tagged results
-# (gpu_check.py installs with `pip install --no-build-isolation --no-deps -e .` into the machine's own Python)
+# on a machine with an NVIDIA GPU: build (CUDA forced), the GPU tests, sanitizers, quick benchmarks, all into OUT
+# (stages: GPU_CHECK="--stage install+test|sanitize|bench"; `--dry-run` prints the plan anywhere)
+GPU_CHECK ?= --stage all
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK) $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

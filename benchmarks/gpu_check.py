@@ -1,20 +1,24 @@
-"""``make gpu-check``: on a machine with an NVIDIA GPU, build and install the
-package, run the whole test suite on CUDA tensors, run the GPU benchmarks, and
-write every result tagged with the GPU's name, versions, date and commit into
-benchmarks/results/. Without a GPU it stops at once with exit code 2.
+"""``make gpu-check``: validate the package on an NVIDIA GPU within a short lease.
 
-    python benchmarks/gpu_check.py             # everything (tests + benchmarks)
-    python benchmarks/gpu_check.py --no-bench  # build + tests only
-    python benchmarks/gpu_check.py --quick     # build + tests + quick benchmarks
+    python benchmarks/gpu_check.py --stage install+test --out DIR   # build (CUDA forced) + the GPU tests
+    python benchmarks/gpu_check.py --stage sanitize --out DIR       # compute-sanitizer memcheck + racecheck
+    python benchmarks/gpu_check.py --stage bench --out DIR          # quick benchmarks with launch counts
+    python benchmarks/gpu_check.py --stage all --out DIR            # the three in turn (the default)
+    python benchmarks/gpu_check.py --dry-run                        # no GPU needed: print and check the plan
 
-Steps (each logged; a failing step does not stop the later ones, the exit code
-is non-zero if any failed):
- 1. ``pip install --no-build-isolation --no-deps -e .`` (builds csrc/ where nvcc exists)
- 2. ``pytest tests`` with RCKA_TEST_DEVICES=cpu,cuda -> results/gpu_tests_<gpu>.json,
-    then compute-sanitizer memcheck and racecheck over the CUDA backend's contract tests
- 3. bench_vs_naive, bench_peers, bench_mmd, bench_losses on cuda, and the full
-    bench_scaling sweep (n 128..65536, p in 64..4096, linear/RBF, biased/debiased,
-    float32/bfloat16) -> results/*_<gpu>_cuda.{json,md,png}
+Each stage fits one 10-minute command on an H100 and runs only what needs a GPU
+(CI runs the rest on the CPU): the GPU-marked tests and the parity tests on CUDA
+tensors, in parallel where pytest-xdist is installed; the sanitizers with
+PyTorch's caching allocator off (it would hide out-of-bounds accesses inside
+pooled blocks) and without stopping at the first error; the efficient-formula
+comparison (benchmarks/bench_efficient.py) under a time budget. Nothing is
+fetched: pip runs with no index, no version check, no build isolation.
+
+Everything a stage produces goes into ``--out`` (for a remote machine, the folder
+whose files come back), at most 8 files for ``all``: per stage a summary JSON
+(device, versions, date, commit, exit codes, passed/failed/skipped per backend)
+and a log; the benchmark's JSON and markdown. A stage that fails is recorded and
+the next still runs; the exit code is 1 if any failed, 2 without a GPU.
 """
 
 from __future__ import annotations
@@ -26,24 +30,24 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _require_gpu() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.stderr.write(
-            f"gpu-check: FAILED: no CUDA device is visible to PyTorch (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda}). This check needs an NVIDIA GPU; on a CPU-only machine "
-            "run `make test` and `make bench` instead.\n"
-        )
-        sys.exit(2)
-    return torch.cuda.get_device_name()
+STAGES = ("install+test", "sanitize", "bench")
+# test files whose tests run on the GPU -> the backend they exercise
+GPU_TESTS = {
+    "tests/test_cuda_parity.py": "cuda",
+    "tests/test_triton_gpu.py": "triton",
+    "tests/test_linear.py": "torch",
+    "tests/test_functional.py": "torch",
+}
+SANITIZED = ["tests/test_cuda_parity.py", "-k", "contract"]
+UNSUPPORTED = re.compile(r"Device not supported|not supported on this|unsupported device", re.I)
 
 
 def _slug(name: str) -> str:
@@ -51,93 +55,138 @@ def _slug(name: str) -> str:
     return re.sub(r"^nvidia-", "", s)[:40]
 
 
-def _step(title: str, cmd, log: Path, env=None) -> int:
-    print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
+def _pytest(py: str, junit: Path, *args: str) -> list:
+    workers = ["-n", "4"] if _has_module("xdist") else []
+    return [py, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *workers, f"--junitxml={junit}", *args]
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def plan(stage: str, py: str, out: Path, tmp: Path, tag: str):
+    """[(title, command, extra environment)] of one stage."""
+    if stage == "install+test":
+        return [
+            ("build + install (CUDA library forced)",
+             [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--disable-pip-version-check", "-e", "."],
+             {"RCKA_FORCE_CUDA": "1", "PIP_NO_INDEX": "1"}),
+            ("backends", [py, "-c", "import rcka_kernels as rk; print(rk.available_backends('cuda'))"], {}),
+            ("GPU-marked tests", _pytest(py, tmp / "marked.xml", "-m", "gpu", *[f for f, b in GPU_TESTS.items() if b != "torch"], "tests/test_linear.py"),
+             {"RCKA_REQUIRE_CUDA": "1"}),
+            ("parity on CUDA tensors", _pytest(py, tmp / "parity.xml", "tests/test_functional.py", "-k", "cuda"),
+             {"RCKA_REQUIRE_CUDA": "1", "RCKA_TEST_DEVICES": "cuda"}),
+        ]
+    if stage == "sanitize":
+        tool = shutil.which("compute-sanitizer") or "compute-sanitizer"
+        return [(f"compute-sanitizer {t}", [tool, "--tool", t, "--error-exitcode", "3", py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SANITIZED],
+                 {"RCKA_REQUIRE_CUDA": "1", "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}) for t in ("memcheck", "racecheck")]
+    if stage == "bench":
+        return [("vs efficient plain PyTorch, launch counts",
+                 [py, "-m", "benchmarks.bench_efficient", "--device", "cuda", "--backends", "torch,triton,cuda",
+                  "--time-budget", "2", "--out", str(out), "--tag", tag], {})]
+    raise ValueError(stage)
+
+
+def dry_run(stages, py: str, out: Path) -> int:
+    """Print every command and check that what it names exists (scripts, test files, the marker)."""
+    missing = []
+    markers = (ROOT / "pyproject.toml").read_text()
+    if '"gpu:' not in markers:
+        missing.append("the 'gpu' pytest marker in pyproject.toml")
+    for stage in stages:
+        print(f"\n[{stage}] -> {out}/{stage}.json, {out}/{stage}.log")
+        for title, cmd, env in plan(stage, py, out, Path("<tmp>"), "<gpu>"):
+            print(f"  {title}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}")
+            for arg in cmd:
+                if arg.startswith("tests/") and not (ROOT / arg).exists():
+                    missing.append(arg)
+                if arg.startswith("benchmarks.") and not (ROOT / (arg.replace(".", "/") + ".py")).exists():
+                    missing.append(arg)
+    if missing:
+        print("gpu-check --dry-run: MISSING " + ", ".join(missing))
+        return 1
+    print("\ngpu-check --dry-run: every script, test file and marker the stages name exists")
+    return 0
+
+
+def _run(title: str, cmd, env: dict, log) -> dict:
+    log.write(f"\n=== {title}\n$ {' '.join(cmd)}\n")
+    log.flush()
     t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n=== {title}\n$ {' '.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail = []
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            f.write(line)
-            tail = (tail + [line])[-40:]
-        rc = proc.wait()
-    print(f"=== {title}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
-    _step.tails[title] = "".join(tail)
-    return rc
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        text, rc = proc.stdout, proc.returncode
+    except FileNotFoundError as e:
+        text, rc = f"{e}\n", 127
+    log.write(text)
+    log.write(f"=== {title}: exit {rc} after {time.perf_counter() - t0:.0f} s\n")
+    log.flush()
+    print(f"{title}: exit {rc} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"title": title, "exit_code": rc, "seconds": round(time.perf_counter() - t0, 1), "tail": text[-2000:]}
 
 
-_step.tails = {}
+def _junit_counts(paths) -> dict:
+    """{backend: {passed, failed, skipped}} from junit XML files."""
+    counts = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        for case in ET.parse(path).getroot().iter("testcase"):
+            mod = case.get("classname", "").split(".")
+            name = f"tests/{mod[1]}.py" if len(mod) > 1 else ""
+            c = counts.setdefault(GPU_TESTS.get(name, "other"), {"passed": 0, "failed": 0, "skipped": 0})
+            if case.find("failure") is not None or case.find("error") is not None:
+                c["failed"] += 1
+            elif case.find("skipped") is not None:
+                c["skipped"] += 1
+            else:
+                c["passed"] += 1
+    return counts
+
+
+def run_stage(stage: str, py: str, out: Path, tag: str) -> bool:
+    from benchmarks._harness import env_info
+
+    with tempfile.TemporaryDirectory() as tmp, open(out / f"{stage}.log", "w") as log:
+        tmp = Path(tmp)
+        steps = [_run(title, cmd, env, log) for title, cmd, env in plan(stage, py, out, tmp, tag)]
+        summary = {"stage": stage, "meta": env_info("cuda"), "steps": steps}
+        ok = all(s["exit_code"] == 0 for s in steps)
+        if stage == "install+test":
+            summary["per_backend"] = _junit_counts([tmp / "marked.xml", tmp / "parity.xml"])
+        if stage == "sanitize":
+            for s in steps:  # a sanitizer this machine cannot run is recorded apart from a failure
+                s["status"] = "unsupported" if s["exit_code"] == 127 or UNSUPPORTED.search(s["tail"]) else ("passed" if s["exit_code"] == 0 else "failed")
+            ok = all(s["status"] != "failed" for s in steps)
+        summary["ok"] = ok
+        (out / f"{stage}.json").write_text(json.dumps(summary, indent=1))
+    return ok
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-bench", action="store_true", help="build and test only")
-    ap.add_argument("--quick", action="store_true", help="quick benchmarks instead of the full sweeps")
-    ap.add_argument("--no-install", action="store_true", help="skip the pip install step")
+    ap.add_argument("--stage", default="all", choices=STAGES + ("all",))
+    ap.add_argument("--out", default=None, help="folder for every result (default benchmarks/results/gpu_<gpu>)")
+    ap.add_argument("--dry-run", action="store_true", help="print the stages' commands and check what they name; no GPU needed")
     args = ap.parse_args(argv)
-
-    gpu = _require_gpu()
-    slug = _slug(gpu)
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    log = results / f"gpu_check_{slug}.log"
-    log.write_text(f"gpu-check on {gpu}\n")
+    stages = STAGES if args.stage == "all" else (args.stage,)
     py = sys.executable
-    failed = []
+    if args.dry_run:
+        return dry_run(stages, py, Path(args.out or "benchmarks/results/gpu_<gpu>"))
+    import torch
 
-    if not args.no_install:
-        if _step("build + install", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], log):
-            failed.append("install")
-
-    # the test suite on CUDA tensors (conftest: RCKA_TEST_DEVICES), gpu-marked tests included
-    env = dict(os.environ, RCKA_TEST_DEVICES="cpu,cuda")
-    rc = _step("tests on cpu + cuda", [py, "-m", "pytest", "-q", "-rfEs", "tests"], log, env=env)
-    if rc:
-        failed.append("tests")
-    from benchmarks._harness import env_info
-
-    summary = [l for l in _step.tails["tests on cpu + cuda"].splitlines() if re.search(r"\d+ (passed|failed)", l)]
-    (results / f"gpu_tests_{slug}.json").write_text(json.dumps(
-        {"meta": env_info("cuda"), "exit_code": rc, "summary": summary[-1] if summary else None,
-         "tail": _step.tails["tests on cpu + cuda"]}, indent=1))
-
-    # compute-sanitizer memcheck and racecheck over the CUDA backend's parity tests (small shapes)
-    sanitizer = shutil.which("compute-sanitizer")
-    for tool in ("memcheck", "racecheck"):
-        if sanitizer is None:
-            print(f"compute-sanitizer not found: {tool} not run", flush=True)
-            failed.append(f"{tool} (no compute-sanitizer)")
-            continue
-        cmd = [sanitizer, "--tool", tool, "--error-exitcode", "3", py, "-m", "pytest", "-q", "-x",
-               "tests/test_cuda_parity.py", "-k", "contract"]
-        if _step(f"compute-sanitizer {tool}", cmd, log, env=dict(os.environ, RCKA_REQUIRE_CUDA="1")):
-            failed.append(tool)
-
-    if not args.no_bench:
-        tag = ["--tag", slug]
-        # the comparison users care about most first: against the efficient plain-PyTorch formula, with launch counts
-        runs = [("vs efficient plain PyTorch", ["-m", "benchmarks.bench_efficient", "--device", "cuda", *(["--quick"] if args.quick else []), *tag])]
-        if args.quick:
-            runs += [("quick benchmarks", ["-m", "benchmarks.run_all", "--quick", "--device", "cuda", "--", *tag])]
-        else:
-            runs += [
-                ("issue-2 vs naive", ["-m", "benchmarks.bench_vs_naive", "--device", "cuda", *tag]),
-                ("peers", ["-m", "benchmarks.bench_peers", "--device", "cuda", "--n", "256-32768", *tag]),
-                ("mmd", ["-m", "benchmarks.bench_mmd", "--device", "cuda", "--n", "256-65536", "--d", "64,256", *tag]),
-                ("losses", ["-m", "benchmarks.bench_losses", "--device", "cuda", *tag]),
-                ("scaling (full sweep)", ["-m", "benchmarks.bench_scaling", "--device", "cuda", "--n", "128-65536",
-                                          "--p", "64,256,1024,4096", "--kernels", "linear,rbf", "--estimators", "biased,debiased",
-                                          "--dtypes", "float32,bfloat16", "--timeout", "120", *tag]),
-            ]
-        for title, cmd in runs:
-            if _step(title, [py, *cmd], log):
-                failed.append(title)
-
-    print(f"\ngpu-check on {gpu}: {'FAILED: ' + ', '.join(failed) if failed else 'all steps passed'}; "
-          f"results in {results.relative_to(ROOT)} (tag {slug})")
+    if not torch.cuda.is_available():
+        sys.stderr.write(f"gpu-check: FAILED: no CUDA device is visible to PyTorch (torch {torch.__version__}); "
+                         "this check needs an NVIDIA GPU (--dry-run shows its plan anywhere).\n")
+        return 2
+    tag = _slug(torch.cuda.get_device_name())
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_{tag}"
+    out.mkdir(parents=True, exist_ok=True)
+    failed = [s for s in stages if not run_stage(s, py, out, tag)]
+    print(f"\ngpu-check on {tag}: {'FAILED: ' + ', '.join(failed) if failed else 'all stages passed'}; results in {out}")
     return 1 if failed else 0
 
 

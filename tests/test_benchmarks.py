@@ -178,3 +178,15 @@ def test_efficient_benchmark_records_ratios_ops_and_memory(tmp_path):
         assert r["ops"]["ours"] > 0 and r["ops"]["baseline"] > 0
         assert set(r["peak_extra_bytes"]) == {"ours", "baseline"}
     assert (tmp_path / "efficient_cpu.md").read_text().count("| cka 64x100 |") == 1
+
+
+def test_gpu_check_dry_run_names_only_what_exists(capsys):
+    """CI checks the GPU check's plan: every stage's commands, with the scripts and test files they name."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--dry-run", "--out", "/tmp/gpu-out"]) == 0
+    out = capsys.readouterr().out
+    for stage in gpu_check.STAGES:
+        assert f"[{stage}]" in out
+    assert "RCKA_FORCE_CUDA=1" in out and "RCKA_REQUIRE_CUDA=1" in out and "--no-index" in out
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in out and " -x " not in out

@@ -187,3 +187,60 @@ def test_auto_takes_the_torch_backend_for_linear_statistics_on_cuda():
 
     assert _dispatch._preferred(torch.device("cuda"), "linear") == ()
     assert _dispatch._preferred(torch.device("cuda"), "rbf") == ("triton", "cuda")
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+def _cuda_backends():
+    return [b for b in ("torch", "triton", "cuda") if rk.available_backends("cuda")[b].available] if torch.cuda.is_available() else []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,debiased", list(_stat_cases()))
+@pytest.mark.parametrize("batch,n,p,q", CASES)
+def test_cuda_values_and_gradients_match_reference(name, debiased, batch, n, p, q):
+    if debiased and n < 4:
+        pytest.skip("the debiased estimator needs n >= 4")
+    ours, ref = STATS[name]
+    x, y = _pair(batch, n, p, q)
+    w = torch.randn(batch, dtype=torch.float64)
+    want = ref(x, y, debiased)
+    ra = x.clone().requires_grad_()
+    (gref,) = torch.autograd.grad((ref(ra, y, debiased) * w).sum(), ra)
+    for backend in _cuda_backends():
+        a = x.cuda().requires_grad_()
+        fn = {"cka": lambda a, b: rk.cka(a, b, debiased=debiased, backend=backend),
+              "hsic": lambda a, b: rk.hsic(a, b, debiased=debiased, backend=backend),
+              "alignment": lambda a, b: official_alignment(a, b, backend=backend)}[name]
+        got = fn(a, y.cuda())
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-13)
+        (g,) = torch.autograd.grad((got * w.cuda()).sum(), a)
+        torch.testing.assert_close(g.cpu(), gref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_cuda_loss_reads_nothing_back_and_launches_no_more_than_the_plain_formula():
+    x, y = (t.cuda() for t in _pair((), 64, 100, 100, dtype=torch.float32))
+    ours, base = _ops(rk.cka_loss, x, y), _ops(efficient.linear_cka, x, y)
+    assert "_local_scalar_dense" not in ours  # no host synchronisation by default
+    assert len(ours) <= len(base) + 1, (ours, base)  # cka_loss = 1 - cka: one op more than cka
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_the_loss():
+    x, y = (t.cuda() for t in _pair((), 64, 100, 100, dtype=torch.float32))
+    want = rk.cka_loss(x, y)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            rk.cka_loss(x, y)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rk.cka_loss(x, y)
+    x.copy_(x * 2.0)  # a new input in the same buffer: CKA does not see the scale
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
