@@ -51,3 +51,43 @@ else:
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_tf32_setting_is_read_through_the_current_api():
+    """After torch.backends.cuda.matmul.fp32_precision = "tf32" (PyTorch's current API),
+    reading the legacy allow_tf32 raises; the backend reads the current setting."""
+    import torch
+
+    from rcka_kernels.ops import triton_backend
+
+    m = torch.backends.cuda.matmul
+    if getattr(m, "fp32_precision", None) is None:
+        pytest.skip("this torch has only the legacy allow_tf32")
+    old = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        assert triton_backend._prec(torch.float32) == "tf32" and triton_backend._prec(torch.float64) == "ieee"
+        m.fp32_precision = "ieee"
+        assert triton_backend._prec(torch.float32) == "ieee"
+    finally:
+        m.fp32_precision = old
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_sizes_beyond_int32_offsets_are_refused_before_any_launch():
+    """Meta tensors: the sizes are real, no memory is allocated."""
+    import torch
+
+    from rcka_kernels.ops import triton_backend as tb
+
+    wide = torch.empty(1, 1 << 16, 1 << 15, device="meta")  # n p = 2**31
+    with pytest.raises(ValueError, match="int32"):
+        tb.plan_linear_fwd(wide, wide)
+    with pytest.raises(ValueError, match="int32"):
+        tb.plan_hsic_bwd(wide, wide, None, None, torch.empty(1, 3, device="meta"), None, None, rbf=False)
+    tall = torch.empty(1, 1 << 18, 1, device="meta")  # the RBF workspace 2 n^2 / BM
+    gam = torch.empty(1, device="meta")
+    with pytest.raises(ValueError, match="workspace"):
+        tb.plan_hsic_fwd(tall, tall, gam, gam, rbf=True)
+    assert tb.plan_hsic_fwd(tall[:, : 1 << 17], tall[:, : 1 << 17], None, None, rbf=False).grid  # below the limit: planned

@@ -113,3 +113,14 @@ def test_memory_is_linear_in_n():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 4 * n * n / 16, peak  # the row-sum workspace is 2 n^2 / BM floats; an n x n matrix would be 4 n^2 bytes
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_the_tensors_device_not_the_current_one():
+    x = torch.randn(2, 40, 5, device="cuda:1")
+    y = torch.randn(2, 40, 3, device="cuda:1")
+    want = rk.cka(x.cpu().double(), y.cpu().double(), kernel="rbf", sigma=1.0, backend="reference")
+    with torch.cuda.device(0):
+        got = rk.cka(x, y, kernel="rbf", sigma=1.0, backend="triton")
+    assert got.device == x.device
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-5)

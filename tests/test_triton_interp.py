@@ -208,3 +208,19 @@ def test_empty_batch_of_groups():
         if name == "linear_stats":
             got, want = (got,), (want[0] if isinstance(want, tuple) else want,)
         assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]
+
+
+def test_rbf_under_the_current_tf32_api():
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (PyTorch's current API): the
+    backend runs (it used to raise "mix of the legacy and new APIs")."""
+    m = torch.backends.cuda.matmul
+    if getattr(m, "fp32_precision", None) is None:
+        pytest.skip("this torch has only the legacy allow_tf32")
+    old = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        x, y = _pair(12, 3, 4, torch.float32)
+        got = rk.cka(x, y, kernel="rbf", sigma=1.3, backend="triton")
+        assert_close(got, reference.cka(x, y, "rbf", 1.3), torch.float32)
+    finally:
+        m.fp32_precision = old

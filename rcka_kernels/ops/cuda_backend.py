@@ -187,7 +187,7 @@ def rbf_stats(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor) -> Tuple[Tensor, Ten
     ws = torch.empty(g, tri, 3, dtype=torch.float64, device=x.device)
     wr = torch.empty(2, g, tiles, n, dtype=cd, device=x.device)  # every (slot, row) is written once
     lib.pair_forward(lib.HSIC_RBF, code, g, _rows(x), _rows(y), gx.data_ptr(), gy.data_ptr(), ws.data_ptr(), wr[0].data_ptr(), wr[1].data_ptr(), device, stream)
-    r = wr.double().sum(2).to(cd)
+    r = wr.sum(2, dtype=torch.float64).to(cd)  # no float64 copy of the workspace
     return ws.sum(1), r[0], r[1]
 
 
@@ -235,8 +235,10 @@ def rbf_mmd_sums(x: Tensor, y: Tensor, gamma: Tensor) -> Tensor:
         s = torch.empty(g, tri, 3, dtype=torch.float64, device=x.device)
     lib.pair_forward(lib.MMD_RBF, code, g, _stacked(x, y), (), gamma.data_ptr(), 0, s.data_ptr(), 0, 0, device, stream)
     s = s if small else s.sum(1)
-    # the kernel sums the whole K_ZZ: its cross blocks hold sum K_XY twice
-    return s * s.new_tensor([1.0, 1.0, 0.5])
+    # the kernel sums the whole K_ZZ: its cross blocks hold sum K_XY twice (a scalar:
+    # no host-to-device copy, which CUDA-graph capture forbids)
+    s[:, 2] *= 0.5
+    return s
 
 
 def rbf_mmd_sums_backward(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor) -> Tuple[Tensor, Tensor]:

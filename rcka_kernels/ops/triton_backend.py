@@ -20,8 +20,8 @@ What runs where (all statistics in one launch for a batch of G groups):
   tiles, ``mmd_sums_bwd_kernel`` per output row block of x and y.
 
 Precision: accumulation in fp32 (fp64 for fp64 inputs, with fp64 ``tl.dot``).
-fp32 Gram dots use ``input_precision="ieee"`` unless
-``torch.backends.cuda.matmul.allow_tf32`` is True. In the backward, the product
+fp32 Gram dots use ``input_precision="ieee"`` unless PyTorch allows TF32 matmuls
+(``fp32_precision = "tf32"``, or the legacy ``allow_tf32``). In the backward, the product
 of the fp32 tile weights with fp16/bf16 rows runs in tf32 (as exact on the half
 rows as fp16, with fp32's range, so small gradients do not underflow).
 
@@ -29,8 +29,9 @@ For benchmarks and profiling: the contract functions below are the launchers
 (``rbf_stats(x, y, gamma_x, gamma_y)`` etc., on (G, n, p) CUDA tensors); to time
 one kernel alone, build its ``plan_*`` once and call ``Launch.run()``.
 
-Limits: per group, n * p must stay below 2**31 elements (in-group offsets are
-int32; group offsets are int64).
+Limits: per group, n * p (and the RBF workspace, 2 n^2 / BM, and a centred Gram,
+n^2) must stay below 2**31 elements (in-group offsets are int32; group offsets
+are int64): larger sizes raise ValueError before any launch.
 
 Memory: inputs and outputs, plus for RBF HSIC a workspace of row-sum partials
 of 2 G n ceil(n / BM) floats (each tile's row and column sums; it is what makes
@@ -39,7 +40,6 @@ the symmetric tiling deterministic without atomics), 1/BM of an n x n Gram.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -89,16 +89,36 @@ class Launch:
         return opts
 
     def run(self) -> None:
-        self.kernel[self.grid](*self.args.values(), **self.consts, **self.options())
+        """Launch on the tensors' device and its current stream (Triton launches on the
+        current device: with tensors on cuda:1 and cuda:0 current it would run on the
+        wrong GPU)."""
+        device = next(v.device for v in self.args.values() if isinstance(v, Tensor))
+        if device.type != "cuda":  # the interpreter, on CPU tensors
+            self.kernel[self.grid](*self.args.values(), **self.consts, **self.options())
+            return
+        with torch.cuda.device(device):
+            self.kernel[self.grid](*self.args.values(), **self.consts, **self.options())
 
 
 def _acc(dtype: torch.dtype):
     return _k.tl.float64 if dtype == torch.float64 else _k.tl.float32
 
 
+def tf32_matmul() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32: the current setting
+    (``torch.backends.cuda.matmul.fp32_precision``, then the global
+    ``torch.backends.fp32_precision``) where it is set, else the legacy
+    ``allow_tf32`` (reading which after the new API was used raises)."""
+    m = torch.backends.cuda.matmul
+    for prec in (getattr(m, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)):
+        if prec not in (None, "none"):
+            return prec == "tf32"
+    return bool(m.allow_tf32)
+
+
 def _prec(dtype: torch.dtype) -> str:
-    """input_precision of the Gram dots: tf32 only for fp32 inputs with allow_tf32 on."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """input_precision of the Gram dots: tf32 only for fp32 inputs with TF32 matmuls allowed."""
+    if dtype == torch.float32 and tf32_matmul():
         return "tf32"
     return "ieee"
 
@@ -191,31 +211,52 @@ def _aligned(*ts: Tensor) -> bool:
     return all(t.stride(1) % 16 == 0 for t in ts)
 
 
-@functools.lru_cache(maxsize=64)
-def _table_cpu(parts: Tuple[Tuple[int, int, int, bool], ...]) -> Tensor:
-    """int32 (3, T) rows kind, i, j; each part (kind, rows, cols, upper-triangle only)."""
+def _build_table(parts: Tuple[Tuple[int, int, int, bool], ...], device: torch.device) -> Tensor:
+    """int32 (3, T) rows kind, i, j; each part (kind, rows, cols, upper-triangle only).
+    Built on the device itself: no host-to-device copy (illegal in CUDA-graph capture)."""
     out = []
     for kind, a, b, upper in parts:
         if upper:
-            ij = torch.triu_indices(a, a)
+            ij = torch.triu_indices(a, a, device=device)
         else:
-            ij = torch.stack(torch.meshgrid(torch.arange(a), torch.arange(b), indexing="ij")).reshape(2, -1)
-        out.append(torch.cat([torch.full((1, ij.shape[1]), kind, dtype=torch.long), ij]))
+            ij = torch.stack(torch.meshgrid(torch.arange(a, device=device), torch.arange(b, device=device), indexing="ij")).reshape(2, -1)
+        out.append(torch.cat([torch.full((1, ij.shape[1]), kind, dtype=torch.long, device=device), ij]))
     return torch.cat(out, 1).to(torch.int32).contiguous()
 
 
 _tables: Dict[Tuple, Tensor] = {}
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _table(parts, device: torch.device) -> Tensor:
     key = (parts, str(device))
     t = _tables.get(key)
     if t is None:
-        t = _table_cpu(parts).to(device)
-        if len(_tables) > 256:
-            _tables.clear()
-        _tables[key] = t
+        t = _build_table(parts, device)
+        if not _capturing(device):  # a table made inside a capture lives in that graph's memory pool
+            if len(_tables) > 256:
+                _tables.clear()
+            _tables[key] = t
     return t
+
+
+_INT32 = 1 << 31
+
+
+def _check_int32(fn: str, *tensors: Tensor, workspace: int = 0) -> None:
+    """The kernels address a group's rows (and workspace) with int32 offsets: refuse
+    sizes beyond 2**31 elements per group with a clear error instead of overflowing."""
+    for t in tensors:
+        span = (t.shape[1] - 1) * t.stride(1) + t.shape[2]
+        if span >= _INT32:
+            raise ValueError(f"triton backend {fn}: a group of shape {tuple(t.shape[1:])} spans {span} elements, beyond the "
+                             f"2**31 its int32 offsets address; use backend='torch' or smaller groups")
+    if workspace >= _INT32:
+        raise ValueError(f"triton backend {fn}: n = {tensors[0].shape[1]} needs a workspace of {workspace} elements per group, "
+                         f"beyond the 2**31 its int32 offsets address; use backend='torch'")
 
 
 def _sqnorms(t: Tensor) -> Tensor:
@@ -230,6 +271,7 @@ def plan_hsic_fwd(x: Tensor, y: Tensor, gx: Optional[Tensor], gy: Optional[Tenso
     cd = compute_dtype(x.dtype)
     bm, bk, warps, stages = hsic_fwd_config(n, x.dtype, _aligned(x, y))
     nb = _cdiv(n, bm)
+    _check_int32("hsic forward", x, y, workspace=2 * nb * nb * bm if rbf else 0)
     tab = _table(((0, nb, nb, True),), x.device)
     t = tab.shape[1]
     s = torch.empty(g, t, 3, dtype=cd, device=x.device)
@@ -247,6 +289,7 @@ def plan_hsic_bwd(x, y, gx, gy, gs, grx, gry, rbf: bool) -> Launch:
     g, n, p = x.shape
     q = y.shape[2]
     bm, bn, bk, dc, warps, stages = hsic_bwd_config(n, max(p, q), x.dtype, _aligned(x, y))
+    _check_int32("hsic backward", x, y)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     nrb = _cdiv(n, bm)
     if not rbf:
@@ -265,6 +308,7 @@ def plan_mmd_fwd(x: Tensor, y: Tensor, gamma: Tensor) -> Launch:
     m = y.shape[1]
     cd = compute_dtype(x.dtype)
     bm, bk, warps, stages = hsic_fwd_config(max(n, m), x.dtype, _aligned(x, y))
+    _check_int32("mmd forward", x, y)
     nbx, nby = _cdiv(n, bm), _cdiv(m, bm)
     tab = _table(((0, nbx, nbx, True), (1, nby, nby, True), (2, nbx, nby, False)), x.device)
     t = tab.shape[1]
@@ -280,6 +324,7 @@ def plan_mmd_bwd(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor) -> Launch:
     g, n, d = x.shape
     m = y.shape[1]
     bm, bn, bk, dc, warps, stages = hsic_bwd_config(max(n, m), d, x.dtype, _aligned(x, y))
+    _check_int32("mmd backward", x, y)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     nbx, nby = _cdiv(n, bm), _cdiv(m, bm)
     args = dict(x_ptr=x, y_ptr=y, nx_ptr=_sqnorms(x), ny_ptr=_sqnorms(y), gam_ptr=gamma, gs_ptr=gs, dx_ptr=dx, dy_ptr=dy, N=n, M=m, D=d,
@@ -295,6 +340,7 @@ def plan_linear_fwd(x: Tensor, y: Tensor) -> Launch:
     q = y.shape[2]
     cd = compute_dtype(x.dtype)
     bf, bk, warps, stages = linear_fwd_config(n, p, q, x.dtype)
+    _check_int32("linear forward", x, y)
     nbp, nbq = _cdiv(p, bf), _cdiv(q, bf)
     tab = _table(((0, nbp, nbq, False), (1, nbp, nbp, True), (2, nbq, nbq, True)), x.device)
     t = tab.shape[1]
@@ -386,6 +432,7 @@ def plan_centered_gram(x: Tensor, gamma: Optional[Tensor], a: Tensor, c: Tensor,
     g, n, p = x.shape
     cd = compute_dtype(x.dtype)
     bm, bk, warps, stages = hsic_fwd_config(n, x.dtype, _aligned(x))
+    _check_int32("centered_gram", x, workspace=n * n)
     nb = _cdiv(n, bm)
     out = torch.empty(g, n, n, dtype=cd, device=x.device)
     nx = _sqnorms(x) if rbf else a
