@@ -124,3 +124,25 @@ def test_kernels_run_on_the_tensors_device_not_the_current_one():
         got = rk.cka(x, y, kernel="rbf", sigma=1.0, backend="triton")
     assert got.device == x.device
     torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_backward_keeps_its_precision_with_tf32_on(dtype):
+    """rowsum(W) x_i - W X cancels: W X must use the fp32 weights the row sums were
+    taken from (tf32x3), not tf32-rounded ones, or the half gradient loses its digits."""
+    m = torch.backends.cuda.matmul
+    attr, on = ("fp32_precision", "tf32") if getattr(m, "fp32_precision", None) is not None else ("allow_tf32", True)
+    old = getattr(m, attr)
+    setattr(m, attr, on)
+    try:
+        x = (torch.randn(2, 200, 48, dtype=torch.float64) * 2 + 0.5).to(dtype)
+        y = torch.randn(2, 200, 40, dtype=torch.float64).to(dtype)
+        w = torch.randn(2, dtype=torch.float64)
+        a = x.cuda().requires_grad_()
+        (rk.cka(a, y.cuda(), kernel="rbf", sigma=3.0, backend="triton") * w.cuda()).sum().backward()
+        b = x.double().requires_grad_()
+        (reference.cka(b, y.double(), "rbf", 3.0) * w).sum().backward()
+        scale = float(b.grad.abs().max())
+        assert_close(a.grad.cpu().double() / scale, b.grad / scale, dtype)
+    finally:
+        setattr(m, attr, old)

@@ -22,8 +22,11 @@ What runs where (all statistics in one launch for a batch of G groups):
 Precision: accumulation in fp32 (fp64 for fp64 inputs, with fp64 ``tl.dot``).
 fp32 Gram dots use ``input_precision="ieee"`` unless PyTorch allows TF32 matmuls
 (``fp32_precision = "tf32"``, or the legacy ``allow_tf32``). In the backward, the product
-of the fp32 tile weights with fp16/bf16 rows runs in tf32 (as exact on the half
-rows as fp16, with fp32's range, so small gradients do not underflow).
+of the fp32 tile weights with fp16/bf16 rows runs in three tf32 passes (tf32x3):
+the output is rowsum(W) x_i - W X, which cancels, so W X must see the fp32
+weights the row sums were taken from (a single tf32 pass rounded W alone, and the
+difference lost the half-precision output's accuracy). Those programs take half
+the output columns (DC), so the split operands fit in registers.
 
 For benchmarks and profiling: the contract functions below are the launchers
 (``rbf_stats(x, y, gamma_x, gamma_y)`` etc., on (G, n, p) CUDA tensors); to time
@@ -124,9 +127,11 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _prec2(dtype: torch.dtype) -> str:
-    """input_precision of the backward's fp32 weight @ rows product (see module doc)."""
+    """input_precision of the backward's fp32 weight @ rows product (see module doc):
+    for half inputs three tf32 passes, so the weights it sees are the fp32 ones the
+    row sums were taken from (fp32 inputs follow PyTorch's TF32 setting)."""
     if dtype in (torch.float16, torch.bfloat16):
-        return "tf32"
+        return "tf32x3"
     return _prec(dtype)
 
 
@@ -187,6 +192,8 @@ def hsic_bwd_config(n: int, d: int, dtype: torch.dtype, aligned: bool = True) ->
     dc = _clamp_p2(d, 16, min(hi, 64))
     if d > 64 and dtype != torch.float64:
         bm, dc = min(bm, 32), 128
+    if _prec2(dtype) == "tf32x3":  # three tf32 passes hold each operand twice: half the columns
+        dc = min(dc, 32 if bm > 32 else 64)
     # fp32 dots without tf32 run on FMAs with both operands in registers: half the step
     bk = _bk(dtype, aligned and dtype != torch.float32)
     return bm, bn, bk, dc, (4 if bm <= 16 else 8), 2
