@@ -460,9 +460,12 @@ __global__ void __launch_bounds__(kThreads, 1) pair_forward_kernel(PairArgs args
 // ----------------------------------------------------------------------------- backward
 
 // out(r0 + i, :) += -2 gamma (rs_i z_i - sum_j M_ij z_{c0+j}) for the rows of
-// the tile and, off the diagonal, the mirrored update of the columns' rows.
+// the tile and, with mirror, the mirrored update of the columns' rows.
 // M (in sm.dot-tile m) is zero outside the matrix; rs/cs are its row and
-// column sums. SMALL blocks own their group and add without atomics.
+// column sums. The calling block owns every row it updates (a SMALL block its
+// group, any other block its row block, without mirror), so it adds without
+// atomics: the sums run in a fixed order and the gradient is the same from run
+// to run.
 template <typename T, bool SMALL>
 __device__ void grad_update(const View<T>& v, const OutView<typename Traits<T>::acc>& out, int64_t r0, int64_t c0,
                             bool mirror, const typename Traits<T>::acc* m, const typename Traits<T>::acc* rs,
@@ -497,12 +500,10 @@ __device__ void grad_update(const View<T>& v, const OutView<typename Traits<T>::
         const int64_t r = r0 + i;
         if (r < v.rows) {
           const acc val = input_grad(gamma, rs[i], sm.ch_i[i * PC + c], a[s]);
-          acc* dst = out.at(r, f);
-          if (SMALL) *dst += val;
-          else atomicAdd(dst, val);
+          *out.at(r, f) += val;
         }
       }
-      if (mirror) {
+      if (SMALL && mirror) {  // only a SMALL block mirrors (the others own a row block)
 #pragma unroll
         for (int s = 0; s < RPT; ++s) a[s] = acc(0);
 #pragma unroll 2
@@ -517,9 +518,7 @@ __device__ void grad_update(const View<T>& v, const OutView<typename Traits<T>::
           const int64_t r = c0 + j;
           if (r < v.rows) {
             const acc val = input_grad(gamma, cs[j], sm.ch_j[j * PC + c], a[s]);
-            acc* dst = out.at(r, f);
-            if (SMALL) *dst += val;
-            else atomicAdd(dst, val);
+            *out.at(r, f) += val;
           }
         }
       }
@@ -538,10 +537,14 @@ __global__ void __launch_bounds__(kThreads, 1) pair_backward_kernel(PairArgs arg
   RCKA_DYNAMIC_SMEM(smem_raw);
   Smem<T> sm(smem_raw);
 
-  // 32-bit division: the launcher keeps the grid below 2^31 blocks
-  const int64_t g = SMALL ? (int64_t)blockIdx.x : (int64_t)(blockIdx.x / (unsigned)tri);
-  const int64_t first = SMALL ? 0 : (int64_t)(blockIdx.x % (unsigned)tri);
-  const int64_t last = SMALL ? tri : first + 1;
+  // SMALL: one block per group walks the triangle of tiles (it owns the group).
+  // Otherwise one block per (group, row block) walks every column block and
+  // updates only its own rows: no atomics, a fixed order of summation, so the
+  // gradient is deterministic, at the price of computing each off-diagonal tile
+  // twice. 32-bit division: the launcher keeps the grid below 2^31 blocks.
+  const int64_t g = SMALL ? (int64_t)blockIdx.x : (int64_t)(blockIdx.x / (unsigned)tiles);
+  const int64_t own = SMALL ? 0 : (int64_t)(blockIdx.x % (unsigned)tiles);
+  const int64_t steps = SMALL ? tri : tiles;
   const View<T> X = view_of<T>(args.x, g);
   const View<T> Y = view_of<T>(args.y, g);
   const OutView<acc> DX = out_of<acc>(args.x, args.dx, TWO ? nullptr : args.dy, g);
@@ -556,9 +559,14 @@ __global__ void __launch_bounds__(kThreads, 1) pair_backward_kernel(PairArgs arg
   acc* nk = sm.vec;
   acc* nl = sm.vec + 2 * E;
 
-  for (int64_t tile = first; tile < last; ++tile) {
-    int64_t ti, tj;
-    tri_tile(tile, tiles, &ti, &tj);
+  for (int64_t step = 0; step < steps; ++step) {
+    int64_t ti = own, tj = step;
+    if (SMALL) tri_tile(step, tiles, &ti, &tj);
+#ifdef __CUDA_ARCH__
+    // opaque to the optimiser: hoisting the row block's values out of the loop
+    // kept them live across it and spilled registers
+    if (!SMALL) asm volatile("" : "+l"(ti));
+#endif
     const int64_t r0 = ti * E, c0 = tj * E;
     dot_tile<T>(X, r0, X, c0, sm, sm.dot0, nk);
     if (TWO) dot_tile<T>(Y, r0, Y, c0, sm, sm.dot1, nl);
@@ -587,7 +595,7 @@ __global__ void __launch_bounds__(kThreads, 1) pair_backward_kernel(PairArgs arg
       }
     }
     __syncthreads();  // the norms are dead from here: the vectors hold sums of M
-    const bool mirror = ti != tj;
+    const bool mirror = SMALL && ti != tj;
     for (int side = 0; side < 2; ++side) {
       line_sums<T>(sm.dot0, side == 1, [&](int line, acc v) { nk[side * E + line] = v; });
       if (TWO) line_sums<T>(sm.dot1, side == 1, [&](int line, acc v) { nl[side * E + line] = v; });
@@ -672,7 +680,7 @@ void pair_backward_mode(const PairArgs& a, cudaStream_t stream, const char* name
   const Plan p = plan_gram_edge(Traits<T>::edge, rows);
   const size_t smem = Smem<T>::layout().total;
   if (p.small) launch(pair_backward_kernel<T, MODE, true>, name, a.groups, smem, stream, a, p.tiles, p.tri);
-  else launch(pair_backward_kernel<T, MODE, false>, name, a.groups * p.tri, smem, stream, a, p.tiles, p.tri);
+  else launch(pair_backward_kernel<T, MODE, false>, name, a.groups * p.tiles, smem, stream, a, p.tiles, p.tri);
 }
 
 template <typename T>

@@ -15,8 +15,9 @@ Kernels (csrc/pair_kernels.cuh):
   writes the final statistics;
 - larger groups: one block per 64 x 64 tile (32 x 32 for float64) of the upper
   triangle of the Gram, tensor cores (wmma) for float16/bfloat16, a SIMT tile
-  for float32/float64; the backward recomputes tiles and accumulates the
-  gradients with atomics;
+  for float32/float64; the backward recomputes tiles, one block per row block
+  walking every column block and adding only into its own rows (no atomics:
+  the gradient is the same from run to run);
 - linear statistics: Gram tiles in sample space, or tiles of X^T Y, X^T X,
   Y^T Y in feature space when p + q <= n. Their backward is two or three
   matrix products, done with torch.matmul (``torch_backend.linear_stats_backward``).

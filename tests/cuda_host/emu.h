@@ -12,11 +12,13 @@
 #pragma once
 #define RCKA_HOST_EMULATION 1
 
-#include <atomic>
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -53,17 +55,12 @@ inline A shfl_xor(unsigned, A v, int off) {
   return r;
 }
 
-template <typename A>
-inline A atomic_add(A* p, A v) {
-  return std::atomic_ref<A>(*p).fetch_add(v);
-}
 }  // namespace rcka_emu
 
 #define threadIdx (::rcka_emu::thread_idx)
 #define blockIdx (::rcka_emu::block_idx)
 #define __syncthreads() ::rcka_emu::sync_block()
 #define __shfl_xor_sync(mask, v, off) ::rcka_emu::shfl_xor(mask, v, off)
-#define atomicAdd(p, v) ::rcka_emu::atomic_add(p, v)
 #define RCKA_DYNAMIC_SMEM(name) unsigned char* name = ::rcka_emu::smem_base
 
 // ----------------------------------------------------------------------------- half types
@@ -190,11 +187,18 @@ inline void launch(K kernel, const char* name, int64_t blocks, size_t smem, cuda
   rcka_emu::block_barrier = &bar;
   for (int w = 0; w < threads / 32; ++w) rcka_emu::warp_barrier[w] = warps[w];
   std::memset(base, 0xff, smem);  // NaN in every float/double
+  // RCKA_EMU_BLOCK_ORDER=<seed>: run the blocks in a shuffled order, as a GPU may
+  std::vector<int64_t> order(blocks);
+  for (int64_t b = 0; b < blocks; ++b) order[b] = b;
+  if (const char* seed = std::getenv("RCKA_EMU_BLOCK_ORDER")) {
+    std::mt19937_64 rng(std::strtoull(seed, nullptr, 10));
+    std::shuffle(order.begin(), order.end(), rng);
+  }
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       rcka_emu::thread_idx.x = (unsigned)t;
-      for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t b : order) {
         rcka_emu::block_idx.x = (unsigned)b;
         kernel(args...);
         bar.arrive_and_wait();
