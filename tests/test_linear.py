@@ -244,3 +244,29 @@ def test_cuda_graph_capture_of_the_loss():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_cuda_graph_capture_of_rbf_statistics(backend):
+    """No host-to-device copy inside the compiled backends' launchers (an MMD scale
+    vector, a Triton tile table): RBF MMD and CKA with a given bandwidth capture."""
+    if backend not in _cuda_backends():
+        pytest.skip(f"{backend} unavailable on this GPU machine")
+    x = torch.randn(2, 150, 8, device="cuda")
+    z = torch.randn(2, 130, 8, device="cuda") + 0.3
+    fns = (lambda: rk.mmd(x, z, sigma=2.0, backend=backend), lambda: rk.cka(x, x.flip(1), kernel="rbf", sigma=2.0, backend=backend))
+    wants = [f() for f in fns]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [f() for f in fns]
+    graph.replay()
+    torch.cuda.synchronize()
+    for out, want in zip(outs, wants):
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
