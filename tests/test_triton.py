@@ -61,17 +61,12 @@ def test_tf32_setting_is_read_through_the_current_api():
 
     from rcka_kernels.ops import triton_backend
 
-    m = torch.backends.cuda.matmul
-    if getattr(m, "fp32_precision", None) is None:
-        pytest.skip("this torch has only the legacy allow_tf32")
-    old = m.fp32_precision
-    try:
-        m.fp32_precision = "tf32"
+    from .utils import fp32_matmul_precision
+
+    with fp32_matmul_precision("tf32", current_api=True):
         assert triton_backend._prec(torch.float32) == "tf32" and triton_backend._prec(torch.float64) == "ieee"
-        m.fp32_precision = "ieee"
+    with fp32_matmul_precision("ieee", current_api=True):
         assert triton_backend._prec(torch.float32) == "ieee"
-    finally:
-        m.fp32_precision = old
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -8,7 +8,7 @@ import torch
 import rcka_kernels as rk
 from rcka_kernels import reference
 
-from .utils import SHAPES, TOL, assert_close, assert_grads_within_torch_error
+from .utils import SHAPES, TOL, assert_close, assert_grads_within_torch_error, fp32_matmul_precision
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
@@ -130,11 +130,7 @@ def test_kernels_run_on_the_tensors_device_not_the_current_one():
 def test_half_backward_keeps_its_precision_with_tf32_on(dtype):
     """rowsum(W) x_i - W X cancels: W X must use the fp32 weights the row sums were
     taken from (tf32x3), not tf32-rounded ones, or the half gradient loses its digits."""
-    m = torch.backends.cuda.matmul
-    attr, on = ("fp32_precision", "tf32") if getattr(m, "fp32_precision", None) is not None else ("allow_tf32", True)
-    old = getattr(m, attr)
-    setattr(m, attr, on)
-    try:
+    with fp32_matmul_precision("tf32"):
         x = (torch.randn(2, 200, 48, dtype=torch.float64) * 2 + 0.5).to(dtype)
         y = torch.randn(2, 200, 40, dtype=torch.float64).to(dtype)
         w = torch.randn(2, dtype=torch.float64)
@@ -144,5 +140,3 @@ def test_half_backward_keeps_its_precision_with_tf32_on(dtype):
         (reference.cka(b, y.double(), "rbf", 3.0) * w).sum().backward()
         scale = float(b.grad.abs().max())
         assert_close(a.grad.cpu().double() / scale, b.grad / scale, dtype)
-    finally:
-        setattr(m, attr, old)

@@ -23,7 +23,7 @@ import rcka_kernels as rk  # noqa: E402
 from rcka_kernels import reference  # noqa: E402
 from rcka_kernels.ops import torch_backend, triton_backend  # noqa: E402
 
-from .utils import TOL, assert_close, assert_grads_within_torch_error  # noqa: E402
+from .utils import TOL, assert_close, assert_grads_within_torch_error, fp32_matmul_precision  # noqa: E402
 
 # (n, p, q): n < tile, n not a multiple of the tile, p = 1, p != q, both linear paths,
 # features wider than 64 (the backward's 128-column chunks on 32-row blocks)
@@ -213,14 +213,7 @@ def test_empty_batch_of_groups():
 def test_rbf_under_the_current_tf32_api():
     """torch.backends.cuda.matmul.fp32_precision = "tf32" (PyTorch's current API): the
     backend runs (it used to raise "mix of the legacy and new APIs")."""
-    m = torch.backends.cuda.matmul
-    if getattr(m, "fp32_precision", None) is None:
-        pytest.skip("this torch has only the legacy allow_tf32")
-    old = m.fp32_precision
-    try:
-        m.fp32_precision = "tf32"
+    with fp32_matmul_precision("tf32", current_api=True):
         x, y = _pair(12, 3, 4, torch.float32)
         got = rk.cka(x, y, kernel="rbf", sigma=1.3, backend="triton")
         assert_close(got, reference.cka(x, y, "rbf", 1.3), torch.float32)
-    finally:
-        m.fp32_precision = old

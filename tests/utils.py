@@ -1,5 +1,8 @@
 """One table of tolerances and one list of awkward shapes for every test."""
 
+import contextlib
+
+import pytest
 import torch
 
 # (dtype) -> (atol, rtol) against the float64 reference. fp32 accumulates in fp32
@@ -48,3 +51,21 @@ def assert_grads_within_torch_error(got, base, want, inputs, rtol):
         err = float((g.double() - ref).abs().max()) / scale
         err_torch = float((b.double() - ref).abs().max()) / scale
         assert err <= max(2.0 * err_torch, 5.0 * rtol), (err, err_torch)
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(prec: str, current_api: bool = False):
+    """PyTorch's fp32 matmul precision ("tf32" or "ieee") for the block, set through
+    torch.backends.cuda.matmul.fp32_precision (the current API), or the legacy
+    allow_tf32 where this torch lacks it (a skip instead with ``current_api``)."""
+    m = torch.backends.cuda.matmul
+    new = getattr(m, "fp32_precision", None) is not None
+    if current_api and not new:
+        pytest.skip("this torch has only the legacy allow_tf32")
+    attr, value = ("fp32_precision", prec) if new else ("allow_tf32", prec == "tf32")
+    old = getattr(m, attr)
+    setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        setattr(m, attr, old)
