@@ -133,7 +133,7 @@ class _GlobalLinear(torch.autograd.Function):
         dist.all_reduce(ext, op=dist.ReduceOp.MAX, group=group)
         const = (ext[:p] == -ext[p : 2 * p]).all() | (ext[2 * p : 2 * p + q] == -ext[2 * p + q : -2]).all()
         scale = ext[-2:]
-        inv = torch.reciprocal(scale).nan_to_num_(posinf=0.0)
+        inv = linear.safe_reciprocal(scale)
         u, w = u.mul_(inv[0]), w.mul_(inv[1])
         a, cx, cy = u.mT @ w, u.mT @ u, w.mT @ w
         parts = [a, cx, cy]
@@ -163,10 +163,7 @@ class _GlobalLinear(torch.autograd.Function):
         g = linear.coefficients(gv, kk, ll, r, v, ctx.statistic, need, d is not None)
         grads = list(torch_backend.linear_stats_backward(u[None], w[None], g, (a, cx, cy), need))
         if d is not None:
-            gd = linear.diagonal_grad(g, d, t, ctx.n)
-            for i, ui in enumerate((u, w)):
-                if grads[i] is not None:
-                    grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
+            linear.add_diagonal_grad(grads, (u, w), g, d, t, ctx.n)
             # through the centring on the global mean: minus the global column means of the gradient
             cols = torch.cat([gi.sum(1).reshape(-1) if gi is not None else ui.new_zeros(ui.shape[1]) for gi, ui in zip(grads, (u, w))])
             dist.all_reduce(cols, op=dist.ReduceOp.SUM, group=ctx.group)

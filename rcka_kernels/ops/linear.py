@@ -71,7 +71,7 @@ def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tens
         s = z.abs().amax((1, 2), keepdim=True)
     else:  # no n x p temporary
         s = torch.maximum(z.amax((1, 2), keepdim=True), z.amin((1, 2), keepdim=True).neg_())
-    inv = torch.reciprocal(s).nan_to_num_(posinf=0.0)  # NaN input still reaches u through z
+    inv = safe_reciprocal(s)
     return z.mul_(inv), s, inv
 
 
@@ -157,14 +157,24 @@ def coefficients(gv: Tensor, kk, ll, r, v, statistic: str, need, diagonals: bool
     return gkl, h * ll if need[0] or diagonals else None, h * kk if need[1] or diagonals else None
 
 
-def diagonal_grad(g, d: Tensor, t: Tensor, n: int) -> Tensor:
-    """(G, 2, n) gradient with respect to the diagonals d of K and L (debiased):
-    -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]]."""
+def add_diagonal_grad(grads, halves, g, d: Tensor, t: Tensor, n: int) -> None:
+    """grads[i] += 2 (dv/dd_i) u_i in place for the inputs being differentiated: the
+    share of the diagonals d (G, 2, n) of K and L (debiased), with
+    dv/dd = -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]]."""
     gkl, gkk, gll = g
     c1, c2 = _debias_terms(n)
     zero = gkl * 0
     gs = torch.cat([2 * gkk if gkk is not None else zero, gkl, gkl, 2 * gll if gll is not None else zero], 1).view(-1, 2, 2)
-    return torch.add((gs @ t) * c2, gs @ d, alpha=-c1)
+    gd = torch.add((gs @ t) * c2, gs @ d, alpha=-c1)
+    for i, ui in enumerate(halves):
+        if grads[i] is not None:
+            grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
+
+
+def safe_reciprocal(s: Tensor) -> Tensor:
+    """1 / s, and 0 where s = 0 (an input that is all zero after preparation stays 0);
+    NaN input still reaches the prepared values through the data."""
+    return torch.reciprocal(s).nan_to_num_(posinf=0.0)
 
 
 class _LinearAlignment(torch.autograd.Function):
@@ -203,11 +213,10 @@ class _LinearAlignment(torch.autograd.Function):
         g = coefficients(gv, kk, ll, r, v, ctx.statistic, need, d is not None)
         grads = list(_products_backward(a, b, g, saved, ctx.backend, need, ctx.dtype))
         if d is not None:
-            gd = diagonal_grad(g, d, t, d.shape[-1])
-            for i, ui in enumerate((a, b)):
-                if grads[i] is not None:
-                    gi = grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
-                    if ctx.centered:  # through the centring u = (x - mean) / s
+            add_diagonal_grad(grads, (a, b), g, d, t, d.shape[-1])
+            if ctx.centered:  # through the centring u = (x - mean) / s: the diagonals' share has nonzero column sums
+                for gi in grads:
+                    if gi is not None:
                         gi.sub_(gi.mean(1, keepdim=True))
         if not one:
             grads = [grads[0].mul_(inv[0::2]), grads[1].mul_(inv[1::2])]
