@@ -3,6 +3,7 @@ and the RCKA/PCKA distillation losses, for PyTorch.
 
     import rcka_kernels as rk
     loss = rk.cka_loss(student_feats, teacher_feats)     # 1 - linear CKA
+    res = rk.compare(teacher, student, loader)           # layer-by-layer CKA over a data set
     rk.available_backends()                              # what can run here, and why not
 """
 
@@ -20,6 +21,7 @@ from .functional import (
 )
 from .losses import CKALoss, PCKALoss, RCKALoss
 from . import distributed
+from .compare import CompareResult, compare
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,8 @@ __all__ = [
     "RCKALoss",
     "PCKALoss",
     "distributed",
+    "compare",
+    "CompareResult",
     "available_backends",
     "BackendStatus",
     "config",

@@ -104,33 +104,34 @@ def _rcka(cfg: Config, backend: str) -> RCKALoss:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a state dict saved raw or under 'model' / 'state_dict' / 'net' (a 'module.' prefix is dropped)."""
+def load_checkpoint(model: nn.Module, path: str, role: str = "teacher") -> None:
+    """Load a state dict saved raw or under 'model' / 'state_dict' / 'net' (a 'module.' prefix is dropped).
+    ``role`` names the model in error messages ("teacher checkpoint ..."; rk.compare loads students too)."""
     if not os.path.isfile(path):
-        raise DistillError(f"teacher checkpoint {path!r} does not exist")
+        raise DistillError(f"{role} checkpoint {path!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DistillError(f"cannot read teacher checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise DistillError(f"cannot read {role} checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "net"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DistillError(f"teacher checkpoint {path!r} does not hold a state dict")
+        raise DistillError(f"{role} checkpoint {path!r} does not hold a state dict")
     sd = {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
     own = model.state_dict()
     fc = next((k for k in ("fc.weight",) if k in own and k in sd), None)
     if fc and sd[fc].shape[0] != own[fc].shape[0]:
-        raise DistillError(f"teacher checkpoint {path!r} has {sd[fc].shape[0]} classes but the data set has {own[fc].shape[0]}")
+        raise DistillError(f"{role} checkpoint {path!r} has {sd[fc].shape[0]} classes but the data set has {own[fc].shape[0]}")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         what = "; ".join(f"{n}: {', '.join(v[:3])}{'...' if len(v) > 3 else ''}" for n, v in
                          (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if v)
-        raise DistillError(f"teacher checkpoint {path!r} does not fit the {type(model).__name__} teacher ({what})")
+        raise DistillError(f"{role} checkpoint {path!r} does not fit the {type(model).__name__} {role} ({what})")
     model.load_state_dict(sd)
 
 
@@ -448,6 +449,8 @@ def _run(cfg: Config) -> Dict[str, Dict]:
         summary[method] = {"model": cfg.student, **last, "best_test_acc": max(r["test_acc"] for r in h)}
         if rank == 0:
             write_logs(h, os.path.join(cfg.out, method), {**meta_base, "method": method, "model": cfg.student}, cfg.plot)
+            # the trained student, for `python -m rcka_kernels.compare --run` (layer CKA with its teacher)
+            torch.save({"model": student.state_dict()}, os.path.join(cfg.out, method, "student.pt"))
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
