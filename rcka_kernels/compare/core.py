@@ -107,11 +107,14 @@ def _resolve_layers(model: nn.Module, layers, which: str) -> List[str]:
 
 
 def _as_features(name: str, out: Any) -> Tensor:
-    """A layer output as (n, features): tuple/list -> first element, ``last_hidden_state`` -> it."""
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    elif not isinstance(out, Tensor) and hasattr(out, "last_hidden_state"):
-        out = out.last_hidden_state
+    """A layer output as (n, features): tuple/list -> first element, ``last_hidden_state`` -> it (repeatedly)."""
+    for _ in range(8):
+        if isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        elif not isinstance(out, Tensor) and hasattr(out, "last_hidden_state"):
+            out = out.last_hidden_state
+        else:
+            break
     if not isinstance(out, Tensor):
         raise TypeError(f"compare: layer {name!r} returned {type(out).__name__}, not a tensor (or a tuple / an object with "
                         "last_hidden_state holding one)")

@@ -1,0 +1,449 @@
+"""rk.compare: exact full-data-set CKA (equal to rk.cka on the concatenated features,
+whatever the batch size), Nguyen et al.'s minibatch estimator (against its float64
+definition), auto under a memory budget, batch and output formats, errors, save/load,
+plot, torch.distributed (2 gloo processes), and the command line on fake data sets
+in the harness's on-disk formats."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+import rcka_kernels as rk  # noqa: E402
+from rcka_kernels import reference  # noqa: E402
+from rcka_kernels.compare import CompareResult, default_layers  # noqa: E402
+from rcka_kernels.compare.__main__ import main as cli_main  # noqa: E402
+from rcka_kernels.compare.stats import ExactStats  # noqa: E402
+
+
+class Net(nn.Module):
+    """Layers of different widths, some outputs 4-D (flattened), an offset to test the shifted sums."""
+
+    def __init__(self, w=12, seed=0, offset=0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.inp = nn.Linear(6, w)
+        self.body = nn.Sequential(nn.Linear(w, w), nn.Tanh(), nn.Linear(w, 8))
+        self.fc = nn.Linear(8, 3)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
+        with torch.no_grad():
+            self.body[2].bias += offset  # features with a large mean (body.2, fc) after the tanh
+
+    def forward(self, x):
+        h = self.body(self.inp(x))
+        return self.fc(h.reshape(-1, 2, 2, 2).flatten(1))
+
+
+N = 53
+
+
+def _data(n=N, seed=1):
+    return torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def _feats(model, names, batches):
+    """Features of each named layer, concatenated over the same batches compare sees, in float64."""
+    mods = dict(model.named_modules())
+    out = {n: [] for n in names}
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: out[n].append(o.detach().reshape(o.shape[0], -1))) for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return [torch.cat(out[n]).double() for n in names]
+
+
+def _batches(x, bs):
+    return [x[i:i + bs] for i in range(0, len(x), bs)]
+
+
+LAYERS = ["inp", "body.0", "body.1", "body.2", "fc"]
+
+
+def _concat_cka(fa, fb, debiased):
+    """rk.cka (held to the float64 textbook reference by the other tests) of the concatenated
+    float64 features, columns centred first (CKA does not change; the explicit-H reference
+    would lose digits to the large means)."""
+    fa, fb = [f - f.mean(0) for f in fa], [f - f.mean(0) for f in fb]
+    return torch.tensor([[rk.cka(a, b, debiased=debiased).item() for b in fb] for a in fa], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_exact_equals_concatenated_features_any_batch_size(debiased):
+    a, b = Net(12, 0, offset=300.0), Net(9, 1)
+    x = _data()
+    first = None
+    for bs in (1, 4, 17, N):
+        bx = _batches(x, bs)
+        want = _concat_cka(_feats(a, LAYERS, bx), _feats(b, LAYERS, bx), debiased)
+        res = rk.compare(a, b, bx, LAYERS, LAYERS, estimator="exact", debiased=debiased, progress=False)
+        assert res.estimator == "exact" and res.n_samples == N and res.values.dtype == torch.float64
+        assert res.values.shape == (5, 5)
+        torch.testing.assert_close(res.values, want, rtol=1e-9, atol=1e-12)
+        # batch-size independent up to the float32 rounding of the features themselves
+        first = res.values if first is None else first
+        torch.testing.assert_close(res.values, first, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_exact_same_model_one_pass_and_layer_subsets(debiased):
+    a = Net(12, 0, offset=-50.0)
+    x = _data()
+    f = _feats(a, LAYERS, _batches(x, 10))
+    want = _concat_cka(f, f, debiased)
+    calls = []
+    a.register_forward_pre_hook(lambda m, i: calls.append(1))
+    res = rk.compare(a, None, _batches(x, 10), LAYERS, estimator="exact", debiased=debiased, progress=False)
+    assert len(calls) == 6  # one forward pass per batch
+    torch.testing.assert_close(res.values, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(res.values, res.values.T, rtol=1e-12, atol=1e-14)
+    calls.clear()
+    res2 = rk.compare(a, a, _batches(x, 10), LAYERS[:2], LAYERS[1:], estimator="exact", debiased=debiased, progress=False)
+    assert len(calls) == 6
+    torch.testing.assert_close(res2.values, res.values[:2, 1:], rtol=1e-12, atol=1e-14)
+
+
+def test_exact_float32_features_against_rk_cka():
+    """The issue's target: float32 features, 1e-6 relative to rk.cka on the concatenated features."""
+    a, b = Net(12, 0, offset=1e3), Net(9, 1)
+    x = _data(200)
+    fa, fb = _feats(a, ["inp", "fc"], _batches(x, 64)), _feats(b, ["body.1"], _batches(x, 64))
+    res = rk.compare(a, b, _batches(x, 64), ["inp", "fc"], ["body.1"], estimator="exact", progress=False)
+    for i, f in enumerate(fa):
+        want = rk.cka(f.float(), fb[0].float()).double()
+        assert abs(res.values[i, 0] - want) <= 1e-6 * abs(want)
+
+
+def _nguyen(fa, fb, bs, kernel="linear", sigma=None):
+    """Nguyen et al.'s minibatch CKA from its definition, float64 textbook HSIC per batch."""
+    n = fa[0].shape[0]
+    hxy = torch.zeros(len(fa), len(fb), dtype=torch.float64)
+    hxx, hyy = torch.zeros(len(fa), dtype=torch.float64), torch.zeros(len(fb), dtype=torch.float64)
+    for s in range(0, n, bs):
+        if min(bs, n - s) < 4:
+            continue
+        A, B = [f[s:s + bs] for f in fa], [f[s:s + bs] for f in fb]
+        for i, u in enumerate(A):
+            hxx[i] += reference.hsic(u, u, kernel, sigma, True)
+            for j, v in enumerate(B):
+                hxy[i, j] += reference.hsic(u, v, kernel, sigma, True)
+        for j, v in enumerate(B):
+            hyy[j] += reference.hsic(v, v, kernel, sigma, True)
+    return hxy / torch.sqrt(hxx[:, None] * hyy[None])
+
+
+@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 2.0), ("rbf", "median")])
+def test_minibatch_equals_nguyen_definition(kernel, sigma):
+    a, b = Net(12, 0, offset=20.0), Net(9, 1)
+    x = _data()
+    la, lb = (LAYERS, LAYERS[1:]) if kernel == "linear" else (LAYERS[:2], LAYERS[3:])
+    fa, fb = _feats(a, la, _batches(x, 16)), _feats(b, lb, _batches(x, 16))
+    want = _nguyen(fa, fb, 16, kernel, sigma)
+    with pytest.warns(RuntimeWarning, match="fewer than 4 samples"):  # 53 = 3 x 16 + 5: no skip; 53 = 4 x 13 + 1: skip
+        rk.compare(a, b, _batches(x, 13), la, lb, estimator="minibatch", kernel=kernel, sigma=sigma, progress=False)
+    res = rk.compare(a, b, _batches(x, 16), la, lb, estimator="minibatch", kernel=kernel, sigma=sigma, progress=False)
+    assert res.estimator == "minibatch" and res.batches == 4 and res.skipped_batches == 0
+    torch.testing.assert_close(res.values, want, rtol=1e-5, atol=1e-6)
+    if kernel == "rbf":
+        assert rk.compare(a, b, _batches(x, 16), LAYERS, kernel=kernel, sigma=sigma, progress=False).estimator == "minibatch"
+
+
+def test_minibatch_moves_with_batch_size_exact_does_not():
+    a, b = Net(12, 0), Net(9, 1)
+    x = _data(120)
+    mb = [rk.compare(a, b, _batches(x, bs), ["inp"], ["fc"], estimator="minibatch", progress=False).values.item() for bs in (8, 120)]
+    ex = [rk.compare(a, b, _batches(x, bs), ["inp"], ["fc"], estimator="exact", progress=False).values.item() for bs in (8, 120)]
+    assert abs(mb[0] - mb[1]) > 1e-3
+    assert abs(ex[0] - ex[1]) < 1e-6
+
+
+def test_auto_respects_memory_budget():
+    a, b = Net(12, 0), Net(9, 1)
+    x = _data()
+    full = rk.compare(a, b, _batches(x, 20), LAYERS, progress=False)
+    assert full.estimator == "exact"
+    mini = rk.compare(a, b, _batches(x, 20), LAYERS, estimator="minibatch", progress=False)
+    # widths: inp 12, body.0 12, body.1 12, body.2 8, fc 3 (a); 9, 9, 9, 8, 3 (b)
+    res = rk.compare(a, b, _batches(x, 20), LAYERS, progress=False, memory_budget=3000)
+    assert res.estimator == "mixed"
+    ex = torch.tensor([[e == "exact" for e in row] for row in res.estimators])
+    assert ex.any() and not ex.all()
+    assert not ex[0].any()  # the widest layers go to minibatch first
+    torch.testing.assert_close(res.values[ex], full.values[ex], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.values[~ex], mini.values[~ex], rtol=1e-12, atol=1e-14)
+    assert "*" in res.table()
+    assert rk.compare(a, b, _batches(x, 20), LAYERS, progress=False, memory_budget="100B").estimator == "minibatch"
+
+
+def test_exact_statistics_do_not_grow_with_samples():
+    st = ExactStats([256, 256], [256], debiased=True, shared=False, device="cpu")
+
+    def nbytes():
+        ts = [st.M, st.A, st.U, st.V, st.a.s, st.b.s] + st.a.self_ + st.b.self_
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    before = nbytes()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        st.update([torch.randn(1000, 256, generator=g), torch.randn(1000, 256, generator=g)], [torch.randn(1000, 256, generator=g)])
+    assert nbytes() == before < 4 << 20 and st.n == 3000
+
+
+def test_batch_formats_and_output_types():
+    class Out:
+        def __init__(self, h):
+            self.last_hidden_state = h
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 5)
+            self.pair = nn.Identity()
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.pair((h, h * 2)), Out(h + 1)
+
+    class HF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = Wrap()
+
+        def forward(self, x):
+            return self.enc(x)[1]
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = HF()
+            self.out = nn.Identity()
+
+        def forward(self, x):
+            return self.out(self.inner(x).last_hidden_state)
+
+    m = Named()
+    x = _data()
+    want = rk.compare(m, None, _batches(x, 20), ["inner.enc.lin", "inner.enc.pair", "inner.enc", "out"], estimator="exact", progress=False)
+    # tuple output -> first element (= lin's output), last_hidden_state -> it: all the same features up to a shift
+    torch.testing.assert_close(want.values, torch.ones(4, 4, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    ys = torch.arange(N)
+    for loader in ([(b, ys[:len(b)]) for b in _batches(x, 20)], [[b] for b in _batches(x, 20)],
+                   [{"pixel_values": b, "labels": 0} for b in _batches(x, 20)], [{"input": b} for b in _batches(x, 20)]):
+        res = rk.compare(m, None, loader, ["inner.enc.lin", "out"], estimator="exact", progress=False)
+        torch.testing.assert_close(res.values, want.values[[0, 3]][:, [0, 3]], rtol=1e-14, atol=1e-14)
+    res = rk.compare(m, None, [{"feats": b} for b in _batches(x, 20)], ["out"], inputs=lambda d: d["feats"], progress=False)
+    assert res.n_samples == N
+
+
+def test_errors_are_clear():
+    a, b = Net(12, 0), Net(9, 1)
+    x = _data()
+    with pytest.raises(ValueError, match="model_b has no layer 'body.7'"):
+        rk.compare(a, b, _batches(x, 10), ["inp"], ["body.7"], progress=False)
+    with pytest.raises(ValueError, match="model_a has no layer 'nope'"):
+        rk.compare(a, b, _batches(x, 10), ["nope"], progress=False)
+    with pytest.raises(ValueError, match="estimator must be"):
+        rk.compare(a, b, _batches(x, 10), estimator="fast", progress=False)
+    with pytest.raises(ValueError, match="exact estimator needs the linear kernel"):
+        rk.compare(a, b, _batches(x, 10), kernel="rbf", estimator="exact", progress=False)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        rk.compare(a, b, [], progress=False)
+    with pytest.raises(ValueError, match="needs at least 4"):
+        rk.compare(a, b, [x[:3]], estimator="exact", debiased=True, progress=False)
+    with pytest.raises(ValueError, match="no batch has at least 4"), pytest.warns(RuntimeWarning):
+        rk.compare(a, b, _batches(x[:9], 3), estimator="minibatch", progress=False)
+    with pytest.raises(ValueError, match="dict batch needs one of the keys"):
+        rk.compare(a, b, [{"foo": x}], progress=False)
+    with pytest.raises(TypeError, match="a batch must be a tensor"):
+        rk.compare(a, b, [3.0], progress=False)
+    xn = x.clone()
+    xn[7, 0] = float("nan")
+    with pytest.raises(ValueError, match="batch 0: layer 'inp' has NaN or Inf"):
+        rk.compare(a, b, [xn], progress=False)
+    relu = nn.ReLU()
+    twice = nn.Sequential(nn.Linear(6, 4), relu, nn.Linear(4, 4), relu)
+    with pytest.raises(ValueError, match="ran 2 times in one forward pass"):
+        rk.compare(twice, None, [x], ["1"], progress=False)
+    # the hooks are gone and the training flags back after an error
+    assert all(not m._forward_hooks for m in twice.modules()) and twice.training
+
+
+def test_constant_layer_gives_zero_with_warning_and_no_clamp():
+    class C(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.const = nn.Linear(6, 3)
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.const(x * 0), self.lin(x)
+
+    m = C()
+    x = _data(12)
+    with pytest.warns(RuntimeWarning, match="'const' do not vary"):
+        res = rk.compare(m, None, [x], ["const", "lin"], estimator="exact", progress=False)
+    assert res.values[0].tolist() == [0.0, 0.0] and res.values[1, 1] == pytest.approx(1.0)
+    # debiased CKA of unrelated features is negative at small n: reported as is
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(12, 6, generator=g)
+    two = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    res = rk.compare(two, None, [torch.cat([z, torch.randn(12, 6, generator=g)])], ["0"], ["1"], estimator="exact",
+                     debiased=True, progress=False)
+    assert res.values.numel() == 1
+
+
+def test_save_load_plot_table(tmp_path):
+    a, b = Net(12, 0), Net(9, 1)
+    res = rk.compare(a, b, _batches(_data(), 20), LAYERS, LAYERS[:3], progress=False, memory_budget=3000)
+    p = tmp_path / "r.json"
+    res.save(p)
+    back = CompareResult.load(p)
+    torch.testing.assert_close(back.values, res.values, rtol=0, atol=0)
+    assert (back.layers_a, back.layers_b, back.estimators, back.estimator, back.n_samples) == \
+        (res.layers_a, res.layers_b, res.estimators, "mixed", N)
+    assert json.loads(p.read_text())["kernel"] == "linear"
+    fig = res.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG" and fig.axes
+    assert res["inp", "body.0"] == float(res.values[0, 1])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a saved rcka_kernels compare result"):
+        CompareResult.load(bad)
+
+
+def test_default_layers_of_harness_models():
+    from rcka_kernels.distill import models as M
+
+    assert default_layers(M.build("mlp_teacher", 10)) == ["body.0", "body.1", "body.2", "body.3", "fc"]
+    r = default_layers(M.build("resnet8", 100))
+    assert r[:3] == ["conv1", "bn1", "relu"] and "layer2.0" in r and r[-2:] == ["avgpool", "fc"]
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+WORLD = 2
+SPLIT = [23, 30]  # uneven shards; batches of 10 on each rank (a 3-sample batch: skipped by minibatch)
+DIST_CASES = [("exact", False), ("exact", True), ("minibatch", False)]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        a, b = Net(12, 0, offset=40.0), Net(9, 1)
+        x = _data()
+        lo = sum(SPLIT[:rank])
+        shard = x[lo:lo + SPLIT[rank]]
+        res = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for est, deb in DIST_CASES:
+                r = rk.compare(a, b, _batches(shard, 10), LAYERS, LAYERS[2:], estimator=est, debiased=deb, progress=False)
+                res[(est, deb)] = (r.values, r.n_samples)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as tests/test_distributed.py: skip the interpreter teardown where gloo threads can abort
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmpdist")
+    mp.spawn(_dist_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("est,deb", DIST_CASES)
+def test_distributed_equals_single_process(dist_results, est, deb):
+    a, b = Net(12, 0, offset=40.0), Net(9, 1)
+    x = _data()
+    # the same batches as the ranks fed, in one process (so that the float32 features are the same)
+    batches = _batches(x[:SPLIT[0]], 10) + _batches(x[SPLIT[0]:], 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = rk.compare(a, b, batches, LAYERS, LAYERS[2:], estimator=est, debiased=deb, progress=False).values
+    for r in range(WORLD):
+        values, n = dist_results[r][(est, deb)]
+        torch.testing.assert_close(values, want, rtol=1e-9, atol=1e-12)
+        assert n == (N if est == "exact" else N - 3)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _one_line_error(capsys, argv, match):
+    rc = cli_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("rcka-compare: error:") and match in err[-1], err
+
+
+def test_cli_fake_cifar_and_imagefolder(tmp_path, capsys):
+    pytest.importorskip("PIL.Image")
+    from rcka_kernels.distill import models as M
+
+    from .test_distill_data import _write_cifar, _write_folder
+
+    _write_cifar(str(tmp_path / "c100"), n_train=6, n_test=9)
+    torch.manual_seed(0)
+    ck = tmp_path / "r8.pt"
+    torch.save({"model": M.build("resnet8", 100).state_dict()}, ck)
+    out = tmp_path / "out_c"
+    rc = cli_main(["--data", str(tmp_path / "c100"), "--model-a", "resnet8", "--ckpt-a", str(ck), "--model-b", "resnet14",
+                   "--layers-a", "layer1.0,avgpool,fc", "--layers-b", "layer3.1,fc", "--batch-size", "4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = CompareResult.load(out / "compare.json")
+    # layer1.0 is 16 x 32 x 32 = 16384 wide: 2 GiB of exact statistics, over the default budget
+    assert res.values.shape == (3, 2) and res.n_samples == 9 and res.estimator == "mixed"
+    assert res.estimators == [["minibatch"] * 2, ["exact"] * 2, ["exact"] * 2]
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    _write_folder(str(tmp_path / "inet"), per_class=3)
+    out = tmp_path / "out_i"
+    rc = cli_main(["--data", str(tmp_path / "inet"), "--model-a", "resnet18", "--image-size", "32", "--batch-size", "4",
+                   "--estimator", "minibatch", "--layers-a", "layer3.0,layer4.1,fc", "--out", str(out), "--no-progress", "--no-plot"])
+    assert rc == 0
+    res = CompareResult.load(out / "compare.json")
+    assert res.n_samples == 4 and res.skipped_batches == 1 and res.meta["split"] == "test"  # 6 images: batches of 4 and 2
+    torch.testing.assert_close(res.values.diagonal(), torch.ones(3, dtype=torch.float64))
+    capsys.readouterr()
+    _one_line_error(capsys, ["--data", str(tmp_path / "nowhere"), "--model-a", "resnet8"], "does not exist")
+    _one_line_error(capsys, ["--model-a", "resnet8"], "does not fit the digits data")
+    _one_line_error(capsys, ["--model-a", "mlp_teacher", "--layers-a", "body.0,nope"], "no layer 'nope'")
+    _one_line_error(capsys, ["--model-a", "mlp_teacher", "--ckpt-a", str(ck)], "model A checkpoint")
+    _one_line_error(capsys, ["--run", str(tmp_path)], "summary.json")
+
+
+def test_cli_run_folder_of_a_distillation(tmp_path):
+    from rcka_kernels.distill.train import Config, run
+
+    run(Config(out=str(tmp_path), epochs=1, teacher_epochs=1, max_steps=3, progress=False, plot=False, threads=1))
+    r = subprocess.run([sys.executable, "-m", "rcka_kernels.compare", "--run", str(tmp_path), "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for m in ("ce", "kd", "rcka"):
+        res = CompareResult.load(tmp_path / "compare" / f"{m}.json")
+        assert res.layers_a == ["body.0", "body.1", "body.2", "body.3", "fc"] and res.layers_b == ["body.0", "body.1", "fc"]
+        assert res.n_samples == 360 and res.estimator == "exact"
+    assert (tmp_path / "compare" / "layer_cka.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "compare" / "layer_cka.md").read_text()
+    assert table == r.stdout.split("\n\nwrote")[0] + "\n" and "| rcka |" in table
