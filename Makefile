@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 
 setup: $(STAMP)
 
-# naive CKA losses vs rcka-kernels (values, time, memory), then a short distillation on digits
+# naive CKA losses vs rcka-kernels (values, time, memory), then a short distillation on digits,
+# ending with the teacher-vs-student layer CKA of its CE, KD and RCKA students (one figure, one table)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 	$(PY) -m rcka_kernels.distill --epochs 8 --teacher-epochs 10 --no-progress --out runs/demo
+	$(PY) -m rcka_kernels.compare --run runs/demo --no-progress
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -30,6 +32,7 @@ test: $(STAMP)
 PEERS := $(VENV)/.peers
 $(PEERS): $(STAMP)
 	$(PY) -m pip install -q --no-deps torch-cka==0.21 ckatorch==1.0.3 cka-pytorch==1.1.3 geomloss==0.3.1 pykeops==2.3 keopscore==2.3 || echo "peer libraries unavailable: their benchmark rows record the import error"
+	$(PY) -m pip install -q --no-deps pytorch-cka==1.1.3 torchmetrics==1.9.0 lightning-utilities==0.15.3 pyyaml safetensors || echo "pytorch-cka (or a dependency) unavailable: bench_compare records the import error"
 	touch $(PEERS)
 
 bench: $(PEERS)

@@ -1,0 +1,337 @@
+"""rk.compare against the peer libraries' layer-comparison tools (issue 10).
+
+Same models, same data, same layers, one run: two MLPs (A: 6 hidden Linear+ReLU of
+width 256 -> 12 layers; B: 5 of width 192 -> 10 layers) on n synthetic samples
+(64 inputs), batches of 256, CPU. Each case runs in a fresh process: wall time of the
+whole comparison including the forward passes, peak RSS increase over the RSS after
+the models and data were built, and the CKA matrix.
+
+  rcka exact       rk.compare(estimator="exact"): the full-data-set CKA
+  rcka minibatch   rk.compare(estimator="minibatch"): Nguyen et al.
+  pytorch-cka      cka.compute_cka (1.1.3): Nguyen et al., float32, clamped to [0, 1]
+                   (its unclamped values are recorded too)
+  torch-cka        torch_cka.CKA.compare (0.21): Nguyen et al., a Python loop over pairs
+  ckatorch, cka-pytorch   run if importable; else the import error is recorded
+
+Values: rcka exact against rk.cka of the concatenated features in float64 (the
+"oracle" process); every minibatch estimator against Nguyen's definition evaluated in
+float64 with the textbook U-centred Grams (rcka_kernels.reference); how far the
+minibatch value moves with the batch size (64, 256, 1024) from the exact one.
+Memory case: the exact estimator on 200,000 samples (batches generated on the fly)
+with 4 + 4 layers of width 256.
+
+    python -m benchmarks.bench_compare            # n = 10,000 (results/compare_cpu.{json,md})
+    python -m benchmarks.bench_compare --quick    # n = 2,000, 20,000 for the memory case
+Peers: `make bench` installs them (`pip install --no-deps ...`); a missing one is a recorded error.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks._harness import RESULTS, _malloc_setup, _malloc_trim, _status_kb, env_info, fmt_bytes  # noqa: E402
+
+IN = 64
+A_WIDTHS = [256] * 6
+B_WIDTHS = [192] * 5
+
+
+def _mlp(widths, seed):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    dims = [IN] + widths
+    return nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())], nn.Linear(dims[-1], 10))
+
+
+def _layers(widths):
+    return [str(i) for i in range(2 * len(widths))]  # every Linear and ReLU output
+
+
+def _data(n, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN, generator=g)
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+def _loader(x, y, bs):
+    import torch
+
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs, shuffle=False)
+
+
+# ----------------------------------------------------------------------------- providers (in the worker)
+
+
+def _rcka(est):
+    def run(ma, mb, loader, la, lb):
+        import rcka_kernels as rk
+
+        return rk.compare(ma, mb, loader, la, lb, estimator=est, progress=False).values.tolist(), {}
+    return run
+
+
+def _pytorch_cka(ma, mb, loader, la, lb):
+    import torch
+    from cka import CKA, compute_cka
+
+    raw = {}
+    orig = CKA._compute_cka_matrix
+
+    def keep(self, hxy, hxx, hyy):  # the library's value, and the same ratio without its clamp
+        raw["v"] = (hxy.double() / torch.sqrt(hxx.double()[:, None] * hyy.double()[None])).tolist()
+        return orig(self, hxy, hxx, hyy)
+
+    CKA._compute_cka_matrix = keep
+    out = compute_cka(ma, mb, loader, layers=la, model2_layers=lb, device="cpu", progress=False)[0]
+    return out.double().tolist(), {"values_unclamped": raw.get("v")}
+
+
+def _torch_cka(ma, mb, loader, la, lb):
+    from torch_cka import CKA
+
+    c = CKA(ma, mb, model1_layers=la, model2_layers=lb, device="cpu")
+    c.compare(loader)
+    return c.export()["CKA"].double().tolist(), {}
+
+
+def _ckatorch(ma, mb, loader, la, lb):
+    from ckatorch import CKA
+
+    c = CKA(ma, mb, layers=la, second_layers=lb, device="cpu")
+    return c(loader, epochs=1, f_extract=lambda b: {"input": b[0]}, f_args={}).double().tolist(), {}
+
+
+def _cka_pytorch(ma, mb, loader, la, lb):
+    from cka_pytorch.cka import CKACalculator
+
+    c = CKACalculator(ma, mb, model1_layers=la, model2_layers=lb, device="cpu", verbose=False)
+    return c.calculate_cka_matrix(loader, num_epochs=1).double().tolist(), {}
+
+
+PROVIDERS = {"rcka exact": _rcka("exact"), "rcka minibatch": _rcka("minibatch"), "pytorch-cka 1.1.3": _pytorch_cka,
+             "torch-cka 0.21": _torch_cka, "ckatorch 1.0.3": _ckatorch, "cka-pytorch 1.1.3": _cka_pytorch}
+
+
+def _oracle(n, bs):
+    """rk.cka of the concatenated features (float64) and Nguyen's definition with the textbook U-centred Grams."""
+    import torch
+
+    import rcka_kernels as rk
+    from rcka_kernels import reference
+
+    ma, mb = _mlp(A_WIDTHS, 1), _mlp(B_WIDTHS, 2)
+    la, lb = _layers(A_WIDTHS), _layers(B_WIDTHS)
+    x, _ = _data(n)
+
+    def feats(m, names):
+        out = {k: [] for k in names}
+        mods = dict(m.named_modules())
+        hs = [mods[k].register_forward_hook(lambda mod, i, o, k=k: out[k].append(o.detach())) for k in names]
+        with torch.no_grad():
+            for b in x.split(bs):
+                m(b)
+        for h in hs:
+            h.remove()
+        return [torch.cat(out[k]).double() for k in names]
+
+    fa, fb = feats(ma, la), feats(mb, lb)
+    exact = [[rk.cka(u - u.mean(0), v - v.mean(0)).item() for v in fb] for u in fa]
+    hxy = torch.zeros(len(la), len(lb), dtype=torch.float64)
+    hxx, hyy = torch.zeros(len(la), dtype=torch.float64), torch.zeros(len(lb), dtype=torch.float64)
+    for s in range(0, n, bs):
+        b = min(bs, n - s)
+        if b < 4:
+            continue
+        ka = torch.stack([reference.centered_gram(u[s:s + b], "linear", None, True).reshape(-1) for u in fa])
+        kb = torch.stack([reference.centered_gram(v[s:s + b], "linear", None, True).reshape(-1) for v in fb])
+        hxy += ka @ kb.T / (b * (b - 3))
+        hxx += (ka * ka).sum(1) / (b * (b - 3))
+        hyy += (kb * kb).sum(1) / (b * (b - 3))
+    nguyen = (hxy / torch.sqrt(hxx[:, None] * hyy[None])).tolist()
+    return {"status": "ok", "exact": exact, "nguyen": nguyen}
+
+
+def _memory_case(n, bs):
+    """The exact estimator over n samples generated batch by batch: peak RSS does not grow with n."""
+    import torch
+
+    import rcka_kernels as rk
+
+    ma, mb = _mlp([256] * 2, 1), _mlp([256] * 2, 2)
+    la, lb = _layers([256] * 2), _layers([256] * 2)
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        for s in range(0, n, bs):
+            yield torch.randn(min(bs, n - s), IN, generator=g)
+
+    return ma, mb, batches(), la, lb, lambda ma, mb, loader, la, lb: (
+        rk.compare(ma, mb, loader, la, lb, estimator="exact", progress=False).values.tolist(), {})
+
+
+def _worker(spec):
+    import torch
+
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    if spec["kind"] == "oracle":
+        return _oracle(spec["n"], spec["bs"])
+    try:
+        if spec["kind"] == "memory":
+            ma, mb, loader, la, lb, fn = _memory_case(spec["n"], spec["bs"])
+        else:
+            fn = PROVIDERS[spec["provider"]]
+            ma, mb = _mlp(A_WIDTHS, 1), _mlp(B_WIDTHS, 2)
+            la, lb = _layers(A_WIDTHS), _layers(B_WIDTHS)
+            x, y = _data(spec["n"])
+            loader = _loader(x, y, spec["bs"])
+    except ImportError as e:
+        return {"status": "error", "error": f"{type(e).__name__}: {e}"}
+    _malloc_trim()
+    base = _status_kb("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t0 = time.perf_counter()
+    try:
+        values, extra = fn(ma, mb, loader, la, lb)
+    except Exception as e:
+        return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    wall = time.perf_counter() - t0
+    peak = _status_kb("VmHWM") * 1024 - base
+    return {"status": "ok", "time_s": wall, "peak_mem_bytes": peak, "values": values, **extra}
+
+
+def _run(spec, timeout):
+    """One case in a fresh interpreter; a timeout or crash is a recorded result."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_compare", "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    except subprocess.TimeoutExpired:
+        return {**spec, "status": "timeout", "error": f"more than {timeout:.0f} s"}
+    line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("@@")), None)
+    if line is None:
+        return {**spec, "status": "error", "error": f"exit {p.returncode}: {p.stderr.strip()[-300:]}"}
+    return {**spec, **json.loads(line[2:]), "process_s": round(time.perf_counter() - t0, 1)}
+
+
+def _maxdiff(a, b):
+    return max(abs(u - v) for ra, rb in zip(a, b) for u, v in zip(ra, rb))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--memory-n", type=int)
+    ap.add_argument("--timeout", type=float, help="per case (default 120 s, 60 s quick)")
+    ap.add_argument("--only", help="comma-separated providers")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        _malloc_setup()
+        res = _worker(json.loads(args.worker))
+        sys.stdout.write("\n@@" + json.dumps(res) + "\n")
+        return None
+    n = args.n or (2000 if args.quick else 10_000)
+    mem_n = args.memory_n or (20_000 if args.quick else 200_000)
+    timeout = args.timeout or (60.0 if args.quick else 120.0)
+    bs = args.batch_size
+    meta = env_info("cpu")
+    meta["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
+    meta.update({"n": n, "batch_size": bs, "models": {"a": f"MLP {IN}->{A_WIDTHS}->10", "b": f"MLP {IN}->{B_WIDTHS}->10"},
+                 "layers_a": len(_layers(A_WIDTHS)), "layers_b": len(_layers(B_WIDTHS)), "memory_n": mem_n})
+    print(f"rk.compare vs peers: n={n}, batch {bs}, {meta['layers_a']} x {meta['layers_b']} layers, {meta['cpu']} "
+          f"({meta['cpu_count']} cores), load {meta['loadavg_start']}", flush=True)
+    oracle = _run({"kind": "oracle", "n": n, "bs": bs}, 4 * timeout)
+    records = []
+    provs = [p for p in PROVIDERS if not args.only or p in args.only.split(",")]
+    for prov in provs:
+        r = _run({"kind": "provider", "provider": prov, "n": n, "bs": bs}, timeout)
+        records.append(r)
+        print(f"  {prov:<20} {r['status']:<8} " + (f"{r['time_s']:.2f} s, +{fmt_bytes(r['peak_mem_bytes'])}" if r["status"] == "ok"
+                                                  else r.get("error", "")[:160]), flush=True)
+    sweep = []
+    for b in (64, 1024):
+        if "rcka minibatch" in provs:
+            r = _run({"kind": "provider", "provider": "rcka minibatch", "n": n, "bs": b}, timeout)
+            sweep.append(r)
+    mem = _run({"kind": "memory", "n": mem_n, "bs": 1024}, 4 * timeout)
+    print(f"  exact estimator, n={mem_n}, 4 x 4 layers of width 256: "
+          + (f"{mem['time_s']:.1f} s, +{fmt_bytes(mem['peak_mem_bytes'])}" if mem["status"] == "ok" else mem.get("error", "")), flush=True)
+    # values
+    if oracle.get("status") == "ok":
+        for r in records + sweep:
+            if r.get("status") != "ok":
+                continue
+            r["max_abs_vs_exact"] = _maxdiff(r["values"], oracle["exact"])
+            if r["provider"] != "rcka exact" and r["bs"] == bs:
+                r["max_abs_vs_nguyen"] = _maxdiff(r["values"], oracle["nguyen"])
+                if r.get("values_unclamped"):
+                    r["max_abs_unclamped_vs_nguyen"] = _maxdiff(r["values_unclamped"], oracle["nguyen"])
+    meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    out = {"meta": meta, "oracle_status": oracle.get("status"), "oracle_error": oracle.get("error"), "records": records,
+           "batch_size_sweep": sweep, "memory_case": mem}
+    tag = ("_" + args.tag if args.tag else "") + ("_quick" if args.quick else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"compare{tag}_cpu.json"
+    for r in records + sweep + [mem]:
+        r.pop("values_unclamped", None) if r.get("provider") != "pytorch-cka 1.1.3" else None
+    path.write_text(json.dumps(out, indent=1))
+    md = _markdown(out)
+    (RESULTS / f"compare{tag}_cpu.md").write_text(md)
+    print("\n" + md)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return out
+
+
+def _markdown(out):
+    m = out["meta"]
+    lines = [f"# rk.compare vs peers ({m['date']}, {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, commit {m['git_commit'][:10]})",
+             "", f"`{' '.join(m['argv'])}`; load average {m['loadavg_start']} before, {m['loadavg_end']} after.", "",
+             f"{m['models']['a']} ({m['layers_a']} layers) vs {m['models']['b']} ({m['layers_b']} layers), n={m['n']}, "
+             f"batch {m['batch_size']}; time includes the forward passes; memory is the peak RSS increase.", "",
+             "| implementation | status | time | extra memory | max abs vs exact CKA | max abs vs Nguyen (float64) |",
+             "|---|---|---|---|---|---|"]
+    for r in out["records"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['provider']} | {r['status']}: {r.get('error', '')[:120]} | | | | |")
+            continue
+        ng = r.get("max_abs_vs_nguyen")
+        ngs = "" if ng is None else f"{ng:.1e}"
+        if r.get("max_abs_unclamped_vs_nguyen") is not None:
+            ngs += f" (unclamped: {r['max_abs_unclamped_vs_nguyen']:.1e})"
+        ex = r.get("max_abs_vs_exact")
+        lines.append(f"| {r['provider']} | ok | {r['time_s']:.2f} s | {fmt_bytes(r['peak_mem_bytes'])} | "
+                     f"{'' if ex is None else f'{ex:.1e}'} | {ngs} |")
+    if out["batch_size_sweep"]:
+        lines += ["", "Minibatch estimator vs the exact full-data-set CKA, by batch size (rk.compare):", "",
+                  "| batch size | time | max abs vs exact |", "|---|---|---|"]
+        base = next((r for r in out["records"] if r["provider"] == "rcka minibatch" and r["status"] == "ok"), None)
+        for r in sorted([x for x in out["batch_size_sweep"] if x["status"] == "ok"] + ([base] if base else []), key=lambda r: r["bs"]):
+            lines.append(f"| {r['bs']} | {r['time_s']:.2f} s | {r.get('max_abs_vs_exact', float('nan')):.3f} |")
+    mem = out["memory_case"]
+    if mem.get("status") == "ok":
+        lines += ["", f"Exact estimator on {m['memory_n']:,} samples (4 + 4 layers of width 256, batches of 1024 generated on the fly): "
+                  f"{mem['time_s']:.1f} s, +{fmt_bytes(mem['peak_mem_bytes'])} peak RSS."]
+    else:
+        lines += ["", f"Memory case: {mem.get('status')}: {mem.get('error')}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
