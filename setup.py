@@ -1,8 +1,14 @@
-"""Install rcka-kernels. The pure-Python package always installs; the optional
-CUDA library in csrc/ (rcka_kernels._rcka_cuda) is built by CMake when nvcc is
-found (see CMakeLists.txt).
+"""Install rcka-kernels. The pure-Python package always installs; two optional
+compiled parts are built when their tools are there:
+- the CUDA library in csrc/ (rcka_kernels._rcka_cuda), by CMake when nvcc is
+  found (see CMakeLists.txt);
+- the native linear op in csrc/native/ (rcka_kernels._rcka_native, C++ on ATen, any
+  device), with PyTorch's extension flags when torch is importable while building:
+  install with ``pip install --no-build-isolation`` (an isolated build has no torch).
 
 Environment switches:
+  RCKA_SKIP_NATIVE=1   do not build the native op
+  RCKA_FORCE_NATIVE=1  a failed native build is an error (default: a warning)
   RCKA_SKIP_CUDA=1     do not build the CUDA library
   RCKA_FORCE_CUDA=1    a failed CUDA build is an error (default: a warning, and
                        the package installs without the cuda backend)
@@ -30,6 +36,29 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _torch_extension():
+    """(the native op's Extension, PyTorch's build_ext) or (None, why not)."""
+    if _flag("RCKA_SKIP_NATIVE"):
+        return None, "RCKA_SKIP_NATIVE=1"
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as e:  # noqa: BLE001 - an isolated build env has no torch
+        return None, f"PyTorch is not importable in the build environment ({type(e).__name__}); use pip install --no-build-isolation"
+    ext = CppExtension(
+        "rcka_kernels._rcka_native",
+        ["csrc/native/linear_alignment.cpp"],
+        extra_compile_args=["-O3"],
+        optional=not _flag("RCKA_FORCE_NATIVE"),
+    )
+    return ext, BuildExtension
+
+
+NATIVE, NATIVE_BUILD = _torch_extension()
+if NATIVE is None:
+    print(f"rcka-kernels: not building the native op ({NATIVE_BUILD}); the Python path will run instead", file=sys.stderr)
+    NATIVE_BUILD = build_ext
+
+
 def _find_nvcc():
     cand = [os.environ.get("CUDACXX")]
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
@@ -47,8 +76,9 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[], optional=not _flag("RCKA_FORCE_CUDA"))
 
 
-class CMakeBuild(build_ext):
-    """Builds CMakeExtensions with CMake; a failure is a warning unless RCKA_FORCE_CUDA=1."""
+class CMakeBuild(NATIVE_BUILD):
+    """Builds CMakeExtensions with CMake (a failure is a warning unless RCKA_FORCE_CUDA=1),
+    the native op with PyTorch's BuildExtension."""
 
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
@@ -120,6 +150,6 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("rcka_kernels._rcka_cuda")],
-    cmdclass={"build_ext": CMakeBuild},
+    ext_modules=[CMakeExtension("rcka_kernels._rcka_cuda")] + ([NATIVE] if NATIVE is not None else []),
+    cmdclass={"build_ext": CMakeBuild.with_options(use_ninja=False) if NATIVE is not None else CMakeBuild},
 )

@@ -72,10 +72,10 @@ def plan(stage: str, py: str, out: Path, tmp: Path, tag: str):
         return [
             ("build + install (CUDA library forced)",
              [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--disable-pip-version-check", "-e", "."],
-             {"RCKA_FORCE_CUDA": "1", "PIP_NO_INDEX": "1"}),
-            ("backends", [py, "-c", "import rcka_kernels as rk; print(rk.available_backends('cuda'))"], {}),
+             {"RCKA_FORCE_CUDA": "1", "RCKA_FORCE_NATIVE": "1", "PIP_NO_INDEX": "1"}),
+            ("backends", [py, "-c", "import rcka_kernels as rk; print(rk.available_backends('cuda'), rk.native_status())"], {}),
             ("GPU-marked tests", _pytest(py, tmp / "marked.xml", "-m", "gpu", *[f for f, b in GPU_TESTS.items() if b != "torch"], "tests/test_linear.py"),
-             {"RCKA_REQUIRE_CUDA": "1"}),
+             {"RCKA_REQUIRE_CUDA": "1", "RCKA_REQUIRE_NATIVE": "1"}),
             ("parity on CUDA tensors", _pytest(py, tmp / "parity.xml", "tests/test_functional.py", "-k", "cuda"),
              {"RCKA_REQUIRE_CUDA": "1", "RCKA_TEST_DEVICES": "cuda"}),
         ]

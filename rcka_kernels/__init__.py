@@ -5,9 +5,10 @@ and the RCKA/PCKA distillation losses, for PyTorch.
     loss = rk.cka_loss(student_feats, teacher_feats)     # 1 - linear CKA
     res = rk.compare(teacher, student, loader)           # layer-by-layer CKA over a data set
     rk.available_backends()                              # what can run here, and why not
+    rk.native_status()                                   # whether the native linear op is built
 """
 
-from ._dispatch import BackendStatus, available_backends
+from ._dispatch import BackendStatus, available_backends, native_status
 from ._validate import config
 from .functional import (
     centered_gram,
@@ -41,6 +42,7 @@ __all__ = [
     "compare",
     "CompareResult",
     "available_backends",
+    "native_status",
     "BackendStatus",
     "config",
     "__version__",

@@ -99,18 +99,22 @@ def available_backends(device=None) -> Dict[str, BackendStatus]:
     return {name: status(name, dev) for name in BACKENDS}
 
 
+# a debugging switch, read once: "auto" picks Triton's interpreter on the CPU
+_AUTO_INTERPRETER = os.environ.get("RCKA_AUTO_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _preferred(device: torch.device, kernel: str):
     if device.type == "cuda":
         # linear statistics are GEMMs: cuBLAS (the torch backend) until a committed GPU
         # measurement shows a compiled backend faster (benchmarks/bench_efficient.py)
         return () if kernel == "linear" else ("triton", "cuda")
-    if os.environ.get("RCKA_AUTO_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1":
-        return ("triton",)
-    return ()
+    return ("triton",) if _AUTO_INTERPRETER else ()
 
 
 def resolve(backend: str, device: torch.device, kernel: str = "rbf") -> str:
     """The backend to run for tensors on ``device`` and statistics of ``kernel``."""
+    if backend == "auto" and kernel == "linear" and not _AUTO_INTERPRETER:
+        return "torch"  # the common case, without a lookup (see _preferred)
     if backend != "auto":
         st = status(backend, device)
         if not st.available:
@@ -125,6 +129,15 @@ def resolve(backend: str, device: torch.device, kernel: str = "rbf") -> str:
             _warned.add(key)
             warnings.warn(f"rcka_kernels: backend {name!r} unavailable ({st.reason}); using 'torch'", RuntimeWarning, stacklevel=3)
     return "torch"
+
+
+def native_status() -> BackendStatus:
+    """Whether the torch backend's native linear op (csrc/native/) is built and loads,
+    and why not; without it the same arithmetic runs in Python (slower per call)."""
+    from . import _native
+
+    why = _native.reason()
+    return BackendStatus(why is None, why)
 
 
 def provides(name: str, function: str) -> bool:

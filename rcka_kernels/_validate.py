@@ -85,7 +85,7 @@ def wants_finite_check(device: torch.device) -> bool:
     return not _is_compiling()
 
 
-def _non_finite_error(fn: str) -> ValueError:
+def non_finite_error(fn: str) -> ValueError:
     return ValueError(f"{fn}: input contains NaN or Inf (set rcka_kernels.config.check_finite = False to skip this check)")
 
 
@@ -93,7 +93,7 @@ def _raise_non_finite(fn: str, ok: torch.Tensor) -> None:
     if not wants_finite_check(ok.device):
         return
     if not bool(ok):
-        raise _non_finite_error(fn)
+        raise non_finite_error(fn)
 
 
 def check_finite(fn: str, *tensors: torch.Tensor) -> None:
@@ -113,14 +113,6 @@ def scan_groups(fn: str, *groups: torch.Tensor):
         ok.append(torch.isfinite(mn).all() & torch.isfinite(mx).all())
     _raise_non_finite(fn, torch.stack(ok).all())
     return flags
-
-
-def check_value(fn: str, v: torch.Tensor) -> torch.Tensor:
-    """v, after raising if it is NaN where NaN/Inf input is to be reported (the
-    linear statistics are NaN exactly when their input holds NaN or Inf)."""
-    if wants_finite_check(v.device) and (math.isnan(v.item()) if v.numel() == 1 else bool(torch.isnan(v).any())):
-        raise _non_finite_error(fn)
-    return v
 
 
 def check_kernel(fn: str, kernel: str, sigma) -> None:

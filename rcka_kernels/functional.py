@@ -62,6 +62,20 @@ def _prepare(fn, x, y, kernel, sigma, backend, *, same_rows, same_cols, min_rows
     return name
 
 
+def _linear(fn, x, y, statistic, centered, debiased, backend, min_rows, why, ref):
+    """The linear kernel's path of hsic, cka, official_alignment and gram_discrepancy:
+    the checks, dispatch and one op (ops/linear.py), with as little Python as it
+    takes (at the paper's batch sizes each call's interpreter time is a visible
+    share of the loss); ``ref()`` computes the value on the reference backend."""
+    _validate.check_pair(fn, x, y, same_rows=True, same_cols=False, min_rows=min_rows, why=why, finite=False)
+    name = _dispatch.resolve(backend, x.device, "linear")
+    if name == "reference":
+        _validate.check_finite(fn, x, y)
+        return ref().to(compute_dtype(x.dtype))
+    check = fn if _validate.wants_finite_check(x.device) else None
+    return linear_alignment(x, y, statistic, centered, debiased, name, check)
+
+
 # ----------------------------------------------------------------------------- HSIC / CKA
 
 
@@ -130,11 +144,11 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     Returns shape ``x.shape[:-2]``.
     """
     m, why = _min_rows(debiased)
+    if kernel == "linear" and sigma is None:
+        return _linear("hsic", x, y, "hsic", True, debiased, backend, m, why, lambda: reference.hsic(x, y, kernel, sigma, debiased))
     name = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
     if name == "reference":
         return reference.hsic(x, y, kernel, sigma, debiased).to(compute_dtype(x.dtype))
-    if kernel == "linear":
-        return _validate.check_value("hsic", linear_alignment(x, y, "hsic", True, debiased, name))
     x3, y3 = _as_groups(x), _as_groups(y)
     cx, cy = _validate.scan_groups("hsic", x3, y3)
     hxy = _rbf_hsic_terms(x3, y3, sigma, debiased, name)[0]
@@ -151,11 +165,11 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, de
     is cheaper; RBF CKA streams over blocks of the Gram matrices.
     """
     m, why = _min_rows(debiased)
+    if kernel == "linear" and sigma is None:
+        return _linear("cka", x, y, "cka", True, debiased, backend, m, why, lambda: reference.cka(x, y, kernel, sigma, debiased))
     name = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
     if name == "reference":
         return reference.cka(x, y, kernel, sigma, debiased).to(compute_dtype(x.dtype))
-    if kernel == "linear":
-        return _validate.check_value("cka", linear_alignment(x, y, "cka", True, debiased, name))
     out = _rbf_cka(_as_groups(x), _as_groups(y), sigma, debiased, name, "cka")
     return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
@@ -172,10 +186,7 @@ def official_alignment(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor
     """The official RCKA code's alignment without row scaling (see ``losses.official_alignment``):
     |X^T Y|_F^2 / (|X^T X|_F |Y^T Y|_F) = tr(K L) / (|K|_F |L|_F) of the uncentred linear
     Grams, x (..., n, p), y (..., n, q) -> x.shape[:-2]; 0 where an input is 0; any n >= 1."""
-    name = _prepare("official_alignment", x, y, "linear", None, backend, same_rows=True, same_cols=False, min_rows=1, finite=False)
-    if name == "reference":
-        return reference.official_alignment(x, y, False).to(compute_dtype(x.dtype))
-    return _validate.check_value("official_alignment", linear_alignment(x, y, "cka", False, False, name))
+    return _linear("official_alignment", x, y, "cka", False, False, backend, 1, "", lambda: reference.official_alignment(x, y, False))
 
 
 def _raw_stats(x3, y3, kernel, sigma, backend):
@@ -198,11 +209,13 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     1 - tr(K L) / (|K|_F |L|_F), the uncentred alignment of the official RCKA code.
     It bounds ``mmd_upper_bound`` from above. Shapes as ``cka``.
     """
+    if kernel == "linear" and sigma is None:
+        ref = lambda: reference.gram_discrepancy(x, y, kernel, sigma, centered)  # noqa: E731
+        v = _linear("gram_discrepancy", x, y, "cka", centered, False, backend, 2, "", ref)
+        return v if backend == "reference" else 1.0 - v
     name = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2, finite=False)
     if name == "reference":
         return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(compute_dtype(x.dtype))
-    if kernel == "linear":
-        return 1.0 - _validate.check_value("gram_discrepancy", linear_alignment(x, y, "cka", centered, False, name))
     x3, y3 = _as_groups(x), _as_groups(y)
     if centered:
         out = 1.0 - _rbf_cka(x3, y3, sigma, False, name, "gram_discrepancy")

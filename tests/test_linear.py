@@ -4,6 +4,7 @@ float64 reference for every combination of which inputs require grad, stacked
 the uncentred alignment; scale invariance; NaN policy; and op counts (deterministic,
 never a time) against the efficient plain-PyTorch formula."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 from torch.autograd import gradcheck
 
 import rcka_kernels as rk
-from rcka_kernels import _validate, reference
+from rcka_kernels import _native, _validate, reference
 from rcka_kernels.losses import official_alignment
+from rcka_kernels.ops import linear
 
 from .utils import TOL, assert_close
 
@@ -23,6 +25,20 @@ from benchmarks import efficient  # noqa: E402
 # (batch, n, p, q): sample space (n < p + q) and feature space, stacked (p = q) and not
 CASES = [((), 9, 6, 6), ((2,), 7, 3, 9), ((), 30, 4, 4), ((2, 3), 30, 4, 7), ((3,), 5, 1, 1)]
 GRADS = [(True, False), (False, True), (True, True), (False, False)]
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def impl(request, monkeypatch):
+    """Every test here runs on both implementations of the torch backend's op: the
+    native C++ op (csrc/native/) and the Python Function (ops/linear.py), which runs
+    where the native op is not built and while torch.compile traces."""
+    if request.param == "python":
+        monkeypatch.setattr(_native, "op", lambda: None)
+    elif _native.reason() is not None:
+        if os.environ.get("RCKA_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"RCKA_REQUIRE_NATIVE=1 but the native op is unavailable: {_native.reason()}")
+        pytest.skip(f"native op unavailable: {_native.reason()}")
+    return request.param
 
 
 def _pair(batch, n, p, q, dtype=torch.float64, seed=0):
@@ -179,6 +195,33 @@ def test_a_detached_input_gets_no_gradient_work():
     gemms = [op for op in one if "mm" in op]
     assert len(gemms) == len([op for op in both if "mm" in op]) - 1  # one backward GEMM, not two
     assert len(one) < len(both)
+
+
+def test_each_implementation_carries_the_torch_backend(impl, monkeypatch):
+    """The native op runs whenever it is built (the Function is not called), and
+    the Function where it is not (the op is not called)."""
+    x, y = _pair((2,), 9, 4, 5, dtype=torch.float32)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the other implementation ran")
+
+    if impl == "native":
+        monkeypatch.setattr(linear._LinearAlignment, "apply", fail)
+    else:
+        monkeypatch.setattr(torch.ops.rcka_native, "linear_alignment", fail, raising=False)
+    for fn in (rk.cka, rk.hsic, official_alignment):
+        assert torch.isfinite(fn(x.requires_grad_(), y)).all()
+
+
+def test_native_op_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("RCKA_NATIVE", "0")
+    _native._load.cache_clear()
+    try:
+        assert _native.op() is None and "RCKA_NATIVE=0" in _native.reason()
+        assert rk.native_status().reason == _native.reason() and not rk.native_status()
+    finally:
+        monkeypatch.delenv("RCKA_NATIVE")
+        _native._load.cache_clear()
 
 
 def test_auto_takes_the_torch_backend_for_linear_statistics_on_cuda():

@@ -41,6 +41,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _native
+from .._validate import _is_compiling, non_finite_error
 from . import stats as _stats
 from . import torch_backend
 from .torch_backend import compute_dtype
@@ -228,8 +230,25 @@ class _LinearAlignment(torch.autograd.Function):
         return out[0], out[1], None, None, None, None
 
 
-def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debiased: bool, backend: str) -> Tensor:
+def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debiased: bool, backend: str,
+                     check: Optional[str] = None) -> Tensor:
     """Linear-kernel ``statistic`` ("cka" or "hsic") of checked x (..., n, p),
     y (..., n, q) -> (...), in the compute dtype. ``centered=False``: the uncentred
-    alignment |X^T Y|^2 / (|X^T X| |Y^T Y|) (statistic "cka", biased only)."""
-    return _LinearAlignment.apply(x, y, statistic, centered, debiased, backend)
+    alignment |X^T Y|^2 / (|X^T X| |Y^T Y|) (statistic "cka", biased only).
+    ``check``: the caller's name, to raise ValueError in its name when the value is
+    NaN (exactly when the input holds NaN or Inf); None: NaN is returned.
+
+    The torch backend runs the native op (csrc/native/: this arithmetic in C++)
+    when it is built, except while torch.compile traces (it traces the Function)."""
+    native = _native.op() if backend == "torch" and not _is_compiling() else None
+    if native is not None:
+        try:
+            return native(x, y, _native.STATISTICS[statistic], centered, debiased, check is not None)
+        except ValueError:
+            if check is None:
+                raise
+            raise non_finite_error(check) from None
+    v = _LinearAlignment.apply(x, y, statistic, centered, debiased, backend)
+    if check is not None and bool(torch.isnan(v).any()):
+        raise non_finite_error(check)
+    return v

@@ -1,0 +1,53 @@
+"""Guarded access to the native (C++, ATen) linear-alignment op ``rcka_kernels._rcka_native``.
+
+The op (csrc/native/linear_alignment.cpp) is the torch backend's linear CKA, HSIC
+and alignment with forward and closed-form backward in C++: the arithmetic of
+ops/linear.py without its per-call Python, which costs more than the arithmetic
+at the paper's batch sizes. It is built at install time when PyTorch is importable
+in the build environment (``pip install --no-build-isolation``), and links against
+that torch; without it ops/linear.py runs the same arithmetic in Python.
+
+Importing this module never fails; the library is imported on first use.
+``RCKA_NATIVE=0`` turns the op off (the Python path runs instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+NOT_BUILT = "not built (PyTorch was not importable at install time: pip install --no-build-isolation; or RCKA_SKIP_NATIVE)"
+STATISTICS = {"cka": 0, "hsic": 1}  # the op's statistic argument
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(the op, None) or (None, why it cannot run)."""
+    if os.environ.get("RCKA_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "turned off (RCKA_NATIVE=0)"
+    try:
+        importlib.import_module("rcka_kernels._rcka_native")
+    except ModuleNotFoundError as e:
+        if e.name in ("rcka_kernels._rcka_native", None):
+            return None, NOT_BUILT
+        return None, f"failed to load: {type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - e.g. built against another torch (undefined symbol)
+        return None, f"failed to load (built against another PyTorch?): {type(e).__name__}: {e}"
+    try:
+        return torch.ops.rcka_native.linear_alignment.default, None
+    except Exception as e:  # noqa: BLE001
+        return None, f"loaded but the op is not registered: {type(e).__name__}: {e}"
+
+
+def reason() -> Optional[str]:
+    """None when the native op can run, else why not."""
+    return _load()[1]
+
+
+def op():
+    """The op ``rcka_native::linear_alignment(x, y, statistic, centered, debiased)``, or None."""
+    return _load()[0]
