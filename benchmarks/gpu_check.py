@@ -128,6 +128,16 @@ def _run(title: str, cmd, env: dict, log) -> dict:
     return {"title": title, "exit_code": rc, "seconds": round(time.perf_counter() - t0, 1), "tail": text[-2000:]}
 
 
+def _test_file(classname: str) -> str:
+    """The test file of a junit classname: "tests.build.test_x.TestY" -> "tests/build/test_x.py"."""
+    parts = classname.split(".")
+    for i in range(len(parts), 0, -1):
+        name = "/".join(parts[:i]) + ".py"
+        if name in GPU_TESTS or (ROOT / name).is_file():
+            return name
+    return ""
+
+
 def _junit_counts(paths) -> dict:
     """{backend: {passed, failed, skipped}} from junit XML files."""
     counts = {}
@@ -135,8 +145,7 @@ def _junit_counts(paths) -> dict:
         if not path.exists():
             continue
         for case in ET.parse(path).getroot().iter("testcase"):
-            mod = case.get("classname", "").split(".")
-            name = f"tests/{mod[1]}.py" if len(mod) > 1 else ""
+            name = _test_file(case.get("classname", ""))
             c = counts.setdefault(GPU_TESTS.get(name, "other"), {"passed": 0, "failed": 0, "skipped": 0})
             if case.find("failure") is not None or case.find("error") is not None:
                 c["failed"] += 1

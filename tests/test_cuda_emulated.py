@@ -1,7 +1,7 @@
 """The cuda backend's fp32/fp64 kernels, run on the CPU.
 
 csrc/module.cpp and the SIMT kernels of csrc/pair_kernels.cuh are compiled
-with g++ against tests/cuda_host/emu.h (one std::thread per CUDA thread,
+with g++ against tests/build/cuda_host/emu.h (one std::thread per CUDA thread,
 barriers for __syncthreads and shuffles, NaN-filled shared memory) into a
 stand-in for rcka_kernels._rcka_cuda. rcka_kernels/ops/cuda_backend.py then
 runs unchanged on CPU tensors: its checks, workspaces and reductions, the C++
@@ -29,8 +29,8 @@ from rcka_kernels.ops import torch_backend as tb
 from .utils import centred_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "csrc" / "module.cpp", ROOT / "tests" / "cuda_host" / "emu_launchers.cpp"]
-DEPS = SOURCES + [ROOT / "tests" / "cuda_host" / "emu.h", *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "api.h"]
+SOURCES = [ROOT / "csrc" / "module.cpp", ROOT / "tests" / "build" / "cuda_host" / "emu_launchers.cpp"]
+DEPS = SOURCES + [ROOT / "tests" / "build" / "cuda_host" / "emu.h", *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "api.h"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def emu(tmp_path_factory):
     if not so.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"tmp{os.getpid()}.so"
-        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(ROOT / "tests" / "cuda_host" / "emu.h"),
+        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(ROOT / "tests" / "build" / "cuda_host" / "emu.h"),
                f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", *map(str, SOURCES), "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 and "std::barrier" in res.stderr:

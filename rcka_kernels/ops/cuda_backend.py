@@ -40,7 +40,7 @@ Tensor = torch.Tensor
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 # devices the wrapper accepts; tests/test_cuda_emulated.py adds "cpu" while it
-# runs the kernels in the CPU emulation of tests/cuda_host/emu.h
+# runs the kernels in the CPU emulation of tests/build/cuda_host/emu.h
 _DEVICE_TYPES = ("cuda",)
 
 

@@ -148,7 +148,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 # Block sizes. Reasoned and checked by compiling for sm_80/sm_90 with no GPU
-# (tests/test_triton_aot.py: shared memory, register spills, wgmma/mma), not yet
+# (tests/build/test_triton_aot.py: shared memory, register spills, wgmma/mma), not yet
 # timed on a GPU (none was available), so not autotuned either: an autotuner
 # would pick by timing, and the workspace shape depends on BM. Tiles of 64 rows with 8 warps keep the
 # two fp32 K/L accumulators plus the exp epilogue under 255 registers; groups of

@@ -11,7 +11,7 @@
 //     replays the kernels' algorithm tile by tile in double precision with the
 //     header's functions (enumeration, tile weights, row-sum slots, kernel
 //     values, gradient weights, MMD categories) and writes the statistics and
-//     gradients; tests/test_cuda_host.py compares them to the float64 reference.
+//     gradients; tests/build/test_cuda_host.py compares them to the float64 reference.
 //
 // Input (whitespace separated): mode (0 HSIC RBF, 1 HSIC linear, 2 MMD RBF),
 // edge, n, m (MMD: rows of y; else ignored), p, q, gamma_x, gamma_y, x (n*p),

@@ -1,6 +1,6 @@
 """Host tests of the CUDA kernels' tile arithmetic (csrc/tile_math.cuh).
 
-tests/cuda_host/tile_math_test.cpp is compiled for the CPU with g++ (or nvcc
+tests/build/cuda_host/tile_math_test.cpp is compiled for the CPU with g++ (or nvcc
 host-only); it self-checks the tile enumeration, the row-sum workspace slots
 and the shared-memory layouts, and replays the kernels' tiled algorithm with
 the header's functions. Its statistics and gradients are compared here to the
@@ -20,8 +20,8 @@ import torch
 
 from rcka_kernels import reference
 
-ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "tests" / "cuda_host" / "tile_math_test.cpp"
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "tests" / "build" / "cuda_host" / "tile_math_test.cpp"
 HEADER = ROOT / "csrc" / "tile_math.cuh"
 
 HSIC_RBF, HSIC_LINEAR, MMD_RBF = 0, 1, 2
