@@ -1,6 +1,11 @@
-"""Shared test configuration: seeds, the `gpu` marker, and the device list."""
+"""Shared test configuration: seeds, the `gpu` marker, the device list, and the
+`interpreter` marker's tests run in Triton's interpreter."""
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -27,3 +32,73 @@ def devices():
     if env:
         return env.split(",")
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# ----------------------------------------------------------------------------- Triton's interpreter
+# TRITON_INTERPRET=1 must be set before triton is imported, and a normal session imports
+# triton for the real JIT (tests/build/test_triton_aot.py). So the tests marked `interpreter`
+# are collected here like any other, each its own test in the summary, but their bodies run
+# in one child pytest with TRITON_INTERPRET=1, started at the first of them for every one
+# selected; each then reports the child's outcome for its own node id (pass, the failure's
+# text, or the skip's reason). With TRITON_INTERPRET=1 already set, they run here directly.
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+_REPORT = "RCKA_INTERPRETER_REPORT"  # in the child: the JSON file its outcomes go to
+_child_outcomes = {}  # in the child: {nodeid: {"outcome": ..., "text": ...}}
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get(_REPORT)
+    if not path:
+        return
+    rec = _child_outcomes.setdefault(report.nodeid, {"outcome": None, "text": ""})
+    if rec["outcome"] in ("failed", "skipped"):
+        return
+    if report.failed:
+        rec.update(outcome="failed", text=f"[{report.when}] {report.longreprtext}")
+    elif report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        rec.update(outcome="skipped", text=reason.removeprefix("Skipped: "))
+    elif report.when == "call":
+        rec["outcome"] = "passed"
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:  # after every report: what ran survives a crash of the child
+        json.dump(_child_outcomes, f)
+    os.replace(tmp, path)
+
+
+def _run_interpreter_child(session) -> dict:
+    """{nodeid: outcome} of every selected `interpreter` test, run in one child pytest."""
+    ids = [it.nodeid for it in session.items if it.get_closest_marker("interpreter") is not None]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "outcomes.json")
+        env = dict(os.environ, TRITON_INTERPRET="1", **{_REPORT: path})
+        env.pop("RCKA_TRITON_MAX_BLOCK", None)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *ids]
+        try:
+            proc = subprocess.run(cmd, cwd=session.config.rootpath, env=env, capture_output=True, text=True, timeout=1800)
+            tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+        except subprocess.TimeoutExpired as e:
+            tail = f"the interpreter run timed out after {e.timeout} s"
+        outcomes = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                outcomes = json.load(f)
+    return {"outcomes": outcomes, "tail": tail}
+
+
+def pytest_pyfunc_call(pyfuncitem):
+    if INTERPRETER or pyfuncitem.get_closest_marker("interpreter") is None:
+        return None
+    session = pyfuncitem.session
+    if not hasattr(session, "_rcka_interpreter"):
+        session._rcka_interpreter = _run_interpreter_child(session)
+    run = session._rcka_interpreter
+    rec = run["outcomes"].get(pyfuncitem.nodeid) or {"outcome": None}
+    if rec["outcome"] == "failed":
+        pytest.fail(f"in Triton's interpreter (TRITON_INTERPRET=1):\n{rec['text']}", pytrace=False)
+    if rec["outcome"] == "skipped":
+        pytest.skip(rec["text"])
+    if rec["outcome"] != "passed":
+        pytest.fail(f"no outcome from the interpreter run for this test; its output ended with:\n{run['tail']}", pytrace=False)
+    return True

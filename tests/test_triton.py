@@ -1,7 +1,7 @@
-"""The Triton backend from the outside: the interpreter suites
-(tests/test_triton_interp.py, tests/test_triton_centered_gram.py) run in a subprocess with TRITON_INTERPRET=1, which
-must be set before triton is imported, and the backend's behaviour when triton
-cannot be imported at all."""
+"""The Triton backend from the outside: its behaviour when triton cannot be
+imported at all, and what it checks before any launch. The kernels themselves run
+in Triton's interpreter (tests/test_triton_interp.py, tests/test_triton_centered_gram.py,
+marked ``interpreter``: see tests/conftest.py) and on GPUs (tests/test_triton_gpu.py)."""
 
 import importlib.util
 import os
@@ -12,20 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter suite runs in this session directly")
-def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("RCKA_TRITON_MAX_BLOCK", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_interp.py",
-         "tests/test_triton_centered_gram.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert " passed" in proc.stdout and "no tests ran" not in proc.stdout
 
 
 def test_without_triton_the_backend_is_unavailable_with_a_reason():

@@ -1,19 +1,15 @@
 """The fused one-pass Triton centered_gram, run by Triton's interpreter on CPU.
 
 Like tests/test_triton_interp.py this needs TRITON_INTERPRET=1 before triton is
-imported, so it skips in a normal run; tests/test_triton.py runs it in a
-subprocess with the variable set. RCKA_TRITON_MAX_BLOCK=16 gives several
-(partial) tiles at n = 33 and 70.
+imported: its tests are marked ``interpreter``, and tests/conftest.py runs them in
+a child pytest with the variable set, each reported as its own test.
+RCKA_TRITON_MAX_BLOCK=16 gives several (partial) tiles at n = 33 and 70.
 """
-
-import os
 
 import pytest
 import torch
 from torch.autograd import gradcheck
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (run via tests/test_triton.py)", allow_module_level=True)
 pytest.importorskip("triton")
 
 import rcka_kernels as rk  # noqa: E402
@@ -21,6 +17,8 @@ from rcka_kernels import reference  # noqa: E402
 from rcka_kernels.ops import triton_backend  # noqa: E402
 
 from .utils import TOL, assert_close  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
 
 # (n, p, G): n below, at and across 16-row tiles, p = 1, G = 1 and 3
 SHAPES = [(4, 1, 1), (5, 7, 3), (33, 7, 3), (33, 1, 1), (70, 7, 1), (70, 1, 3)]

@@ -1,22 +1,19 @@
 """The Triton kernels themselves, run by Triton's interpreter on CPU tensors.
 
-TRITON_INTERPRET=1 must be in the environment before triton is imported, so this
-file skips in a normal run; tests/test_triton.py runs it in a subprocess with the
-variable set (or run it directly: ``TRITON_INTERPRET=1 pytest tests/test_triton_interp.py``).
+TRITON_INTERPRET=1 must be in the environment before triton is imported: the
+``interpreter`` marker has tests/conftest.py run these tests' bodies in one child
+pytest with the variable set, each reported as its own test here (or run the file
+directly: ``TRITON_INTERPRET=1 pytest tests/test_triton_interp.py``).
 Shapes are small (the interpreter runs every program in NumPy);
 RCKA_TRITON_MAX_BLOCK=16 forces several tiles at these sizes so the symmetric
 tiling, the partial tiles and the feature/sample loops are all exercised. The
 interpreter's bf16 ``tl.dot`` is wrong (triton 3.9), so bf16 is left to the GPU tests.
 """
 
-import os
-
 import pytest
 import torch
 from torch.autograd import gradcheck
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (run via tests/test_triton.py)", allow_module_level=True)
 pytest.importorskip("triton")
 
 import rcka_kernels as rk  # noqa: E402
@@ -24,6 +21,8 @@ from rcka_kernels import reference  # noqa: E402
 from rcka_kernels.ops import torch_backend, triton_backend  # noqa: E402
 
 from .utils import TOL, assert_close, assert_grads_within_torch_error, fp32_matmul_precision  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
 
 # (n, p, q): n < tile, n not a multiple of the tile, p = 1, p != q, both linear paths,
 # features wider than 64 (the backward's 128-column chunks on 32-row blocks)
