@@ -1,7 +1,7 @@
 """Guarded access to the native (C++, ATen) linear-alignment op ``rcka_kernels._rcka_native``.
 
-The op (csrc/native/linear_alignment.cpp) is the torch backend's linear CKA, HSIC
-and alignment with forward and closed-form backward in C++: the arithmetic of
+The ops (csrc/native/linear_alignment.cpp) are the torch backend's linear CKA, HSIC
+and alignment, and RCKA's two axes in one op, with forward and closed-form backward in C++: the arithmetic of
 ops/linear.py without its per-call Python, which costs more than the arithmetic
 at the paper's batch sizes. It is built at install time when PyTorch is importable
 in the build environment (``pip install --no-build-isolation``), and links against
@@ -38,9 +38,10 @@ def _load():
     except Exception as e:  # noqa: BLE001 - e.g. built against another torch (undefined symbol)
         return None, f"failed to load (built against another PyTorch?): {type(e).__name__}: {e}"
     try:
-        return torch.ops.rcka_native.linear_alignment.default, None
-    except Exception as e:  # noqa: BLE001
-        return None, f"loaded but the op is not registered: {type(e).__name__}: {e}"
+        ops = torch.ops.rcka_native
+        return (ops.linear_alignment.default, ops.axis_pair_alignment.default), None
+    except Exception as e:  # noqa: BLE001 - e.g. a library built from older sources
+        return None, f"loaded but an op is not registered: {type(e).__name__}: {e}"
 
 
 def reason() -> Optional[str]:
@@ -49,5 +50,13 @@ def reason() -> Optional[str]:
 
 
 def op():
-    """The op ``rcka_native::linear_alignment(x, y, statistic, centered, debiased)``, or None."""
-    return _load()[0]
+    """``rcka_native::linear_alignment(x, y, statistic, centered, debiased, check)``, or None."""
+    ops = _load()[0]
+    return None if ops is None else ops[0]
+
+
+def pair_op():
+    """``rcka_native::axis_pair_alignment(xs, ys, xc, yc, ws, wc, offset, centered, check)``
+    (RCKA's sample and class axes in one op), or None."""
+    ops = _load()[0]
+    return None if ops is None else ops[1]

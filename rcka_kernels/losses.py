@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from . import _dispatch, _validate, reference
 from . import functional as F
-from . import reference
+from .ops.linear import axis_pair_alignment
 from .ops.torch_backend import compute_dtype
 
 __all__ = ["CKALoss", "RCKALoss", "PCKALoss", "official_alignment"]
@@ -202,6 +203,26 @@ class RCKALoss(_AlignmentTerms):
             raise ValueError(f"RCKALoss: temperature must be positive, got {temperature}")
         self.temperature, self.feature_weight = temperature, feature_weight
 
+    @property
+    def _class_weight(self) -> float:
+        return self.intra_weight if self.official else float(self.inter_weight)
+
+    def _both_axes(self, ss: Tensor, ts: Tensor, s: Tensor, t: Tensor) -> Optional[Tensor]:
+        """The sample-axis term on (ss, ts) plus the class-axis term on (s, t) in one op
+        (ops/linear.axis_pair_alignment), for the linear options it covers; None otherwise."""
+        if self.kernel != "linear" or self.sigma is not None or self.debiased or self.l2_norm or not self._class_axis_on:
+            return None
+        if not self.official and min(s.shape) < 2:
+            return None  # a constant term (see _term)
+        _validate.check_pair("RCKALoss", ss, ts, same_rows=True, same_cols=True, min_rows=1, finite=False)
+        name = _dispatch.resolve(self.backend, s.device, "linear")
+        if name == "reference":
+            return None
+        check = "RCKALoss" if _validate.wants_finite_check(s.device) else None
+        ws, wc = self.intra_weight, self._class_weight
+        offset = 0.0 if self.official else ws + wc  # official: -w A; true CKA: w (1 - CKA)
+        return axis_pair_alignment(ss, ts, s, t, -ws, -wc, offset, not self.official, name, check)
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 student_features: Optional[Tensor] = None, teacher_features: Optional[Tensor] = None) -> Tensor:
         s, t = student_logits, teacher_logits
@@ -214,10 +235,11 @@ class RCKALoss(_AlignmentTerms):
             ss, ts = (s / self.temperature).softmax(-1), (t / self.temperature).softmax(-1)
         else:
             ss, ts = s, t
-        loss = self._term(ss, ts, self.intra_weight)
-        if self._class_axis_on:
-            w = self.intra_weight if self.official else float(self.inter_weight)
-            loss = loss + self._term(s.transpose(0, 1), t.transpose(0, 1), w)
+        loss = self._both_axes(ss, ts, s, t)
+        if loss is None:
+            loss = self._term(ss, ts, self.intra_weight)
+            if self._class_axis_on:
+                loss = loss + self._term(s.transpose(0, 1), t.transpose(0, 1), self._class_weight)
         if (student_features is None) != (teacher_features is None):
             raise ValueError("RCKALoss: give both student_features and teacher_features, or neither")
         if student_features is not None and self.feature_weight:

@@ -34,6 +34,7 @@ def impl(request, monkeypatch):
     where the native op is not built and while torch.compile traces."""
     if request.param == "python":
         monkeypatch.setattr(_native, "op", lambda: None)
+        monkeypatch.setattr(_native, "pair_op", lambda: None)
     elif _native.reason() is not None:
         if os.environ.get("RCKA_REQUIRE_NATIVE") == "1":
             pytest.fail(f"RCKA_REQUIRE_NATIVE=1 but the native op is unavailable: {_native.reason()}")
@@ -94,6 +95,74 @@ def test_gradcheck(name, debiased, batch, n, p, q):
     x, y = _pair(batch, n, p, q)
     x.requires_grad_(), y.requires_grad_()
     assert gradcheck(lambda a, b: ours(a, b, debiased), (x, y))
+
+
+# ----------------------------------------------------------------------------- RCKA's two axes in one op
+
+
+def _rcka_reference(s, t, ws, wc, official, temperature):
+    ss, ts = (s, t) if temperature is None else ((s / temperature).softmax(-1), (t / temperature).softmax(-1))
+    if official:
+        return -ws * reference.official_alignment(ss, ts, False) - wc * reference.official_alignment(s.mT, t.mT, False)
+    return ws * (1 - reference.cka(ss, ts, "linear", None, False)) + wc * (1 - reference.cka(s.mT, t.mT, "linear", None, False))
+
+
+@pytest.mark.parametrize("n,p", [(9, 6), (6, 9), (7, 7), (2, 5), (40, 3)])
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize("temperature", [None, 2.0])
+@pytest.mark.parametrize("grads", GRADS[:3])
+def test_rcka_loss_both_axes_match_reference(n, p, official, temperature, grads):
+    """RCKALoss's sample- and class-axis terms (one op at small sizes, natively)."""
+    x, y = _pair((), n, p, p)
+    loss = rk.RCKALoss(intra_weight=3.0, inter_weight=2.0, official=official, temperature=temperature)
+    ws, wc = 3.0, 3.0 if official else 2.0  # official: the class axis takes intra_weight
+    a, b = x.clone().requires_grad_(grads[0]), y.clone().requires_grad_(grads[1])
+    got = loss(a, b)
+    torch.testing.assert_close(got, _rcka_reference(x, y, ws, wc, official, temperature), rtol=1e-10, atol=1e-12)
+    g = torch.autograd.grad(got, [t for t in (a, b) if t.requires_grad])
+    ra, rb = x.clone().requires_grad_(grads[0]), y.clone().requires_grad_(grads[1])
+    want = torch.autograd.grad(_rcka_reference(ra, rb, ws, wc, official, temperature), [t for t in (ra, rb) if t.requires_grad])
+    for gi, wi in zip(g, want):
+        torch.testing.assert_close(gi, wi, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("n,p", [(6, 5), (5, 6)])
+@pytest.mark.parametrize("centered", [True, False])
+def test_axis_pair_gradcheck(n, p, centered):
+    """Four independent inputs (sample-axis pair, class-axis pair), both sides of m = min(n, p)."""
+    gen = torch.Generator().manual_seed(1)
+    xs, ys, xc, yc = (torch.randn(n, p, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    assert gradcheck(lambda *t: linear.axis_pair_alignment(*t, 0.7, -1.3, 2.0, centered, "torch"), (xs, ys, xc, yc))
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_rcka_loss_runs_both_axes_in_one_op(impl, official, monkeypatch):
+    """Natively, RCKALoss at the paper's size is one op (the per-axis path is not
+    called) and runs fewer ops than the official code's plain formula."""
+    if impl != "native":
+        pytest.skip("the one-op path is the native op's")
+    x, y = _pair((), 64, 100, 100, dtype=torch.float32)
+    loss = rk.RCKALoss(intra_weight=15, inter_weight=15, official=official)
+    ours = efficient.count_ops(lambda: loss(x.clone().requires_grad_(), y))
+    monkeypatch.setattr(linear, "linear_alignment", lambda *a, **k: pytest.fail("per-axis path ran"))
+    loss(x.clone().requires_grad_(), y).backward()
+    base = efficient.count_ops(lambda: efficient.rcka_loss(x.clone().requires_grad_(), y, 15.0, official=True))
+    assert len(ours) <= len(base), (ours, base)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rcka_loss_non_finite_input(bad):
+    x, y = _pair((), 12, 5, 5, dtype=torch.float32)
+    y[3, 1] = bad
+    loss = rk.RCKALoss(intra_weight=1.0, inter_weight=1.0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loss(x, y)
+    old = rk.config.check_finite
+    rk.config.check_finite = False
+    try:
+        assert torch.isnan(loss(x, y))
+    finally:
+        rk.config.check_finite = old
 
 
 @pytest.mark.parametrize("scale", [1e-15, 1e-8, 1e8, 1e15])

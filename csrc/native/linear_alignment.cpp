@@ -272,15 +272,109 @@ Tensor linear_alignment(const Tensor& x, const Tensor& y, int64_t statistic, boo
   return v;
 }
 
+// ----------------------------------------------------------------------------- both axes of RCKA
+//
+// RCKA on logits (N, P) aligns the sample axis (CKA of x, y: N x N relations) and the
+// class axis (CKA of x^T, y^T: P x P relations). Both come from the four prepared
+// matrices U = [xs, ys, xc, yc] (4, N, P): xs, ys centred over the samples (columns
+// centred), xc, yc over the classes (rows centred), each scaled into [-1, 1]. With
+// Q = U (N <= P) or U^T (N > P), Q is (4, m, k) with m = min(N, P), and every product
+// is m x m: G = Q Q^T holds the Grams of one axis (the "Gram axis": the sample axis
+// when N <= P) and the feature-space products X^T X of the other (the "cross axis"),
+// which also needs C = Qx Qy^T. With F the Gram matrix of the flattened G (4 x 4):
+//   Gram axis g:  kl = F[2g, 2g+1], kk = F[2g, 2g], ll = F[2g+1, 2g+1]
+//   cross axis c: kl = |C|^2,        kk = F[2c, 2c], ll = F[2c+1, 2c+1]
+// and the gradients in Q space are
+//   dQx = (2 gkl Gy + 4 gkk Gx) Qx, dQy = (2 gkl Gx + 4 gll Gy) Qy           (Gram axis)
+//   dQx = 4 gkk Gx Qx + 2 gkl C Qy,  dQy = 4 gll Gy Qy + 2 gkl C^T Qx        (cross axis)
+// All of it is a handful of batched ops for both axes; the value returned is
+// offset + ws v_sample + wc v_class (the loss, as RCKALoss weighs it).
+
+struct AxisPair : public torch::autograd::Function<AxisPair> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& xs, const Tensor& ys, const Tensor& xc, const Tensor& yc,
+                        double ws, double wc, double offset, bool centered) {
+    const int64_t N = xs.size(0), P = xs.size(1);
+    Tensor z = at::stack({xs, ys, xc, yc}, 0);
+    if (z.scalar_type() != at::kFloat && z.scalar_type() != at::kDouble) z = z.to(at::kFloat);
+    if (centered) {
+      Tensor a = z.narrow(0, 0, 2), b = z.narrow(0, 2, 2);  // sample axis: over rows; class axis: over columns
+      a.sub_(a.narrow(1, 0, 1).clone());
+      a.sub_(a.mean({1}, true));
+      b.sub_(b.narrow(2, 0, 1).clone());
+      b.sub_(b.mean({2}, true));
+    }
+    Tensor s = z.abs().amax({1, 2}, true);
+    Tensor inv = safe_reciprocal(s);
+    z.mul_(inv);
+    const bool t = N > P;
+    const int64_t g = t ? 1 : 0, c = 1 - g;
+    Tensor q = t ? mT(z) : z;
+    Tensor gram = at::bmm(q, mT(q));                                    // (4, m, m)
+    Tensor cross = at::mm(q.select(0, 2 * c), mT(q.select(0, 2 * c + 1)));  // (m, m)
+    Tensor fl = gram.view({1, 4, -1});
+    Tensor f = at::bmm(fl, mT(fl)).view({4, 4});
+    Tensor kkll = f.diagonal().view({2, 2});                            // [[kk, ll] per axis]
+    Tensor klg = f.select(0, 2 * g).select(0, 2 * g + 1);
+    Tensor klc = at::linalg_vector_norm(cross, 2, at::IntArrayRef({-2, -1})).square_();
+    Tensor kl = g == 0 ? at::stack({klg, klc}) : at::stack({klc, klg});  // (2,): sample axis, class axis
+    Tensor r = kkll.prod(1).clamp_min_(tiny(z)).rsqrt_();
+    Tensor v = kl * r;
+    Tensor loss = at::add(v.select(0, 0) * ws, v.select(0, 1), wc).add_(offset);
+    ctx->save_for_backward({q, gram, cross, kkll, r, v, inv});
+    ctx->saved_data["w"] = std::vector<double>{ws, wc};
+    ctx->saved_data["g"] = g;
+    ctx->saved_data["transposed"] = t;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(xs.scalar_type());
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto sv = ctx->get_saved_variables();
+    const Tensor &q = sv[0], &gram = sv[1], &cross = sv[2], &kkll = sv[3], &r = sv[4], &v = sv[5], &inv = sv[6];
+    const auto w = ctx->saved_data["w"].toDoubleVector();
+    const int64_t g = ctx->saved_data["g"].toInt(), c = 1 - g;
+    // gv (2,) = dloss/dv for the two axes, then (gkl, gkk, gll) per axis
+    Tensor gl = grad_out[0];
+    Tensor gv = at::stack({gl * w[0], gl * w[1]});
+    Tensor gkl = gv * r;
+    Tensor hh = (v * r).mul_(gkl).mul_(-0.5);
+    Tensor self_coef = (hh.unsqueeze(1) * kkll.flip(1)).mul_(4.0).view({4, 1, 1});  // 4 gkk = 4 hh ll, 4 gll = 4 hh kk
+    Tensor a = gram * self_coef;
+    a.narrow(0, 2 * g, 2).addcmul_(gram.narrow(0, 2 * g, 2).flip(0), gkl.narrow(0, g, 1).view({1, 1, 1}), 2.0);
+    Tensor d = at::bmm(a, q);
+    Tensor b = at::stack({cross, mT(cross)}).mul_(gkl.narrow(0, c, 1).view({1, 1, 1}) * 2.0);
+    d.narrow(0, 2 * c, 2).baddbmm_(b, q.narrow(0, 2 * c, 2).flip(0));
+    d.mul_(inv);
+    if (ctx->saved_data["transposed"].toBool()) d = mT(d);  // dU = dQ^T
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    if (d.scalar_type() != dtype) d = d.to(dtype);
+    variable_list out(8);
+    for (int i = 0; i < 4; ++i) out[i] = d.select(0, i);
+    return out;
+  }
+};
+
+// offset + ws CKA(xs, ys) + wc CKA(xc^T, yc^T) for (N, P) inputs (centered=False: the
+// uncentred alignments); N, P >= 2 when centred.
+Tensor axis_pair_alignment(const Tensor& xs, const Tensor& ys, const Tensor& xc, const Tensor& yc, double ws,
+                           double wc, double offset, bool centered, bool check) {
+  Tensor v = AxisPair::apply(xs, ys, xc, yc, ws, wc, offset, centered);
+  if (check) check_not_nan(v);
+  return v;
+}
+
 }  // namespace
 }  // namespace rcka_native
 
 TORCH_LIBRARY(rcka_native, m) {
   m.def("linear_alignment(Tensor x, Tensor y, int statistic, bool centered, bool debiased, bool check) -> Tensor");
+  m.def("axis_pair_alignment(Tensor xs, Tensor ys, Tensor xc, Tensor yc, float ws, float wc, float offset, "
+        "bool centered, bool check) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rcka_native, CompositeImplicitAutograd, m) {
   m.impl("linear_alignment", &rcka_native::linear_alignment);
+  m.impl("axis_pair_alignment", &rcka_native::axis_pair_alignment);
 }
 
 // A Python module with nothing in it: importing it registers the op above.

@@ -252,3 +252,22 @@ def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debia
     if check is not None and bool(torch.isnan(v).any()):
         raise non_finite_error(check)
     return v
+
+
+def axis_pair_alignment(xs: Tensor, ys: Tensor, xc: Tensor, yc: Tensor, ws: float, wc: float, offset: float,
+                        centered: bool, backend: str, check: Optional[str] = None) -> Tensor:
+    """offset + ws A(xs, ys) + wc A(xc^T, yc^T) for checked (N, P) inputs, A the linear
+    CKA (``centered``) or the uncentred alignment: RCKA's sample and class axes. At
+    small sizes the native op computes both from one stacked batch of m x m products
+    (m = min(N, P)); otherwise, or without it, two calls of ``linear_alignment``."""
+    native = _native.pair_op() if backend == "torch" and xs.numel() < _SMALL and not _is_compiling() else None
+    if native is not None:
+        try:
+            return native(xs, ys, xc, yc, ws, wc, offset, centered, check is not None)
+        except ValueError:
+            if check is None:
+                raise
+            raise non_finite_error(check) from None
+    vs = linear_alignment(xs, ys, "cka", centered, False, backend, check)
+    vc = linear_alignment(xc.mT, yc.mT, "cka", centered, False, backend, check)
+    return offset + ws * vs + wc * vc
