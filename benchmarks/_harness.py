@@ -212,8 +212,10 @@ def _isolated(spec: dict) -> dict:
     if spec["config"].get("device", "cpu") == "cpu":
         _malloc_setup()
     if cap and spec["config"].get("device", "cpu") == "cpu":
-        # address-space cap: an allocation beyond it raises instead of swapping the machine
-        lim = int(cap * (1 << 30))
+        # address-space cap: an allocation beyond it raises instead of swapping the machine.
+        # It counts from what this process has mapped already (torch itself: about 1 GiB
+        # for a CPU build, several for a CUDA build), so it means the same for every build.
+        lim = _status_kb("VmSize") * 1024 + int(cap * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     try:
         return _worker(spec)
@@ -517,7 +519,7 @@ def add_common_args(ap, timeout=600.0, repeats=5):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--time-budget", type=float, default=20.0, help="stop repeating a case after this many seconds (>= 1 timed run)")
-    ap.add_argument("--mem-cap-gb", type=float, default=14.0, help="CPU: address-space cap per case; beyond it = recorded OOM")
+    ap.add_argument("--mem-cap-gb", type=float, default=14.0, help="CPU: address space a case may add to its process (torch loaded); beyond it = recorded OOM")
     ap.add_argument("--ref-max-n", type=int, default=2048, help="largest n checked against rcka_kernels.reference (above: torch backend in fp64)")
     ap.add_argument("--isolation", default="auto", choices=["auto", "fork", "interpreter"],
                     help="fresh process per case: forked child (CPU default) or a new interpreter (CUDA)")

@@ -135,20 +135,38 @@ def test_out_of_memory_and_timeout_are_results():
            "mem_cap_gb": 2.5}  # one 30000^2 float32 Gram is 3.4 GiB
     r = _harness.run_case(big, timeout_s=120)
     assert r["status"] == "oom", r
+    # the cap counts from what the worker had mapped (torch loaded), whatever the size of the
+    # torch build: below it, the same case runs
+    small = dict(big, config=dict(big["config"], n=256), warmup=0, repeats=1)
+    r = _harness.run_case(small, timeout_s=120)
+    assert r["status"] == "ok", r
     slow = {"provider": "textbook", "config": dict(op="cka", n=3000, p=8, q=8, kernel="linear", dtype="float32")}
     r = _harness.run_case(slow, timeout_s=0.5)
     assert r["status"] == "timeout", r
 
 
 def test_sweep_skips_after_failure_and_writes_tagged_results(tmp_path, monkeypatch):
+    """A provider that fails at some n is not run at larger n. The failure is injected
+    (official at n = 24000 reports an out-of-memory without running), so the test does
+    not depend on memory limits; test_out_of_memory_and_timeout_are_results covers those."""
+    run_case, ran = _harness.run_case, []
+
+    def failing_at_24000(spec, timeout_s, isolation="auto"):
+        key = (spec.get("provider"), spec["config"]["n"])
+        ran.append(key)
+        if key == ("official", 24000):
+            return {"status": "oom", "error": "MemoryError: injected by the test", "wall_s": 0.0}
+        return run_case(spec, timeout_s, isolation)
+
     monkeypatch.setattr(_harness, "RESULTS", tmp_path)
-    bench = _harness.Bench("unit", _args(mem_cap_gb=1.6, timeout=60))
+    monkeypatch.setattr(_harness, "run_case", failing_at_24000)
+    bench = _harness.Bench("unit", _args(timeout=60))
     base = dict(op="cka", p=4, q=4, kernel="linear", debiased=False, dtype="float32")
     bench.sweep(["rcka[torch]", "official"], base, [48000, 64, 24000], verbose=False)
     status = {(r["provider"], r["config"]["n"]): r["status"] for r in bench.records}
     assert status[("official", 64)] == "ok"
-    assert status[("official", 24000)] == "oom"  # a 24000^2 float32 Gram is 2.1 GiB > the 1.6 GiB cap
-    assert status[("official", 48000)] == "skipped"
+    assert status[("official", 24000)] == "oom"
+    assert status[("official", 48000)] == "skipped" and ("official", 48000) not in ran
     assert status[("rcka[torch]", 48000)] == "ok"
     path = bench.write("t")
     data = json.loads(path.read_text())
@@ -190,3 +208,24 @@ def test_gpu_check_dry_run_names_only_what_exists(capsys):
         assert f"[{stage}]" in out
     assert "RCKA_FORCE_CUDA=1" in out and "RCKA_REQUIRE_CUDA=1" in out and "--no-index" in out
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in out and " -x " not in out
+
+
+def test_gpu_check_counts_tests_of_nested_packages(tmp_path):
+    """The per-backend summary reads junit classnames of tests/ and of its packages (tests/build/)."""
+    from benchmarks import gpu_check
+
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_cuda_parity" name="a"/>'
+        '<testcase classname="tests.test_cuda_parity" name="b"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_triton_gpu" name="c"><skipped message="y"/></testcase>'
+        '<testcase classname="tests.build.test_cuda_import" name="d"/>'
+        "</testsuite></testsuites>"
+    )
+    assert gpu_check._test_file("tests.build.test_cuda_import") == "tests/build/test_cuda_import.py"
+    assert gpu_check._junit_counts([xml]) == {
+        "cuda": {"passed": 1, "failed": 1, "skipped": 0},
+        "triton": {"passed": 0, "failed": 0, "skipped": 1},
+        "other": {"passed": 1, "failed": 0, "skipped": 0},
+    }
