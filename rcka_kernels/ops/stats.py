@@ -7,8 +7,8 @@ op: the backends recompute tiles there; nothing n x n is saved); the linear
 statistics' autograd is ops/linear.py.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch 2.4's custom_op reads the
+# annotations as given and does not resolve strings such as "Tensor".
 from typing import Tuple
 
 import torch
