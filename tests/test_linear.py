@@ -293,6 +293,25 @@ def test_native_op_can_be_turned_off(monkeypatch):
         _native._load.cache_clear()
 
 
+@pytest.mark.parametrize("error,why", [
+    (ModuleNotFoundError("No module named 'rcka_kernels._rcka_native'", name="rcka_kernels._rcka_native"), "not built"),
+    (ImportError("_rcka_native.so: undefined symbol: _ZN2at4_ops"), "built against another PyTorch"),
+])
+def test_a_missing_or_stale_native_library_falls_back_with_a_reason(error, why, monkeypatch):
+    def fail(name, *args):
+        raise error
+
+    monkeypatch.setattr(_native.importlib, "import_module", fail)
+    _native._load.cache_clear()
+    try:
+        assert _native.op() is None and why in rk.native_status().reason
+        x, y = _pair((), 9, 4, 5, dtype=torch.float32)
+        torch.testing.assert_close(rk.cka(x, y).double(), reference.cka(x, y, "linear", None, False), rtol=1e-5, atol=1e-6)
+    finally:
+        monkeypatch.undo()
+        _native._load.cache_clear()
+
+
 def test_auto_takes_the_torch_backend_for_linear_statistics_on_cuda():
     """cuBLAS GEMMs until a committed GPU measurement shows a compiled backend faster."""
     from rcka_kernels import _dispatch
