@@ -37,6 +37,8 @@ Tensor = torch.Tensor
 
 
 def _reduce(v: torch.Tensor, reduction: str) -> torch.Tensor:
+    if v.dim() == 0 and reduction in ("mean", "sum", "none"):  # one group: nothing to reduce (no extra op)
+        return v
     if reduction == "mean":
         return v.mean()
     if reduction == "sum":
