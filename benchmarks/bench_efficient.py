@@ -25,8 +25,8 @@ _OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "(unset)")  # as the proces
 
 import argparse
 import json
-import sys
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -55,6 +55,8 @@ CASES = [
     ("official alignment 64x100", "official", (64, 100), 100),
     ("RCKALoss 64x100", "rcka", (64, 100), 100),
     ("RCKALoss official 64x100", "rcka_official", (64, 100), 100),
+    ("RCKALoss 64x100 vs the official formula", "rcka_vs_official", (64, 100), 100),
+    ("RCKALoss 256x100", "rcka", (256, 100), 100),
     ("RCKALoss 64x1000", "rcka", (64, 1000), 1000),
 ]
 QUICK = ["cka 64x100", "cka 2048x512", "RCKALoss 64x100"]
@@ -72,6 +74,9 @@ def contenders(op: str, backend: str) -> Dict[str, Callable[[Tensor, Tensor], Te
         official = op == "rcka_official"
         loss = rk.RCKALoss(intra_weight=15.0, inter_weight=15.0, official=official, backend=backend)
         return {"ours": loss, "baseline": lambda s, t: efficient.rcka_loss(s, t, 15.0, official)}
+    if op == "rcka_vs_official":  # the yardstick for both modes: the official code's naive formula
+        loss = rk.RCKALoss(intra_weight=15.0, inter_weight=15.0, backend=backend)
+        return {"ours": loss, "baseline": lambda s, t: efficient.rcka_loss(s, t, 15.0, official=True)}
     raise ValueError(op)
 
 
