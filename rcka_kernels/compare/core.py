@@ -195,17 +195,21 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_batch(names: List[str], feats: List[Tensor], batch_no: int) -> None:
+def _check_rows(names: List[str], feats: List[Tensor], batch_no: int) -> None:
     n = feats[0].shape[0]
     for name, f in zip(names, feats):
         if f.shape[0] != n:
             raise ValueError(f"compare: batch {batch_no}: layer {name!r} has {f.shape[0]} rows but {names[0]!r} has {n}; "
                              "every layer's output must lead with the batch dimension")
-    ok = torch.stack([torch.isfinite(f).all() for f in feats])
-    if not bool(ok.all()):
-        bad = [name for name, v in zip(names, ok.tolist()) if not v]
-        raise ValueError(f"compare: batch {batch_no}: layer {bad[0]!r} has NaN or Inf features"
-                         + (f" (also {', '.join(map(repr, bad[1:4]))})" if len(bad) > 1 else ""))
+
+
+def _raise_nonfinite(names: List[str], feats: List[Tensor], batch_no: int) -> None:
+    """The statistics saw NaN or Inf: name the layers (the slow path, only on failure)."""
+    bad = [name for name, f in zip(names, feats) if not bool(torch.isfinite(f).all())]
+    if not bad:  # finite features whose products overflowed the work dtype
+        raise ValueError(f"compare: batch {batch_no}: the features overflow the product dtype; pass product_dtype=torch.float64")
+    raise ValueError(f"compare: batch {batch_no}: layer {bad[0]!r} has NaN or Inf features"
+                     + (f" (also {', '.join(map(repr, bad[1:4]))})" if len(bad) > 1 else ""))
 
 
 # ----------------------------------------------------------------------------- result
@@ -431,7 +435,7 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
             kernel: str = "linear", sigma=None, estimator: str = "auto", debiased: bool = False, device=None,
             progress: bool = True, memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET,
             inputs: Optional[Callable[[Any], Any]] = None, max_batches: Optional[int] = None,
-            group=None) -> CompareResult:
+            product_dtype: Optional[torch.dtype] = None, group=None) -> CompareResult:
     """CKA of every layer of ``model_a`` with every layer of ``model_b`` over ``loader``.
 
     Args:
@@ -451,6 +455,12 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
         minibatch only). estimator: "auto" | "exact" | "minibatch" (module docstring).
       debiased: the exact estimator with Song et al.'s unbiased HSIC (Kornblith's debiased CKA).
       memory_budget: bytes (or "512MiB") of exact statistics that "auto" allows.
+      product_dtype: dtype of the per-batch products (the Grams, the cross products);
+        default: the features' (float32 for float32/half/bfloat16 features, float64 for
+        float64 ones). The sums over batches are float64 either way; ``torch.float64``
+        costs about 1.5-2x the time on a CPU (much more on most GPUs) and buys the
+        last digits (the exact estimator then equals the float64 CKA of the concatenated
+        features to ~1e-12; with float32 products to ~1e-7 relative).
       max_batches: stop after this many batches. group: the torch.distributed process group:
         each rank feeds its shard; the statistics are all-reduced, every rank gets the result
         of the concatenated data (every rank needs at least one batch).
@@ -465,6 +475,8 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
         raise ValueError("compare: the exact estimator needs the linear kernel (its statistics live in feature space); "
                          "use estimator='minibatch' with kernel='rbf'")
     budget = _parse_bytes(memory_budget)
+    if product_dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"compare: product_dtype must be None, torch.float32 or torch.float64, got {product_dtype!r}")
     if not isinstance(model_a, nn.Module) or (model_b is not None and not isinstance(model_b, nn.Module)):
         raise TypeError("compare: model_a and model_b must be torch.nn.Module (model_b may be None)")
     same = model_b is None or _unwrap(model_b) is _unwrap(model_a)
@@ -506,7 +518,8 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
                     fa, fb = [fmap[n] for n in names_a], [fmap[n] for n in names_b]
                 else:
                     fa, fb = rec_a.take(names_a), rec_b.take(names_b)
-                _check_batch(names_a + [f"model_b.{n}" if not same else n for n in names_b], fa + fb, batch_no)
+                all_names = names_a + [f"model_b.{n}" if not same else n for n in names_b]
+                _check_rows(all_names, fa + fb, batch_no)
                 if widths_a is None:
                     widths_a, widths_b = [f.shape[1] for f in fa], [f.shape[1] for f in fb]
                     if estimator == "exact" or (estimator == "auto" and kernel == "linear"):
@@ -515,9 +528,11 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
                     else:
                         ea, eb = [False] * len(names_a), [False] * len(names_b)
                     if any(ea) and any(eb):
-                        exact = ExactStats(_pick(widths_a, ea), _pick(widths_b, eb), debiased=debiased, shared=shared, device=dev)
+                        exact = ExactStats(_pick(widths_a, ea), _pick(widths_b, eb), debiased=debiased, shared=shared, device=dev,
+                                           product_dtype=product_dtype)
                     if not (all(ea) and all(eb)):
-                        mini = MinibatchStats(len(names_a), len(names_b), kernel=kernel, sigma=sigma, shared=shared, device=dev)
+                        mini = MinibatchStats(widths_a, widths_b, kernel=kernel, sigma=sigma, shared=shared, device=dev,
+                                              product_dtype=product_dtype)
                 else:
                     wa, wb = [f.shape[1] for f in fa], [f.shape[1] for f in fb]
                     if wa != widths_a or wb != widths_b:
@@ -525,10 +540,14 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
                         name = (names_a + names_b)[i]
                         raise ValueError(f"compare: batch {batch_no}: layer {name!r} has {(wa + wb)[i]} features, "
                                          f"{(widths_a + widths_b)[i]} in the first batch; the widths must not change")
+                flags = []
                 if exact is not None:
-                    exact.update(_pick(fa, ea), _pick(fb, eb))
+                    flags.append(exact.update(_pick(fa, ea), _pick(fb, eb)))
                 if mini is not None:
-                    mini.update(fa, fb)
+                    flags.append(mini.update(fa, fb))
+                flags = [f for f in flags if f is not None]
+                if flags and not bool(flags[0] if len(flags) == 1 else flags[0] & flags[1]):  # one host read per batch
+                    _raise_nonfinite(all_names, fa + fb, batch_no)
                 batch_no += 1
     finally:
         rec_a.remove()
@@ -582,7 +601,7 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
         if n_samples is None:
             n_samples = n_mb
     if not torch.isfinite(values).all():  # cannot happen for finite features; never hand back NaN silently
-        raise ValueError("compare: a CKA value is not finite (overflow in the features?)")
+        raise ValueError("compare: a CKA value is not finite (overflow in the features or their products? try product_dtype=torch.float64)")
     if zero_layers:
         warnings.warn(f"compare: layer(s) {', '.join(map(repr, zero_layers[:6]))} do not vary over the data (or have a "
                       "non-positive debiased self-HSIC): their CKA is reported as 0", RuntimeWarning, stacklevel=2)

@@ -1,15 +1,23 @@
 """Streaming statistics behind ``rk.compare``: every layer pair in batched products.
 
 Layers of model A (widths p_1 .. p_La, P_A = sum p_i) and of model B (q_1 .. q_Lb,
-P_B = sum q_j); a batch brings the features of every layer, concatenated into
-``xa`` (b, P_A) and ``xb`` (b, P_B).
+P_B = sum q_j); a batch brings the features of every layer, packed side by side into
+one reused buffer per model, ``xa`` (b, P_A) and ``xb`` (b, P_B), in the *work dtype*:
+the features' own precision (float32 for float32/half/bfloat16 features, float64 for
+float64 ones) or ``product_dtype`` when given. Per-batch products run in the work
+dtype; everything that is summed over batches is accumulated in float64. Runs of
+consecutive layers of the same width are one batched product (``bmm``), not one
+product per layer.
 
 Exact (linear kernel; ``ExactStats``): the full-data-set CKA from statistics whose
-size does not depend on the number of samples, all in float64:
+size does not depend on the number of samples, accumulated in float64:
   - n and the column sums s_A, s_B of the rows shifted by a fixed vector c (the
     first batch's column means: the shifted-data algorithm, so the products do not
-    cancel when the features have large means);
-  - M = X_A^T X_B (P_A x P_B): every cross block X_i^T Y_j at once, one GEMM per batch;
+    cancel when the features have large means, and the work-dtype products see
+    rows of the size of their spread, not of their mean);
+  - M = X_A^T X_B (P_A x P_B): every cross block X_i^T Y_j at once; per batch one
+    GEMM in the work dtype, in row strips whose result (a few MiB) is added to the
+    float64 M while it is still in cache;
   - S_i = X_i^T X_i (p_i x p_i) per layer, and the same for B (from M's diagonal
     blocks when A and B are the same layers of the same model);
   - debiased only, with d_k = |x_k|^2 and e_k = |y_k|^2 the per-layer squared row
@@ -23,10 +31,18 @@ which is Song et al.'s estimator: with centred rows 1^T K~ 1 = -D and
 K~ 1 = -d, so tr(K~L~) = |C|^2 - a, (K~1).(L~1) = a (the estimator is
 invariant to a translation of either input).
 
-Minibatch (``MinibatchStats``, any kernel): Nguyen et al. (2021): per batch of b >= 4
-samples the unbiased HSIC of every pair, <K_u, L_u> / (b (b-3)) with U-centred Grams
-(``rk.centered_gram(..., debiased=True)``), as one (La x b^2) @ (b^2 x Lb) product;
-summed over batches in float64; CKA = sum HSIC_xy / sqrt(sum HSIC_xx sum HSIC_yy).
+Minibatch (``MinibatchStats``): Nguyen et al. (2021): per batch of b >= 4 samples the
+unbiased HSIC of every pair, summed over batches in float64; CKA = sum HSIC_xy /
+sqrt(sum HSIC_xx sum HSIC_yy). Linear kernel: the columns are centred first (the
+estimator is translation invariant), each layer's Gram K is formed once per batch
+(one ``bmm`` per run of equal widths), its diagonal zeroed (K~), and Song et al.'s
+estimator is evaluated from
+  [<K~, L~> + (1^T K~ 1)(1^T L~ 1)/((b-1)(b-2)) - 2/(b-2) (K~1).(L~1)] / (b(b-3)),
+all pairs' <K~_i, L~_j> in one batched product (row by row partial sums of b terms in
+the work dtype, then summed in float64), the O(b) terms as (La x b) @ (b x Lb)
+products in float64. Other kernels: each layer's U-centred Gram
+(``rk.centered_gram(..., debiased=True)``), <K_u, L_u> / (b (b-3)) as one
+(La x b^2) @ (b^2 x Lb) product in float64.
 
 Under torch.distributed the sums are all-reduced (after re-shifting each rank's
 exact statistics to the global mean), so the result is the one of the
@@ -35,7 +51,7 @@ concatenated data.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -45,6 +61,23 @@ from ..distributed import is_distributed
 
 Tensor = torch.Tensor
 f64 = torch.float64
+
+#: bytes of work-dtype scratch a batched product may produce at once before it is folded
+#: into the float64 sums (row strips of M, chunks of the per-layer self products)
+SCRATCH_BYTES = 2 << 20
+#: rows (samples) summed inside one work-dtype product before the result is added to the
+#: float64 sums: bounds the float32 accumulation error whatever the loader's batch size
+#: (about 1e-7 relative for typical features; up to ~1e-6 for features whose mean is 1e4
+#: times their spread, whose float32 values are coarsely quantized)
+PRODUCT_ROWS = 256
+
+
+def work_dtype(feats: Sequence[Tensor], product_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype of the per-batch products: ``product_dtype``, else float64 when a
+    feature is float64, else float32 (half/bfloat16 features are upcast)."""
+    if product_dtype is not None:
+        return product_dtype
+    return f64 if any(f.dtype == f64 for f in feats) else torch.float32
 
 
 def _segments(widths: Sequence[int], device) -> Tensor:
@@ -59,6 +92,11 @@ def _rowsum(m: Tensor, seg: Tensor, groups: int) -> Tensor:
 
 def _vecsum(v: Tensor, seg: Tensor, groups: int) -> Tensor:
     return v.new_zeros(groups).index_add_(0, seg, v)
+
+
+def _sqnorms(k: Tensor) -> Tensor:
+    """|K_i|_F^2 of each (b, b) slice of k (L, b, b), float64 (a reduction, no squared copy)."""
+    return torch.linalg.vector_norm(k.flatten(1), dim=1).to(f64).square()
 
 
 def _all_reduce(tensors: List[Tensor], group) -> None:
@@ -77,82 +115,161 @@ def exact_bytes(widths_a: Sequence[int], widths_b: Sequence[int], debiased: bool
     return 8 * elems
 
 
-class _Side:
+class _Layout:
+    """Where each layer's features sit in the packed (b, P) buffer, and the runs of
+    consecutive layers of one width (each run: one batched product)."""
+
+    def __init__(self, widths: Sequence[int], device):
+        self.widths = list(widths)
+        self.L, self.P = len(self.widths), sum(self.widths)
+        self.device = device
+        self.seg = _segments(self.widths, device)
+        self.offsets = [0]
+        for w in self.widths:
+            self.offsets.append(self.offsets[-1] + w)
+        # runs: (first layer, number of layers, column offset, width)
+        self.runs: List[Tuple[int, int, int, int]] = []
+        for i, w in enumerate(self.widths):
+            if self.runs and self.runs[-1][3] == w:
+                l0, k, o, _ = self.runs[-1]
+                self.runs[-1] = (l0, k + 1, o, w)
+            else:
+                self.runs.append((i, 1, self.offsets[i], w))
+        self.buf: Optional[Tensor] = None
+
+    def pack(self, feats: List[Tensor], dtype: torch.dtype) -> Tensor:
+        """The features side by side, (b, P) in ``dtype``, in a buffer reused across batches."""
+        b = feats[0].shape[0]
+        if self.buf is None or self.buf.shape[0] < b or self.buf.dtype != dtype:
+            self.buf = torch.empty(b, self.P, dtype=dtype, device=self.device)
+        x = self.buf[:b]
+        if all(f.dtype == dtype for f in feats):
+            torch.cat(feats, 1, out=x)
+        else:
+            for f, o, w in zip(feats, self.offsets, self.widths):
+                x[:, o:o + w].copy_(f)
+        return x
+
+    def run_view(self, x: Tensor, run) -> Tensor:
+        """(k, b, w) view of a run's columns of x (b, P)."""
+        _, k, o, w = run
+        return x[:, o:o + k * w].unflatten(1, (k, w)).transpose(0, 1)
+
+    def run_chunks(self, run, itemsize: int):
+        """Split a run into pieces whose (k, w, w) products fit SCRATCH_BYTES: (first, count, offset)."""
+        l0, k, o, w = run
+        step = max(1, SCRATCH_BYTES // (w * w * itemsize))
+        for s in range(0, k, step):
+            c = min(step, k - s)
+            yield l0 + s, c, o + s * w, w
+
+
+class _Side(_Layout):
     """Per-model part of the exact statistics: shift, sums, self products, debiased extras."""
 
     def __init__(self, widths: Sequence[int], debiased: bool, device, with_self: bool):
-        self.widths = list(widths)
-        self.L, self.P = len(widths), sum(widths)
-        self.seg = _segments(widths, device)
-        self.offsets = [0]
-        for w in widths:
-            self.offsets.append(self.offsets[-1] + w)
+        super().__init__(widths, device)
         self.c: Optional[Tensor] = None
         self.s = torch.zeros(self.P, dtype=f64, device=device)
-        self.self_ = [torch.zeros(w, w, dtype=f64, device=device) for w in widths] if with_self else None
+        # one (k, w, w) float64 block per run of equal widths
+        self.self_ = [torch.zeros(k, w, w, dtype=f64, device=device) for _, k, _, w in self.runs] if with_self else None
         self.debiased = debiased
         if debiased:
             self.D = torch.zeros(self.L, dtype=f64, device=device)       # sum_k |x_k|^2 per layer
             self.a_self = torch.zeros(self.L, dtype=f64, device=device)  # sum_k |x_k|^4 per layer
             self.u_self = torch.zeros(self.P, dtype=f64, device=device)  # X_i^T d_i, concatenated
 
-    def prepare(self, feats: List[Tensor]) -> Tensor:
-        """(b, P) float64 rows minus the shift (set from the first batch)."""
-        x = torch.cat([f.to(f64) for f in feats], 1)
+    def prepare(self, feats: List[Tensor], dtype: torch.dtype) -> Tensor:
+        """(b, P) rows in the work dtype minus the shift (set from the first batch)."""
+        x = self.pack(feats, dtype)
         if self.c is None:
-            self.c = x.mean(0)
+            self.c = x.mean(0, dtype=f64).to(dtype)
         return x.sub_(self.c)
 
     def norms(self, x: Tensor) -> Tensor:
-        """Per-layer squared row norms (b, L)."""
-        return x.new_zeros(x.shape[0], self.L).index_add_(1, self.seg, x * x)
+        """Per-layer squared row norms (b, L) float64 (squares in the work dtype, sums in float64)."""
+        return torch.cat([self.run_view(x, r).square().sum(2, dtype=f64).mT for r in self.runs], 1)
 
-    def update(self, x: Tensor, d: Optional[Tensor]) -> None:
-        self.s += x.sum(0)
+    def update(self, x: Tensor, colsum: Tensor, d: Optional[Tensor]) -> None:
+        self.s += colsum
         if self.self_ is not None:
-            for i, m in enumerate(self.self_):
-                xi = x[:, self.offsets[i]:self.offsets[i + 1]]
-                m.addmm_(xi.mT, xi)
+            for m, run in zip(self.self_, self.runs):
+                for l0, k, o, w in self.run_chunks(run, x.element_size()):
+                    blk = m[l0 - run[0]:l0 - run[0] + k]
+                    step = x.shape[0] if x.dtype == f64 else PRODUCT_ROWS
+                    for r in range(0, x.shape[0], step):
+                        xg = x[r:r + step, o:o + k * w].unflatten(1, (k, w)).transpose(0, 1)   # (k, rows, w)
+                        if x.dtype == f64:
+                            blk.baddbmm_(xg.mT, xg)
+                        else:
+                            blk += torch.bmm(xg.mT, xg)
         if d is not None:
             self.D += d.sum(0)
             self.a_self += (d * d).sum(0)
-            self.u_self += (x * d.index_select(1, self.seg)).sum(0)
+            dw = d.to(x.dtype)
+            self.u_self += torch.cat([torch.einsum("kbw,bk->kw", self.run_view(x, r), dw[:, r[0]:r[0] + r[1]]).reshape(-1)
+                                      for r in self.runs]).to(f64)
 
 
 class ExactStats:
     """Exact linear-kernel statistics for layers A x layers B (see the module docstring).
 
     ``shared``: the B layers are the A layers of the same model (one set of
-    features; self products read from M's diagonal blocks).
+    features; self products read from M's diagonal blocks). ``product_dtype``: the
+    dtype of the per-batch products (default: the features', see ``work_dtype``);
+    the sums over batches are float64 either way.
     """
 
-    def __init__(self, widths_a: Sequence[int], widths_b: Sequence[int], *, debiased: bool, shared: bool, device):
+    def __init__(self, widths_a: Sequence[int], widths_b: Sequence[int], *, debiased: bool, shared: bool, device,
+                 product_dtype: Optional[torch.dtype] = None):
         self.debiased, self.shared = debiased, shared
+        self.product_dtype = product_dtype
+        self.dtype: Optional[torch.dtype] = None
         self.n = 0
         self.a = _Side(widths_a, debiased, device, with_self=not shared)
         self.b = self.a if shared else _Side(widths_b, debiased, device, with_self=True)
         self.M = torch.zeros(self.a.P, self.b.P, dtype=f64, device=device)
+        self._strip: Optional[Tensor] = None
         if debiased:
             self.A = torch.zeros(self.a.L, self.b.L, dtype=f64, device=device)   # sum_k d_k e_k
             self.U = torch.zeros(self.a.P, self.b.L, dtype=f64, device=device)   # X_A^T e
             self.V = torch.zeros(self.b.P, self.a.L, dtype=f64, device=device)   # X_B^T d
 
-    def update(self, fa: List[Tensor], fb: List[Tensor]) -> None:
-        xa = self.a.prepare(fa)
-        xb = xa if self.shared else self.b.prepare(fb)
+    def _cross(self, xa: Tensor, xb: Tensor) -> None:
+        """M += xa^T xb: float64 directly; otherwise in row strips of the work dtype added to M."""
+        if xa.dtype == f64:
+            self.M.addmm_(xa.mT, xb)
+            return
+        rows = max(16, SCRATCH_BYTES // (xb.shape[1] * xa.element_size()))
+        if self._strip is None or self._strip.dtype != xa.dtype:
+            self._strip = torch.empty(min(rows, self.a.P), self.b.P, dtype=xa.dtype, device=xa.device)
+        for s in range(0, self.a.P, rows):
+            e = min(s + rows, self.a.P)
+            for k in range(0, xa.shape[0], PRODUCT_ROWS):
+                self.M[s:e] += torch.mm(xa[k:k + PRODUCT_ROWS, s:e].mT, xb[k:k + PRODUCT_ROWS], out=self._strip[:e - s])
+
+    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Tensor:
+        """Add a batch; returns a 0-dim bool tensor: every feature finite (read by the caller, once per batch)."""
+        if self.dtype is None:
+            self.dtype = work_dtype(fa + fb, self.product_dtype)
+        xa = self.a.prepare(fa, self.dtype)
+        xb = xa if self.shared else self.b.prepare(fb, self.dtype)
+        sa = xa.sum(0, dtype=f64)
+        sb = sa if self.shared else xb.sum(0, dtype=f64)
         self.n += xa.shape[0]
-        self.M.addmm_(xa.mT, xb)
+        self._cross(xa, xb)
         da = db = None
         if self.debiased:
             da = self.a.norms(xa)
             db = da if self.shared else self.b.norms(xb)
             self.A.addmm_(da.mT, db)
-            self.U.addmm_(xa.mT, db)
+            self.U += (xa.mT @ db.to(xa.dtype)).to(f64)
             if not self.shared:
-                self.V.addmm_(xb.mT, da)
-        self.a.update(xa, da)
+                self.V += (xb.mT @ da.to(xb.dtype)).to(f64)
+        self.a.update(xa, sa, da)
         if not self.shared:
-            self.b.update(xb, db)
+            self.b.update(xb, sb, db)
+        return torch.isfinite(sa).all() & torch.isfinite(sb).all()
 
     # ------------------------------------------------------------------ finalize
 
@@ -168,15 +285,15 @@ class ExactStats:
         dev = self.M.device
         n_local = float(self.n)
         if is_distributed(group):
-            # the global mean: sum over ranks of (s_r + n_r c_r), n
-            tot = torch.cat([torch.tensor([n_local], dtype=f64, device=dev)] + [s.s + n_local * s.c for s in sides])
+            # the global mean: sum over ranks of (s_r + n_r c_r), n (a rank's shift c is in its work dtype)
+            tot = torch.cat([torch.tensor([n_local], dtype=f64, device=dev)] + [s.s + n_local * s.c.to(f64) for s in sides])
             _all_reduce([tot], group)
             n = float(tot[0])
             means, off = [], 1
             for s in sides:
                 means.append(tot[off:off + s.P] / n)
                 off += s.P
-            deltas = [m - s.c for m, s in zip(means, sides)]
+            deltas = [m - s.c.to(f64) for m, s in zip(means, sides)]
         else:
             n = n_local
             deltas = [s.s / n for s in sides]
@@ -209,22 +326,22 @@ class ExactStats:
             for s, nd2, sd in ((a, na2, sa_d),) if self.shared else ((a, na2, sa_d), (b, nb2, sb_d)):
                 delta = da if s is a else db
                 ud = _vecsum(s.u_self * delta, s.seg, s.L)
-                if s.self_ is not None:
-                    dsd = torch.stack([delta[s.offsets[i]:s.offsets[i + 1]] @ m @ delta[s.offsets[i]:s.offsets[i + 1]]
-                                       for i, m in enumerate(s.self_)])
+                if s.self_ is not None:   # delta_i^T S_i delta_i, one batched product per run
+                    dsd = torch.cat([(dg[:, None] @ m @ dg[:, :, None]).reshape(-1)
+                                     for m, dg in zip(s.self_, self._run_parts(s, delta))])
                 else:  # shared: the diagonal blocks of M
                     dsd = torch.diagonal(dmd)
                 s.a_self = s.a_self - 4 * ud + 2 * nd2 * s.D + 4 * dsd - 4 * nd2 * sd + n_local * nd2 * nd2
                 s.D = s.D - 2 * sd + n_local * nd2
                 extra += [s.a_self, s.D]
-        # M' = M - delta t^T - s eps^T + n delta eps^T; self blocks alike
-        self.M.sub_(torch.outer(da, b.s)).sub_(torch.outer(a.s, db)).add_(torch.outer(da, db), alpha=n_local)
+        # M' = M - delta t^T - s eps^T + n delta eps^T (rank-1 updates in place); self blocks alike
+        self.M.addr_(da, b.s, alpha=-1).addr_(a.s, db, alpha=-1).addr_(da, db, alpha=n_local)
         for s in sides:
             if s.self_ is not None:
                 delta = da if s is a else db
-                for i, m in enumerate(s.self_):
-                    di, si = delta[s.offsets[i]:s.offsets[i + 1]], s.s[s.offsets[i]:s.offsets[i + 1]]
-                    m.sub_(torch.outer(di, si)).sub_(torch.outer(si, di)).add_(torch.outer(di, di), alpha=n_local)
+                for m, dg, sg in zip(s.self_, self._run_parts(s, delta), self._run_parts(s, s.s)):
+                    m.baddbmm_(dg[:, :, None], sg[:, None], alpha=-1).baddbmm_(sg[:, :, None], dg[:, None], alpha=-1)
+                    m.baddbmm_(dg[:, :, None], dg[:, None], alpha=n_local)
         if is_distributed(group):
             _all_reduce([self.M] + [m for s in sides if s.self_ is not None for m in s.self_] + extra, group)
         # squared Frobenius norms of the blocks
@@ -233,7 +350,7 @@ class ExactStats:
         if self.shared:
             selfs = [torch.diagonal(cross).clone()]
         else:
-            selfs = [torch.stack([m.square().sum() for m in s.self_]) for s in sides]
+            selfs = [torch.cat([torch.linalg.vector_norm(m.flatten(1), dim=1).square() for m in s.self_]) for s in sides]
         sa, sb = selfs[0], selfs[-1]
         if not self.debiased:
             k = 1.0 / (n - 1) ** 2
@@ -249,14 +366,25 @@ class ExactStats:
         hyy = unbiased(sb, b.a_self, Db, Db)
         return n, hxy, hxx, hyy
 
+    @staticmethod
+    def _run_parts(side: _Layout, v: Tensor) -> List[Tensor]:
+        """A (P,) vector cut into one (k, w) block per run."""
+        return [v[o:o + k * w].view(k, w) for _, k, o, w in side.runs]
+
 
 class MinibatchStats:
     """Nguyen et al.'s minibatch HSIC sums for the given A and B layers (any kernel)."""
 
     MIN_BATCH = 4
 
-    def __init__(self, n_a: int, n_b: int, *, kernel: str, sigma, shared: bool, device):
+    def __init__(self, widths_a: Sequence[int], widths_b: Sequence[int], *, kernel: str, sigma, shared: bool, device,
+                 product_dtype: Optional[torch.dtype] = None):
         self.kernel, self.sigma, self.shared = kernel, sigma, shared
+        self.product_dtype = product_dtype
+        self.a = _Layout(widths_a, device)
+        self.b = self.a if shared else _Layout(widths_b, device)
+        self.grams = {}
+        n_a, n_b = self.a.L, self.b.L
         self.hxy = torch.zeros(n_a, n_b, dtype=f64, device=device)
         self.hxx = torch.zeros(n_a, dtype=f64, device=device)
         self.hyy = self.hxx if shared else torch.zeros(n_b, dtype=f64, device=device)
@@ -264,41 +392,59 @@ class MinibatchStats:
         self.batches = 0
         self.skipped = 0
 
-    def _ucentred(self, feats: List[Tensor]) -> Tensor:
-        """(L, b^2) float64 rows: each layer's U-centred Gram, flattened."""
-        if self.kernel != "linear":
-            return torch.stack([F.centered_gram(f, kernel=self.kernel, sigma=self.sigma, debiased=True).reshape(-1) for f in feats]).to(f64)
-        b = feats[0].shape[0]
-        out = torch.empty(len(feats), b, b, dtype=f64, device=feats[0].device)
-        for k, f in enumerate(feats):
-            # Song et al.'s estimator is translation invariant: centre the columns first, for precision.
-            # U-centring in place (rk.centered_gram's general path costs ~50x more at this size):
-            # zero diagonal, K_ij - r_i/(b-2) - r_j/(b-2) + t/((b-1)(b-2)), zero diagonal again
-            f = f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
-            f = f - f.mean(0, keepdim=True)
-            g = out[k]
-            g.copy_(f @ f.mT)
-            g.diagonal().zero_()
-            r = g.sum(0)
-            g.sub_(r[None] / (b - 2)).sub_(r[:, None] / (b - 2)).add_(r.sum() / ((b - 1) * (b - 2)))
-            g.diagonal().zero_()
-        return out.reshape(len(feats), -1)
+    def _linear_terms(self, side: _Layout, feats: List[Tensor], dtype: torch.dtype, key: str):
+        """(K~ (L, b, b) in the work dtype, row sums K~1 (L, b) float64, totals (L,) float64, finite flag)."""
+        x = side.pack(feats, dtype)
+        mean = x.mean(0, keepdim=True)
+        x.sub_(mean)  # Song et al.'s estimator is translation invariant: centre for precision
+        b = x.shape[0]
+        k = self.grams.get(key)
+        if k is None or k.shape[1] != b or k.dtype != dtype:
+            k = self.grams[key] = torch.empty(side.L, b, b, dtype=dtype, device=x.device)
+        for run in side.runs:
+            xg = side.run_view(x, run)                       # (k, b, w)
+            torch.bmm(xg, xg.mT, out=k[run[0]:run[0] + run[1]])
+        k.diagonal(dim1=1, dim2=2).zero_()
+        r = k.sum(2).to(f64)
+        return k, r, r.sum(1), torch.isfinite(mean).all()
 
-    def update(self, fa: List[Tensor], fb: List[Tensor]) -> bool:
+    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Optional[Tensor]:
+        """Add a batch (skipped when b < 4); returns a 0-dim bool tensor: every feature
+        finite (read by the caller, once per batch), or None for a skipped batch."""
         b = fa[0].shape[0] if fa else fb[0].shape[0]
         if b < self.MIN_BATCH:
             self.skipped += 1
-            return False
-        ka = self._ucentred(fa)
-        kb = ka if self.shared else self._ucentred(fb)
+            return None
         scale = 1.0 / (b * (b - 3))
-        self.hxy.addmm_(ka, kb.mT, alpha=scale)
-        self.hxx.add_((ka * ka).sum(1), alpha=scale)
-        if not self.shared:
-            self.hyy.add_((kb * kb).sum(1), alpha=scale)
+        if self.kernel == "linear":
+            dtype = work_dtype(fa + fb, self.product_dtype)
+            ka, ra, ta, ok = self._linear_terms(self.a, fa, dtype, "a")
+            kb, rb, tb, okb = (ka, ra, ta, ok) if self.shared else self._linear_terms(self.b, fb, dtype, "b")
+            c1, c2 = 1.0 / ((b - 1) * (b - 2)), 2.0 / (b - 2)
+            # <K~_i, L~_j> for every pair: per row of the Grams a (La x b) @ (b x Lb) product, rows summed in float64
+            tr = torch.bmm(ka.transpose(0, 1), kb.permute(1, 2, 0)).sum(0, dtype=f64)
+            self.hxy += (tr + c1 * torch.outer(ta, tb) - c2 * (ra @ rb.mT)) * scale
+            tra = torch.diagonal(tr) if self.shared else _sqnorms(ka)
+            self.hxx += (tra + c1 * ta * ta - c2 * (ra * ra).sum(1)) * scale
+            if not self.shared:
+                trb = _sqnorms(kb)
+                self.hyy += (trb + c1 * tb * tb - c2 * (rb * rb).sum(1)) * scale
+            ok = ok & okb
+        else:
+            def ucentred(feats):
+                return torch.stack([F.centered_gram(f, kernel=self.kernel, sigma=self.sigma, debiased=True).reshape(-1)
+                                    for f in feats]).to(f64)
+            ka = ucentred(fa)
+            kb = ka if self.shared else ucentred(fb)
+            hxy = ka @ kb.mT * scale
+            self.hxy += hxy
+            self.hxx.add_((ka * ka).sum(1), alpha=scale)
+            if not self.shared:
+                self.hyy.add_((kb * kb).sum(1), alpha=scale)
+            ok = torch.isfinite(hxy).all()
         self.n += b
         self.batches += 1
-        return True
+        return ok
 
     def hsic_terms(self, group=None):
         """(n used, batches used, batches skipped, hxy, hxx, hyy), all-reduced under torch.distributed."""
