@@ -548,6 +548,7 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
                 flags = [f for f in flags if f is not None]
                 if flags and not bool(flags[0] if len(flags) == 1 else flags[0] & flags[1]):  # one host read per batch
                     _raise_nonfinite(all_names, fa + fb, batch_no)
+                fa = fb = fmap = x = None  # this batch's features must not stay alive through the next forward pass
                 batch_no += 1
     finally:
         rec_a.remove()

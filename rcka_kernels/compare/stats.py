@@ -1,16 +1,16 @@
 """Streaming statistics behind ``rk.compare``: every layer pair in batched products.
 
 Layers of model A (widths p_1 .. p_La, P_A = sum p_i) and of model B (q_1 .. q_Lb,
-P_B = sum q_j); a batch brings the features of every layer, packed side by side into
-one reused buffer per model, ``xa`` (b, P_A) and ``xb`` (b, P_B), in the *work dtype*:
-the features' own precision (float32 for float32/half/bfloat16 features, float64 for
-float64 ones) or ``product_dtype`` when given. Per-batch products run in the work
-dtype; everything that is summed over batches is accumulated in float64. Runs of
-consecutive layers of the same width are one batched product (``bmm``), not one
-product per layer.
+P_B = sum q_j); a batch brings the features of every layer. Per-batch products run
+in the *work dtype*: the features' own precision (float32 for float32/half/bfloat16
+features, float64 for float64 ones) or ``product_dtype`` when given; everything that
+is summed over batches is accumulated in float64. Memory beyond the statistics is a
+few buffers of the size of one batch's features, reused from batch to batch.
 
-Exact (linear kernel; ``ExactStats``): the full-data-set CKA from statistics whose
-size does not depend on the number of samples, accumulated in float64:
+Exact (linear kernel; ``ExactStats``): the features packed side by side into one
+reused buffer per model, ``xa`` (b, P_A) and ``xb`` (b, P_B); the full-data-set CKA
+from statistics whose size does not depend on the number of samples, accumulated in
+float64:
   - n and the column sums s_A, s_B of the rows shifted by a fixed vector c (the
     first batch's column means: the shifted-data algorithm, so the products do not
     cancel when the features have large means, and the work-dtype products see
@@ -33,10 +33,9 @@ invariant to a translation of either input).
 
 Minibatch (``MinibatchStats``): Nguyen et al. (2021): per batch of b >= 4 samples the
 unbiased HSIC of every pair, summed over batches in float64; CKA = sum HSIC_xy /
-sqrt(sum HSIC_xx sum HSIC_yy). Linear kernel: the columns are centred first (the
-estimator is translation invariant), each layer's Gram K is formed once per batch
-(one ``bmm`` per run of equal widths), its diagonal zeroed (K~), and Song et al.'s
-estimator is evaluated from
+sqrt(sum HSIC_xx sum HSIC_yy). Linear kernel: each layer's columns are centred (the
+estimator is translation invariant), its Gram K formed once per batch into a reused
+(L, b, b) buffer, its diagonal zeroed (K~), and Song et al.'s estimator evaluated from
   [<K~, L~> + (1^T K~ 1)(1^T L~ 1)/((b-1)(b-2)) - 2/(b-2) (K~1).(L~1)] / (b(b-3)),
 all pairs' <K~_i, L~_j> in one batched product (row by row partial sums of b terms in
 the work dtype, then summed in float64), the O(b) terms as (La x b) @ (b x Lb)
@@ -51,7 +50,7 @@ concatenated data.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -62,8 +61,8 @@ from ..distributed import is_distributed
 Tensor = torch.Tensor
 f64 = torch.float64
 
-#: bytes of work-dtype scratch a batched product may produce at once before it is folded
-#: into the float64 sums (row strips of M, chunks of the per-layer self products)
+#: bytes of work-dtype scratch (a row strip of M) a product produces before it is added
+#: to the float64 sums
 SCRATCH_BYTES = 2 << 20
 #: rows (samples) summed inside one work-dtype product before the result is added to the
 #: float64 sums: bounds the float32 accumulation error whatever the loader's batch size
@@ -116,8 +115,7 @@ def exact_bytes(widths_a: Sequence[int], widths_b: Sequence[int], debiased: bool
 
 
 class _Layout:
-    """Where each layer's features sit in the packed (b, P) buffer, and the runs of
-    consecutive layers of one width (each run: one batched product)."""
+    """Where each layer's features sit in the packed (b, P) buffer."""
 
     def __init__(self, widths: Sequence[int], device):
         self.widths = list(widths)
@@ -127,15 +125,11 @@ class _Layout:
         self.offsets = [0]
         for w in self.widths:
             self.offsets.append(self.offsets[-1] + w)
-        # runs: (first layer, number of layers, column offset, width)
-        self.runs: List[Tuple[int, int, int, int]] = []
-        for i, w in enumerate(self.widths):
-            if self.runs and self.runs[-1][3] == w:
-                l0, k, o, _ = self.runs[-1]
-                self.runs[-1] = (l0, k + 1, o, w)
-            else:
-                self.runs.append((i, 1, self.offsets[i], w))
         self.buf: Optional[Tensor] = None
+
+    def cols(self, x: Tensor, i: int) -> Tensor:
+        """Layer i's columns of x (..., P): a strided view (no copy)."""
+        return x[..., self.offsets[i]:self.offsets[i + 1]]
 
     def pack(self, feats: List[Tensor], dtype: torch.dtype) -> Tensor:
         """The features side by side, (b, P) in ``dtype``, in a buffer reused across batches."""
@@ -146,22 +140,9 @@ class _Layout:
         if all(f.dtype == dtype for f in feats):
             torch.cat(feats, 1, out=x)
         else:
-            for f, o, w in zip(feats, self.offsets, self.widths):
-                x[:, o:o + w].copy_(f)
+            for i, f in enumerate(feats):
+                self.cols(x, i).copy_(f)
         return x
-
-    def run_view(self, x: Tensor, run) -> Tensor:
-        """(k, b, w) view of a run's columns of x (b, P)."""
-        _, k, o, w = run
-        return x[:, o:o + k * w].unflatten(1, (k, w)).transpose(0, 1)
-
-    def run_chunks(self, run, itemsize: int):
-        """Split a run into pieces whose (k, w, w) products fit SCRATCH_BYTES: (first, count, offset)."""
-        l0, k, o, w = run
-        step = max(1, SCRATCH_BYTES // (w * w * itemsize))
-        for s in range(0, k, step):
-            c = min(step, k - s)
-            yield l0 + s, c, o + s * w, w
 
 
 class _Side(_Layout):
@@ -171,8 +152,7 @@ class _Side(_Layout):
         super().__init__(widths, device)
         self.c: Optional[Tensor] = None
         self.s = torch.zeros(self.P, dtype=f64, device=device)
-        # one (k, w, w) float64 block per run of equal widths
-        self.self_ = [torch.zeros(k, w, w, dtype=f64, device=device) for _, k, _, w in self.runs] if with_self else None
+        self.self_ = [torch.zeros(w, w, dtype=f64, device=device) for w in self.widths] if with_self else None
         self.debiased = debiased
         if debiased:
             self.D = torch.zeros(self.L, dtype=f64, device=device)       # sum_k |x_k|^2 per layer
@@ -187,28 +167,25 @@ class _Side(_Layout):
         return x.sub_(self.c)
 
     def norms(self, x: Tensor) -> Tensor:
-        """Per-layer squared row norms (b, L) float64 (squares in the work dtype, sums in float64)."""
-        return torch.cat([self.run_view(x, r).square().sum(2, dtype=f64).mT for r in self.runs], 1)
+        """Per-layer squared row norms (b, L) float64."""
+        return torch.stack([torch.linalg.vector_norm(self.cols(x, i), dim=1) for i in range(self.L)], 1).to(f64).square()
 
     def update(self, x: Tensor, colsum: Tensor, d: Optional[Tensor]) -> None:
         self.s += colsum
         if self.self_ is not None:
-            for m, run in zip(self.self_, self.runs):
-                for l0, k, o, w in self.run_chunks(run, x.element_size()):
-                    blk = m[l0 - run[0]:l0 - run[0] + k]
-                    step = x.shape[0] if x.dtype == f64 else PRODUCT_ROWS
-                    for r in range(0, x.shape[0], step):
-                        xg = x[r:r + step, o:o + k * w].unflatten(1, (k, w)).transpose(0, 1)   # (k, rows, w)
-                        if x.dtype == f64:
-                            blk.baddbmm_(xg.mT, xg)
-                        else:
-                            blk += torch.bmm(xg.mT, xg)
+            step = x.shape[0] if x.dtype == f64 else PRODUCT_ROWS
+            for i, m in enumerate(self.self_):
+                for r in range(0, x.shape[0], step):
+                    xi = self.cols(x[r:r + step], i)
+                    if x.dtype == f64:
+                        m.addmm_(xi.mT, xi)
+                    else:
+                        m += xi.mT @ xi
         if d is not None:
             self.D += d.sum(0)
             self.a_self += (d * d).sum(0)
             dw = d.to(x.dtype)
-            self.u_self += torch.cat([torch.einsum("kbw,bk->kw", self.run_view(x, r), dw[:, r[0]:r[0] + r[1]]).reshape(-1)
-                                      for r in self.runs]).to(f64)
+            self.u_self += torch.cat([self.cols(x, i).mT @ dw[:, i] for i in range(self.L)]).to(f64)
 
 
 class ExactStats:
@@ -254,8 +231,8 @@ class ExactStats:
             self.dtype = work_dtype(fa + fb, self.product_dtype)
         xa = self.a.prepare(fa, self.dtype)
         xb = xa if self.shared else self.b.prepare(fb, self.dtype)
-        sa = xa.sum(0, dtype=f64)
-        sb = sa if self.shared else xb.sum(0, dtype=f64)
+        sa = xa.sum(0).to(f64)   # of at most a batch of shifted rows: the work dtype suffices
+        sb = sa if self.shared else xb.sum(0).to(f64)
         self.n += xa.shape[0]
         self._cross(xa, xb)
         da = db = None
@@ -326,9 +303,8 @@ class ExactStats:
             for s, nd2, sd in ((a, na2, sa_d),) if self.shared else ((a, na2, sa_d), (b, nb2, sb_d)):
                 delta = da if s is a else db
                 ud = _vecsum(s.u_self * delta, s.seg, s.L)
-                if s.self_ is not None:   # delta_i^T S_i delta_i, one batched product per run
-                    dsd = torch.cat([(dg[:, None] @ m @ dg[:, :, None]).reshape(-1)
-                                     for m, dg in zip(s.self_, self._run_parts(s, delta))])
+                if s.self_ is not None:   # delta_i^T S_i delta_i
+                    dsd = torch.stack([s.cols(delta, i) @ m @ s.cols(delta, i) for i, m in enumerate(s.self_)])
                 else:  # shared: the diagonal blocks of M
                     dsd = torch.diagonal(dmd)
                 s.a_self = s.a_self - 4 * ud + 2 * nd2 * s.D + 4 * dsd - 4 * nd2 * sd + n_local * nd2 * nd2
@@ -339,9 +315,9 @@ class ExactStats:
         for s in sides:
             if s.self_ is not None:
                 delta = da if s is a else db
-                for m, dg, sg in zip(s.self_, self._run_parts(s, delta), self._run_parts(s, s.s)):
-                    m.baddbmm_(dg[:, :, None], sg[:, None], alpha=-1).baddbmm_(sg[:, :, None], dg[:, None], alpha=-1)
-                    m.baddbmm_(dg[:, :, None], dg[:, None], alpha=n_local)
+                for i, m in enumerate(s.self_):
+                    di, si = s.cols(delta, i), s.cols(s.s, i)
+                    m.addr_(di, si, alpha=-1).addr_(si, di, alpha=-1).addr_(di, di, alpha=n_local)
         if is_distributed(group):
             _all_reduce([self.M] + [m for s in sides if s.self_ is not None for m in s.self_] + extra, group)
         # squared Frobenius norms of the blocks
@@ -350,7 +326,7 @@ class ExactStats:
         if self.shared:
             selfs = [torch.diagonal(cross).clone()]
         else:
-            selfs = [torch.cat([torch.linalg.vector_norm(m.flatten(1), dim=1).square() for m in s.self_]) for s in sides]
+            selfs = [torch.stack([torch.linalg.vector_norm(m).square() for m in s.self_]) for s in sides]
         sa, sb = selfs[0], selfs[-1]
         if not self.debiased:
             k = 1.0 / (n - 1) ** 2
@@ -366,11 +342,6 @@ class ExactStats:
         hyy = unbiased(sb, b.a_self, Db, Db)
         return n, hxy, hxx, hyy
 
-    @staticmethod
-    def _run_parts(side: _Layout, v: Tensor) -> List[Tensor]:
-        """A (P,) vector cut into one (k, w) block per run."""
-        return [v[o:o + k * w].view(k, w) for _, k, o, w in side.runs]
-
 
 class MinibatchStats:
     """Nguyen et al.'s minibatch HSIC sums for the given A and B layers (any kernel)."""
@@ -381,10 +352,8 @@ class MinibatchStats:
                  product_dtype: Optional[torch.dtype] = None):
         self.kernel, self.sigma, self.shared = kernel, sigma, shared
         self.product_dtype = product_dtype
-        self.a = _Layout(widths_a, device)
-        self.b = self.a if shared else _Layout(widths_b, device)
         self.grams = {}
-        n_a, n_b = self.a.L, self.b.L
+        n_a, n_b = len(widths_a), len(widths_b)
         self.hxy = torch.zeros(n_a, n_b, dtype=f64, device=device)
         self.hxx = torch.zeros(n_a, dtype=f64, device=device)
         self.hyy = self.hxx if shared else torch.zeros(n_b, dtype=f64, device=device)
@@ -392,21 +361,19 @@ class MinibatchStats:
         self.batches = 0
         self.skipped = 0
 
-    def _linear_terms(self, side: _Layout, feats: List[Tensor], dtype: torch.dtype, key: str):
+    def _linear_terms(self, feats: List[Tensor], dtype: torch.dtype, key: str):
         """(K~ (L, b, b) in the work dtype, row sums K~1 (L, b) float64, totals (L,) float64, finite flag)."""
-        x = side.pack(feats, dtype)
-        mean = x.mean(0, keepdim=True)
-        x.sub_(mean)  # Song et al.'s estimator is translation invariant: centre for precision
-        b = x.shape[0]
+        b = feats[0].shape[0]
         k = self.grams.get(key)
         if k is None or k.shape[1] != b or k.dtype != dtype:
-            k = self.grams[key] = torch.empty(side.L, b, b, dtype=dtype, device=x.device)
-        for run in side.runs:
-            xg = side.run_view(x, run)                       # (k, b, w)
-            torch.bmm(xg, xg.mT, out=k[run[0]:run[0] + run[1]])
+            k = self.grams[key] = torch.empty(len(feats), b, b, dtype=dtype, device=feats[0].device)
+        for i, f in enumerate(feats):
+            f = f.to(dtype)
+            f = f - f.mean(0)  # Song et al.'s estimator is translation invariant: centre for precision
+            torch.mm(f, f.mT, out=k[i])
         k.diagonal(dim1=1, dim2=2).zero_()
         r = k.sum(2).to(f64)
-        return k, r, r.sum(1), torch.isfinite(mean).all()
+        return k, r, r.sum(1), torch.isfinite(r).all()
 
     def update(self, fa: List[Tensor], fb: List[Tensor]) -> Optional[Tensor]:
         """Add a batch (skipped when b < 4); returns a 0-dim bool tensor: every feature
@@ -418,8 +385,8 @@ class MinibatchStats:
         scale = 1.0 / (b * (b - 3))
         if self.kernel == "linear":
             dtype = work_dtype(fa + fb, self.product_dtype)
-            ka, ra, ta, ok = self._linear_terms(self.a, fa, dtype, "a")
-            kb, rb, tb, okb = (ka, ra, ta, ok) if self.shared else self._linear_terms(self.b, fb, dtype, "b")
+            ka, ra, ta, ok = self._linear_terms(fa, dtype, "a")
+            kb, rb, tb, okb = (ka, ra, ta, ok) if self.shared else self._linear_terms(fb, dtype, "b")
             c1, c2 = 1.0 / ((b - 1) * (b - 2)), 2.0 / (b - 2)
             # <K~_i, L~_j> for every pair: per row of the Grams a (La x b) @ (b x Lb) product, rows summed in float64
             tr = torch.bmm(ka.transpose(0, 1), kb.permute(1, 2, 0)).sum(0, dtype=f64)
