@@ -28,7 +28,9 @@ demo: $(STAMP)
 	$(PY) -m rcka_kernels.distill --epochs 8 --teacher-epochs 10 --no-progress --out runs/demo
 	$(PY) -m rcka_kernels.compare --run runs/demo --no-progress
 
+# lint first (ruff, configured in pyproject.toml), then the tests
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 # peer libraries for the side-by-side benchmarks, without their dependencies so torch stays as installed

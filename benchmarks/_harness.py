@@ -519,8 +519,10 @@ def add_common_args(ap, timeout=600.0, repeats=5):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--time-budget", type=float, default=20.0, help="stop repeating a case after this many seconds (>= 1 timed run)")
-    ap.add_argument("--mem-cap-gb", type=float, default=14.0, help="CPU: address space a case may add to its process (torch loaded); beyond it = recorded OOM")
-    ap.add_argument("--ref-max-n", type=int, default=2048, help="largest n checked against rcka_kernels.reference (above: torch backend in fp64)")
+    ap.add_argument("--mem-cap-gb", type=float, default=14.0,
+                    help="CPU: address space a case may add to its process (torch loaded); beyond it = recorded OOM")
+    ap.add_argument("--ref-max-n", type=int, default=2048,
+                    help="largest n checked against rcka_kernels.reference (above: torch backend in fp64)")
     ap.add_argument("--isolation", default="auto", choices=["auto", "fork", "interpreter"],
                     help="fresh process per case: forked child (CPU default) or a new interpreter (CUDA)")
     ap.add_argument("--tag", default="", help="suffix of the result file names")

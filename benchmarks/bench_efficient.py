@@ -150,7 +150,8 @@ def table(records: List[dict]) -> str:
         t, o, m = r["median_s"], r["ops"], r["peak_extra_bytes"]
         lines.append(
             f"| {r['case']} | {r['backend']} | {_ms(t['ours'])} | {_ms(t['baseline'])} | "
-            f"**{r['ratio']:.2f}** | {o['ours']} / {o['baseline']} | {_harness.fmt_bytes(m['ours'])} / {_harness.fmt_bytes(m['baseline'])} |"
+            f"**{r['ratio']:.2f}** | {o['ours']} / {o['baseline']} | "
+            f"{_harness.fmt_bytes(m['ours'])} / {_harness.fmt_bytes(m['baseline'])} |"
         )
     return "\n".join(lines)
 
@@ -200,7 +201,9 @@ def main(argv=None):
     stem = f"efficient{('_' + args.tag) if args.tag else ''}_{args.device}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     ok = [r for r in records if "ratio" in r]
-    (out / f"{stem}.md").write_text(f"# {stem}\n\n{meta['device_name']}, torch {meta['torch']}, load average {meta['loadavg_start']} -> {meta['loadavg_end']}, OMP_WAIT_POLICY {meta['OMP_WAIT_POLICY']}\n\n{table(ok)}\n")
+    head = (f"{meta['device_name']}, torch {meta['torch']}, load average {meta['loadavg_start']} -> {meta['loadavg_end']}, "
+            f"OMP_WAIT_POLICY {meta['OMP_WAIT_POLICY']}")
+    (out / f"{stem}.md").write_text(f"# {stem}\n\n{head}\n\n{table(ok)}\n")
     print(f"wrote {out / stem}.json and .md")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks._harness import Bench, add_common_args, plot, RESULTS
+from benchmarks._harness import RESULTS, Bench, add_common_args, plot
 
 
 def _backends():

@@ -74,14 +74,16 @@ def plan(stage: str, py: str, out: Path, tmp: Path, tag: str):
              [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--disable-pip-version-check", "-e", "."],
              {"RCKA_FORCE_CUDA": "1", "RCKA_FORCE_NATIVE": "1", "PIP_NO_INDEX": "1"}),
             ("backends", [py, "-c", "import rcka_kernels as rk; print(rk.available_backends('cuda'), rk.native_status())"], {}),
-            ("GPU-marked tests", _pytest(py, tmp / "marked.xml", "-m", "gpu", *[f for f, b in GPU_TESTS.items() if b != "torch"], "tests/test_linear.py"),
+            ("GPU-marked tests",
+             _pytest(py, tmp / "marked.xml", "-m", "gpu", *[f for f, b in GPU_TESTS.items() if b != "torch"], "tests/test_linear.py"),
              {"RCKA_REQUIRE_CUDA": "1", "RCKA_REQUIRE_NATIVE": "1"}),
             ("parity on CUDA tensors", _pytest(py, tmp / "parity.xml", "tests/test_functional.py", "-k", "cuda"),
              {"RCKA_REQUIRE_CUDA": "1", "RCKA_TEST_DEVICES": "cuda"}),
         ]
     if stage == "sanitize":
         tool = shutil.which("compute-sanitizer") or "compute-sanitizer"
-        return [(f"compute-sanitizer {t}", [tool, "--tool", t, "--error-exitcode", "3", py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SANITIZED],
+        return [(f"compute-sanitizer {t}",
+                 [tool, "--tool", t, "--error-exitcode", "3", py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SANITIZED],
                  {"RCKA_REQUIRE_CUDA": "1", "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}) for t in ("memcheck", "racecheck")]
     if stage == "bench":
         return [("vs efficient plain PyTorch, launch counts",
@@ -168,7 +170,8 @@ def run_stage(stage: str, py: str, out: Path, tag: str) -> bool:
             summary["per_backend"] = _junit_counts([tmp / "marked.xml", tmp / "parity.xml"])
         if stage == "sanitize":
             for s in steps:  # a sanitizer this machine cannot run is recorded apart from a failure
-                s["status"] = "unsupported" if s["exit_code"] == 127 or UNSUPPORTED.search(s["tail"]) else ("passed" if s["exit_code"] == 0 else "failed")
+                unsupported = s["exit_code"] == 127 or UNSUPPORTED.search(s["tail"])
+                s["status"] = "unsupported" if unsupported else ("passed" if s["exit_code"] == 0 else "failed")
             ok = all(s["status"] != "failed" for s in steps)
         summary["ok"] = ok
         (out / f"{stage}.json").write_text(json.dumps(summary, indent=1))

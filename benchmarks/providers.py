@@ -307,7 +307,8 @@ def registry() -> dict:
                                                 note="PCKALoss(official=True)")
     P["official"] = Provider(
         "official", "official", lambda c, x, y: (lambda: _groups(naive.official_alignment)(x, y)),
-        _only(op="cka", kernel="linear", debiased=False), note="official RCKA CenterKernelAlignment transcribed (n x n Grams, traces of n x n products)")
+        _only(op="cka", kernel="linear", debiased=False),
+        note="official RCKA CenterKernelAlignment transcribed (n x n Grams, traces of n x n products)")
     P["textbook"] = Provider(
         "textbook", "cka", lambda c, x, y: (lambda: _groups(naive.textbook_cka)(x, y, c["kernel"], _sigma2(c))),
         _only(op="cka", debiased=False), note="explicit H = I - 11^T/n, tr(KHLH)")

@@ -8,8 +8,10 @@ and the RCKA/PCKA distillation losses, for PyTorch.
     rk.native_status()                                   # whether the native linear op is built
 """
 
+from . import distributed
 from ._dispatch import BackendStatus, available_backends, native_status
 from ._validate import config
+from .compare import CompareResult, compare
 from .functional import (
     centered_gram,
     cka,
@@ -21,8 +23,6 @@ from .functional import (
     mmd_upper_bound,
 )
 from .losses import CKALoss, PCKALoss, RCKALoss
-from . import distributed
-from .compare import CompareResult, compare
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ these functions are the single-process ones.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -129,7 +129,8 @@ class _GlobalLinear(torch.autograd.Function):
         u, w = u - sums[:p] / n, w - sums[p : p + q] / n
         # one MAX all-reduce: column extremes (every row of the global batch identical
         # <=> column max == min everywhere) and the scales max |u|, max |w|
-        ext = torch.cat([x.amax(0).to(cd), -x.amin(0).to(cd), y.amax(0).to(cd), -y.amin(0).to(cd), u.abs().amax()[None], w.abs().amax()[None]])
+        ext = torch.cat([x.amax(0).to(cd), -x.amin(0).to(cd), y.amax(0).to(cd), -y.amin(0).to(cd),
+                         u.abs().amax()[None], w.abs().amax()[None]])
         dist.all_reduce(ext, op=dist.ReduceOp.MAX, group=group)
         const = (ext[:p] == -ext[p : 2 * p]).all() | (ext[2 * p : 2 * p + q] == -ext[2 * p + q : -2]).all()
         scale = ext[-2:]

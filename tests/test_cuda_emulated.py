@@ -17,7 +17,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -29,8 +28,9 @@ from rcka_kernels.ops import torch_backend as tb
 from .utils import centred_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "csrc" / "module.cpp", ROOT / "tests" / "build" / "cuda_host" / "emu_launchers.cpp"]
-DEPS = SOURCES + [ROOT / "tests" / "build" / "cuda_host" / "emu.h", *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "api.h"]
+EMU = ROOT / "tests" / "build" / "cuda_host" / "emu.h"
+SOURCES = [ROOT / "csrc" / "module.cpp", EMU.parent / "emu_launchers.cpp"]
+DEPS = SOURCES + [EMU, *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "api.h"]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,9 @@ def emu(tmp_path_factory):
     if not so.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"tmp{os.getpid()}.so"
-        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(ROOT / "tests" / "build" / "cuda_host" / "emu.h"),
-               f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", *map(str, SOURCES), "-o", str(tmp)]
+        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(EMU),
+               f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+               *map(str, SOURCES), "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 and "std::barrier" in res.stderr:
             pytest.skip("the C++ compiler lacks C++20 std::barrier")

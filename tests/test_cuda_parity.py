@@ -24,7 +24,7 @@ import rcka_kernels as rk
 from rcka_kernels import _cuda, reference
 from rcka_kernels.ops import torch_backend as tb
 
-from .utils import SHAPES, TOL, assert_close, centred_pair
+from .utils import SHAPES, assert_close, centred_pair
 
 pytestmark = pytest.mark.gpu
 

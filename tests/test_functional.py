@@ -10,7 +10,7 @@ import rcka_kernels as rk
 from rcka_kernels import _bandwidth, reference
 
 from .conftest import devices
-from .utils import SHAPES, TOL, assert_close
+from .utils import SHAPES, assert_close
 
 BACKENDS = ["torch", "reference"]
 KERNELS = [("linear", None), ("rbf", None), ("rbf", "mean"), ("rbf", 1.3)]

@@ -16,7 +16,7 @@ import rcka_kernels as rk  # noqa: E402
 from rcka_kernels import reference  # noqa: E402
 from rcka_kernels.ops import triton_backend  # noqa: E402
 
-from .utils import TOL, assert_close  # noqa: E402
+from .utils import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 

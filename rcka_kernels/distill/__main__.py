@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="CIFAR-100 root (cifar-100-python/) or ImageNet root (train/, val/)")
     p.add_argument("--teacher", help=f"teacher model (defaults: {DEFAULT_PAIRS})")
     p.add_argument("--student", help="student model")
-    p.add_argument("--teacher-ckpt", help="teacher state dict (torchvision / CRD style checkpoints load); without it the teacher is trained first")
+    p.add_argument("--teacher-ckpt",
+                   help="teacher state dict (torchvision / CRD style checkpoints load); without it the teacher is trained first")
     p.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated subset of ce,kd,rcka")
     p.add_argument("--epochs", type=int)
     p.add_argument("--teacher-epochs", type=int)
@@ -47,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--official", action="store_true", help="the published code's uncentred alignment (see docs/losses.md)")
     p.add_argument("--l2-norm", action="store_true", help="with --official: Gram rows scaled by 1/sqrt(diag)")
     p.add_argument("--backend", default="auto", help="auto | reference | torch | triton | cuda")
-    p.add_argument("--parity", action="store_true", help="every step: RCKA loss and gradient with the reference and the fast backend; log the largest relative error")
+    p.add_argument("--parity", action="store_true",
+                   help="every step: RCKA loss and gradient with the reference and the fast backend; log the largest relative error")
     p.add_argument("--out", default="runs/distill", help="output folder (metrics.json/csv, curves.png per method, summary.json)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)

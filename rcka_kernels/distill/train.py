@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import random
 import sys
@@ -93,7 +92,8 @@ DATASET_DEFAULTS = {
 
 def kd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al.: T^2 KL(softmax(t/T) || softmax(s/T)), batch mean."""
-    return TF.kl_div(TF.log_softmax(s / temperature, -1), TF.log_softmax(t / temperature, -1), reduction="batchmean", log_target=True) * temperature ** 2
+    kl = TF.kl_div(TF.log_softmax(s / temperature, -1), TF.log_softmax(t / temperature, -1), reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
 
 
 def _rcka(cfg: Config, backend: str) -> RCKALoss:
@@ -112,7 +112,8 @@ def load_checkpoint(model: nn.Module, path: str, role: str = "teacher") -> None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DistillError(f"cannot read {role} checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DistillError(f"cannot read {role} checkpoint {path!r}: {type(e).__name__}: {first}") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "net"):
             if isinstance(obj.get(key), dict):
@@ -298,7 +299,8 @@ def train_epochs(model: nn.Module, teacher: Optional[nn.Module], method: str, tr
             row.update(parity)
         history.append(row)
         if rank == 0:
-            msg = f"[{tag}] epoch {epoch}/{epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} test {row['test_acc']:.2f} {row['images_per_s']:.0f} img/s"
+            msg = (f"[{tag}] epoch {epoch}/{epochs} loss {row['train_loss']:.4f} acc {row['train_acc']:.2f} "
+                   f"test {row['test_acc']:.2f} {row['images_per_s']:.0f} img/s")
             if "parity_max_rel_err" in row:
                 msg += f" parity {row['parity_max_rel_err']:.2e}"
             print(msg, file=sys.stderr, flush=True)
@@ -376,7 +378,8 @@ def _resolve(cfg: Config) -> Config:
         if name not in M.MODELS:
             raise DistillError(f"unknown --{role} {name!r}; choose from {', '.join(sorted(M.MODELS))}")
         fam = M.MODELS[name][0]
-        if fam != cfg.dataset and not (fam == "cifar" and cfg.dataset == "cifar100") and not (fam == "imagenet" and cfg.dataset == "imagenet"):
+        fits = fam == cfg.dataset or (fam == "cifar" and cfg.dataset == "cifar100") or (fam == "imagenet" and cfg.dataset == "imagenet")
+        if not fits:
             raise DistillError(f"--{role} {name} is a {fam} model; it does not fit the {cfg.dataset} data")
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad or not cfg.methods:

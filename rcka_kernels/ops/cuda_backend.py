@@ -134,7 +134,7 @@ def linear_stats(x: Tensor, y: Tensor) -> Tensor:
         raise ValueError(f"cuda backend linear_stats: x has {x.shape[1]} rows but y has {y.shape[1]}")
     if _empty_inputs(x, y):
         return torch_backend.linear_stats(x, y)
-    lib, code, cd = _lib(), _CODES[x.dtype], compute_dtype(x.dtype)
+    lib, code = _lib(), _CODES[x.dtype]
     g, n, p = x.shape
     q = y.shape[2]
     device, stream = _launch_ctx(x)
@@ -183,11 +183,13 @@ def rbf_stats(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor) -> Tuple[Tensor, Ten
         s = torch.empty(g, 3, dtype=torch.float64, device=x.device)
         rx = torch.empty(g, n, dtype=cd, device=x.device)
         ry = torch.empty(g, n, dtype=cd, device=x.device)
-        lib.pair_forward(lib.HSIC_RBF, code, g, _rows(x), _rows(y), gx.data_ptr(), gy.data_ptr(), s.data_ptr(), rx.data_ptr(), ry.data_ptr(), device, stream)
+        lib.pair_forward(lib.HSIC_RBF, code, g, _rows(x), _rows(y), gx.data_ptr(), gy.data_ptr(), s.data_ptr(), rx.data_ptr(),
+                         ry.data_ptr(), device, stream)
         return s, rx, ry
     ws = torch.empty(g, tri, 3, dtype=torch.float64, device=x.device)
     wr = torch.empty(2, g, tiles, n, dtype=cd, device=x.device)  # every (slot, row) is written once
-    lib.pair_forward(lib.HSIC_RBF, code, g, _rows(x), _rows(y), gx.data_ptr(), gy.data_ptr(), ws.data_ptr(), wr[0].data_ptr(), wr[1].data_ptr(), device, stream)
+    lib.pair_forward(lib.HSIC_RBF, code, g, _rows(x), _rows(y), gx.data_ptr(), gy.data_ptr(), ws.data_ptr(), wr[0].data_ptr(),
+                     wr[1].data_ptr(), device, stream)
     r = wr.sum(2, dtype=torch.float64).to(cd)  # no float64 copy of the workspace
     return ws.sum(1), r[0], r[1]
 
@@ -254,5 +256,6 @@ def rbf_mmd_sums_backward(x: Tensor, y: Tensor, gamma: Tensor, gs: Tensor) -> Tu
     dx = torch.zeros(x.shape, dtype=cd, device=x.device)
     dy = torch.zeros(y.shape, dtype=cd, device=x.device)
     device, stream = _launch_ctx(x)
-    lib.pair_backward(lib.MMD_RBF, code, g, _stacked(x, y), (), gamma.data_ptr(), 0, gs.data_ptr(), 0, 0, dx.data_ptr(), dy.data_ptr(), device, stream)
+    lib.pair_backward(lib.MMD_RBF, code, g, _stacked(x, y), (), gamma.data_ptr(), 0, gs.data_ptr(), 0, 0, dx.data_ptr(), dy.data_ptr(),
+                      device, stream)
     return dx.to(x.dtype), dy.to(y.dtype)

@@ -65,7 +65,8 @@ def _emulate(binary, tmp_path, mode, edge, x, y, gx, gy, gs, grx, gry):
     vals = [mode, edge, n, m, p, q, gx, gy]
     body = [x.flatten(), y.flatten(), gs, grx, gry]
     inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
-    inp.write_text(" ".join(repr(float(v)) if isinstance(v, float) else str(v) for v in vals) + "\n" + "\n".join(" ".join(repr(float(v)) for v in t.tolist()) for t in body) + "\n")
+    head = " ".join(repr(float(v)) if isinstance(v, float) else str(v) for v in vals)
+    inp.write_text(head + "\n" + "\n".join(" ".join(repr(float(v)) for v in t.tolist()) for t in body) + "\n")
     res = subprocess.run([str(binary), "emulate", str(inp), str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     return torch.tensor([float(v) for v in out.read_text().split()], dtype=torch.float64)
@@ -125,7 +126,8 @@ def test_mmd_tiles_match_reference(binary, tmp_path, n, m, p, edge):
     y = torch.randn(m, p, dtype=torch.float64) + 0.3
     gamma = 0.4
     gs = torch.randn(3, dtype=torch.float64)
-    out = _emulate(binary, tmp_path, MMD_RBF, edge, x, y, gamma, 0.0, gs, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64))
+    zeros = torch.zeros(n, dtype=torch.float64)
+    out = _emulate(binary, tmp_path, MMD_RBF, edge, x, y, gamma, 0.0, gs, zeros, zeros)
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
     kxx, kyy = _off_diagonal(_rbf(xr, None, gamma)), _off_diagonal(_rbf(yr, None, gamma))
     s = torch.stack([kxx.sum(), kyy.sum(), _rbf(xr, yr, gamma).sum()])

@@ -84,8 +84,10 @@ def test_package_imports_with_a_broken_library():
     [
         ({"driver_version": 0, "runtime_version": 13000, "device_count": 0}, "no GPU (no CUDA driver found)"),
         ({"driver_version": 12040, "runtime_version": 13000, "device_count": 1}, "driver too old"),
-        ({"driver_version": 13000, "runtime_version": 13000, "device_count": 0, "error": "cudaErrorNoDevice: no CUDA-capable device is detected"}, "no GPU (cudaErrorNoDevice"),
-        ({"driver_version": 13000, "runtime_version": 13000, "device_count": 2, "min_compute_capability": 75}, "GPU compute capability 7.5"),
+        ({"driver_version": 13000, "runtime_version": 13000, "device_count": 0,
+          "error": "cudaErrorNoDevice: no CUDA-capable device is detected"}, "no GPU (cudaErrorNoDevice"),
+        ({"driver_version": 13000, "runtime_version": 13000, "device_count": 2, "min_compute_capability": 75},
+         "GPU compute capability 7.5"),
     ],
 )
 def test_reason_from_status(status, expected):
@@ -93,7 +95,8 @@ def test_reason_from_status(status, expected):
 
 
 def test_reason_from_status_usable():
-    assert _cuda.reason_from_status({"driver_version": 13000, "runtime_version": 13000, "device_count": 1, "min_compute_capability": 90}) is None
+    status = {"driver_version": 13000, "runtime_version": 13000, "device_count": 1, "min_compute_capability": 90}
+    assert _cuda.reason_from_status(status) is None
 
 
 def test_wrapper_rejects_cpu_tensors():
@@ -136,7 +139,8 @@ def rows(n, p, ptr=P):
 )
 def test_pair_forward_checks(kwargs, match):
     lib = _cuda._import()[0]
-    args = dict(mode=lib.HSIC_RBF, dtype=lib.F32, groups=2, x=rows(10, 4), y=rows(10, 3), gamma_x=P, gamma_y=P, s=P, r0=P, r1=P, device=0, stream=0)
+    args = dict(mode=lib.HSIC_RBF, dtype=lib.F32, groups=2, x=rows(10, 4), y=rows(10, 3), gamma_x=P, gamma_y=P, s=P, r0=P, r1=P,
+                device=0, stream=0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         lib.pair_forward(**args)
