@@ -13,6 +13,9 @@ the models and data were built, and the CKA matrix.
   torch-cka        torch_cka.CKA.compare (0.21): Nguyen et al., a Python loop over pairs
   ckatorch, cka-pytorch   run if importable; else the import error is recorded
 
+Each library is imported before the measurement starts (the import's time and RSS are
+recorded apart: pytorch-cka's imports matplotlib).
+
 Values: rcka exact against rk.cka of the concatenated features in float64 (the
 "oracle" process); every minibatch estimator against Nguyen's definition evaluated in
 float64 with the textbook U-centred Grams (rcka_kernels.reference); how far the
@@ -318,20 +321,22 @@ def _markdown(out):
     lines = [f"# rk.compare vs peers ({m['date']}, {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, commit {m['git_commit'][:10]})",
              "", f"`{' '.join(m['argv'])}`; load average {m['loadavg_start']} before, {m['loadavg_end']} after.", "",
              f"{m['models']['a']} ({m['layers_a']} layers) vs {m['models']['b']} ({m['layers_b']} layers), n={m['n']}, "
-             f"batch {m['batch_size']}; time includes the forward passes; memory is the peak RSS increase.", "",
-             "| implementation | status | time | extra memory | max abs vs exact CKA | max abs vs Nguyen (float64) |",
-             "|---|---|---|---|---|---|"]
+             f"batch {m['batch_size']}; time includes the forward passes; memory is the peak RSS increase; each library is "
+             "imported before the measurement starts (its import is the last column).", "",
+             "| implementation | status | time | extra memory | max abs vs exact CKA | max abs vs Nguyen (float64) | import |",
+             "|---|---|---|---|---|---|---|"]
     for r in out["records"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['provider']} | {r['status']}: {r.get('error', '')[:120]} | | | | |")
+            lines.append(f"| {r['provider']} | {r['status']}: {r.get('error', '')[:120]} | | | | | |")
             continue
         ng = r.get("max_abs_vs_nguyen")
         ngs = "" if ng is None else f"{ng:.1e}"
         if r.get("max_abs_unclamped_vs_nguyen") is not None:
             ngs += f" (unclamped: {r['max_abs_unclamped_vs_nguyen']:.1e})"
         ex = r.get("max_abs_vs_exact")
+        imp = f"{r['import_s']:.2f} s, {fmt_bytes(r['import_mem_bytes'])}" if "import_s" in r else ""
         lines.append(f"| {r['provider']} | ok | {r['time_s']:.2f} s | {fmt_bytes(r['peak_mem_bytes'])} | "
-                     f"{'' if ex is None else f'{ex:.1e}'} | {ngs} |")
+                     f"{'' if ex is None else f'{ex:.1e}'} | {ngs} | {imp} |")
     if out["batch_size_sweep"]:
         lines += ["", "Minibatch estimator vs the exact full-data-set CKA, by batch size (rk.compare):", "",
                   "| batch size | time | max abs vs exact |", "|---|---|---|"]

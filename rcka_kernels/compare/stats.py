@@ -71,6 +71,14 @@ SCRATCH_BYTES = 2 << 20
 PRODUCT_ROWS = 256
 
 
+#: bytes of the scratch in which the minibatch estimator centres a few layers at a time
+CENTRE_BYTES = 1 << 19
+
+
+def c_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def work_dtype(feats: Sequence[Tensor], product_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype of the per-batch products: ``product_dtype``, else float64 when a
     feature is float64, else float32 (half/bfloat16 features are upcast)."""
@@ -367,10 +375,31 @@ class MinibatchStats:
         k = self.grams.get(key)
         if k is None or k.shape[1] != b or k.dtype != dtype:
             k = self.grams[key] = torch.empty(len(feats), b, b, dtype=dtype, device=feats[0].device)
-        for i, f in enumerate(feats):
-            f = f.to(dtype)
-            f = f - f.mean(0)  # Song et al.'s estimator is translation invariant: centre for precision
-            torch.mm(f, f.mT, out=k[i])
+        # Song et al.'s estimator is translation invariant: centre each layer (for precision), a few
+        # layers of one width at a time in one reused scratch (few ops, no allocation per layer):
+        # stack, column means as a product with a ones row, subtract, Grams as one bmm
+        dev = feats[0].device
+        c = self.grams.get("scratch")  # one scratch for both sides
+        if c is None or c.dtype != dtype:
+            c = self.grams["scratch"] = torch.empty(max(CENTRE_BYTES // c_size(dtype), b * max(f.shape[1] for f in feats)),
+                                                           dtype=dtype, device=dev)
+        ones = torch.full((1, b), 1.0 / b, dtype=dtype, device=dev)
+        i = 0
+        while i < len(feats):
+            w = feats[i].shape[1]
+            j = i + 1
+            while j < len(feats) and feats[j].shape[1] == w and (j - i + 1) * b * w <= c.numel():
+                j += 1
+            xs = c[:(j - i) * b * w].view(j - i, b, w)
+            if all(f.dtype == dtype for f in feats[i:j]):
+                torch.stack(feats[i:j], out=xs)
+            else:
+                for t, f in enumerate(feats[i:j]):
+                    xs[t].copy_(f)
+            xs.sub_(torch.matmul(ones, xs))
+            for t in range(j - i):  # per layer: bmm would allocate a copy of xs.mT
+                torch.mm(xs[t], xs[t].mT, out=k[i + t])
+            i = j
         k.diagonal(dim1=1, dim2=2).zero_()
         r = k.sum(2).to(f64)
         return k, r, r.sum(1), torch.isfinite(r).all()
