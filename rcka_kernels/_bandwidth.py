@@ -63,7 +63,7 @@ def _upper_blocks(xc: Tensor):
 def _count(idx: Tensor, size: int) -> Tensor:
     """Histogram of non-negative integer indices (bincount on the CPU; on a GPU a
     scatter-add, which needs no host sync where bincount would)."""
-    if idx.device.type == "cpu":
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():  # torch 2.4 cannot trace bincount
         return torch.bincount(idx, minlength=size)
     idx = idx.to(torch.int64)
     return torch.zeros(size, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx))

@@ -3,7 +3,6 @@ imported at all, and what it checks before any launch. The kernels themselves ru
 in Triton's interpreter (tests/test_triton_interp.py, tests/test_triton_centered_gram.py,
 marked ``interpreter``: see tests/conftest.py) and on GPUs (tests/test_triton_gpu.py)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from rcka_kernels.ops import triton_backend
+
 ROOT = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(triton_backend.unavailable_reason() is not None, reason=str(triton_backend.unavailable_reason()))
 
 
 def test_without_triton_the_backend_is_unavailable_with_a_reason():
@@ -39,13 +41,11 @@ else:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_tf32_setting_is_read_through_the_current_api():
     """After torch.backends.cuda.matmul.fp32_precision = "tf32" (PyTorch's current API),
     reading the legacy allow_tf32 raises; the backend reads the current setting."""
     import torch
-
-    from rcka_kernels.ops import triton_backend
 
     from .utils import fp32_matmul_precision
 
@@ -55,7 +55,7 @@ def test_tf32_setting_is_read_through_the_current_api():
         assert triton_backend._prec(torch.float32) == "ieee"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_sizes_beyond_int32_offsets_are_refused_before_any_launch():
     """Meta tensors: the sizes are real, no memory is allocated."""
     import torch
@@ -72,3 +72,9 @@ def test_sizes_beyond_int32_offsets_are_refused_before_any_launch():
     with pytest.raises(ValueError, match="workspace"):
         tb.plan_hsic_fwd(tall, tall, gam, gam, rbf=True)
     assert tb.plan_hsic_fwd(tall[:, : 1 << 17], tall[:, : 1 << 17], None, None, rbf=False).grid  # below the limit: planned
+
+
+def test_triton_older_than_the_checked_minimum_is_refused():
+    """triton 3.0 (what torch 2.4 installs) is refused with its version, not half-used."""
+    assert triton_backend._version("3.0.0") < triton_backend.MIN_TRITON <= triton_backend._version("3.6.0")
+    assert triton_backend._version("3.10.0+git1234") == (3, 10) and triton_backend._version("4.0rc1") == (4, 0)

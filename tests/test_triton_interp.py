@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-pytest.importorskip("triton")
+import rcka_kernels as rk
+from rcka_kernels import reference
+from rcka_kernels.ops import torch_backend, triton_backend
 
-import rcka_kernels as rk  # noqa: E402
-from rcka_kernels import reference  # noqa: E402
-from rcka_kernels.ops import torch_backend, triton_backend  # noqa: E402
+if triton_backend.unavailable_reason():
+    pytest.skip(triton_backend.unavailable_reason(), allow_module_level=True)
 
 from .utils import TOL, assert_close, assert_grads_within_torch_error, fp32_matmul_precision  # noqa: E402
 

@@ -20,6 +20,7 @@ import torch
 Tensor = torch.Tensor
 
 
+@torch.compiler.assume_constant_result  # a trace reads it once (torch 2.4's dynamo cannot trace os.environ)
 def block_elems() -> int:
     """Kernel entries per block (env RCKA_TORCH_BLOCK_ELEMS, default 2**22 = 16 MiB in fp32)."""
     return int(os.environ.get("RCKA_TORCH_BLOCK_ELEMS", 1 << 22))

@@ -44,6 +44,7 @@ the symmetric tiling deterministic without atomics), 1/BM of an n x n Gram.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -54,8 +55,23 @@ from .torch_backend import compute_dtype, use_feature_space
 
 Tensor = torch.Tensor
 
+# The oldest triton the kernels are checked with (interpreter, AOT compilation for sm_80/sm_90).
+# Older ones are refused, not half-used: triton 3.0 (what torch 2.4 installs) fails in its
+# interpreter on a loop bounded by a scalar argument, and its compiler API differs.
+MIN_TRITON = (3, 6)
+
+
+def _version(v: str) -> Tuple[int, ...]:
+    """(major, minor) of a version string: "3.10.0+git1" -> (3, 10), "4.0rc1" -> (4, 0)."""
+    return tuple(int(re.match(r"\d*", piece).group() or 0) for piece in v.split("+")[0].split(".")[:2])
+
+
 try:  # the module must import without triton so the dispatcher can say why it is unavailable
     import triton
+
+    if _version(triton.__version__) < MIN_TRITON:
+        raise ImportError(f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, "
+                          "the oldest these kernels are checked with")
 
     from . import triton_kernels as _k
 

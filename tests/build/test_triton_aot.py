@@ -10,9 +10,10 @@ import torch
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces the kernels; AOT compilation needs the real JIT functions", allow_module_level=True)
-pytest.importorskip("triton")
-
 from rcka_kernels.ops import triton_backend as tb  # noqa: E402
+
+if tb.unavailable_reason():
+    pytest.skip(tb.unavailable_reason(), allow_module_level=True)
 
 from ._triton_aot import SHARED_LIMIT, compile_launch, resource_usage, signature  # noqa: E402
 
