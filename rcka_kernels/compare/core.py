@@ -7,8 +7,9 @@
 Estimators (``estimator=``):
   "exact"      the CKA of the whole data set: equal to
                ``rk.cka(cat(features of layer i), cat(features of layer j), debiased=...)``
-               whatever the batch size, from streamed float64 statistics whose size does
-               not depend on the number of samples (linear kernel only): 8 bytes x
+               whatever the batch size, from streamed statistics whose size does not
+               depend on the number of samples (linear kernel only; per-batch products in
+               the features' dtype or ``product_dtype``, summed in float64): 8 bytes x
                (P_A P_B + sum p_i^2 + sum q_j^2) where P = sum of the layers' widths
                (see ``stats.exact_bytes``).
   "minibatch"  Nguyen et al. (2021): the unbiased HSIC of every pair on each batch,
