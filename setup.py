@@ -91,7 +91,8 @@ class CMakeBuild(NATIVE_BUILD):
         except Exception as e:  # noqa: BLE001 - any failure falls back to the pure-Python package
             if _flag("RCKA_FORCE_CUDA"):
                 raise
-            msg = f"rcka-kernels: the CUDA library was not built ({e}); the 'cuda' backend will be unavailable. Set RCKA_FORCE_CUDA=1 to make this an error."
+            msg = (f"rcka-kernels: the CUDA library was not built ({e}); the 'cuda' backend will be unavailable. "
+                   "Set RCKA_FORCE_CUDA=1 to make this an error.")
             print("WARNING: " + msg, file=sys.stderr)
 
     def _cmake_build(self, ext):

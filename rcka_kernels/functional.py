@@ -201,7 +201,8 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
     return s + n, rx.double().sum(-1) + n, ry.double().sum(-1) + n  # add the unit diagonal back
 
 
-def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True, backend: str = "auto") -> Tensor:
+def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True,
+                     backend: str = "auto") -> Tensor:
     """1/2 |K^ - L^|_F^2 with K^ = K~ / |K~|_F, the Frobenius-normalised Gram.
 
     With centred Grams (default) Theorem 2 of Zhou et al. (2024) gives
@@ -228,7 +229,8 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 
-def mmd_upper_bound(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True, backend: str = "auto") -> Tensor:
+def mmd_upper_bound(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True,
+                    backend: str = "auto") -> Tensor:
     """(n^2 / 2) (mean K^ - mean L^)^2: the MMD-type term between the two relation
     distributions in Theorem 2 of Zhou et al. (2024). By Jensen's inequality
     ``gram_discrepancy(x, y) >= mmd_upper_bound(x, y)`` (same options). With

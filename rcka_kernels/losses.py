@@ -123,7 +123,9 @@ def official_alignment(x: Tensor, y: Tensor, l2_norm: bool = False, backend: str
     is cheaper. A single sample (n = 1) has alignment 1. Zero rows contribute 0.
     """
     if x.shape[:-1] != y.shape[:-1]:
-        raise ValueError(f"official_alignment: x and y must have the same leading dims and samples, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"official_alignment: x and y must have the same leading dims and samples, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if not l2_norm:
         return F.official_alignment(x, y, backend=backend)
     cd = compute_dtype(x.dtype)
@@ -310,7 +312,8 @@ class PCKALoss(_AlignmentTerms):
         size = (_round_up(s.shape[2], ps), _round_up(s.shape[3], ps))
         if size != (_round_up(t.shape[2], ps), _round_up(t.shape[3], ps)):
             raise ValueError(
-                f"PCKALoss: student {tuple(s.shape[2:])} and teacher {tuple(t.shape[2:])} spatial sizes round up to different multiples of patch_size={ps}"
+                f"PCKALoss: student {tuple(s.shape[2:])} and teacher {tuple(t.shape[2:])} spatial sizes round up to "
+                f"different multiples of patch_size={ps}"
             )
         sp, tp = patchify(s, ps, size), patchify(t.to(s.dtype), ps, size)
         loss = self._term(sp, tp, self.intra_weight)

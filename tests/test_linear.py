@@ -17,7 +17,7 @@ from rcka_kernels import _native, _validate, reference
 from rcka_kernels.losses import official_alignment
 from rcka_kernels.ops import linear
 
-from .utils import TOL, assert_close
+from .utils import assert_close
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import efficient  # noqa: E402

@@ -7,6 +7,7 @@ import torch.nn.functional as TF
 
 from rcka_kernels import reference
 from rcka_kernels.losses import PCKALoss, RCKALoss, official_alignment, patchify
+
 from .utils import SHAPES
 
 D = torch.float64

@@ -45,7 +45,6 @@ from .. import _native
 from .._validate import _is_compiling, non_finite_error
 from . import stats as _stats
 from . import torch_backend
-from .torch_backend import compute_dtype
 
 Tensor = torch.Tensor
 
