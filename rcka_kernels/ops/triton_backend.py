@@ -55,10 +55,11 @@ from .torch_backend import compute_dtype, use_feature_space
 
 Tensor = torch.Tensor
 
-# The oldest triton the kernels are checked with (interpreter, AOT compilation for sm_80/sm_90).
-# Older ones are refused, not half-used: triton 3.0 (what torch 2.4 installs) fails in its
-# interpreter on a loop bounded by a scalar argument, and its compiler API differs.
-MIN_TRITON = (3, 6)
+# The oldest triton the kernels pass their checks with (interpreter, AOT compilation for
+# sm_80/sm_90): 3.8 and 3.9 do. Older ones are refused, not half-used: 3.6 spills registers
+# in the half-precision RBF backward (sm_80 and sm_90) and, like 3.0 (what torch 2.4
+# installs), fails in its interpreter under numpy 2 (a loop bounded by a scalar argument).
+MIN_TRITON = (3, 8)
 
 
 def _version(v: str) -> Tuple[int, ...]:

@@ -4,8 +4,9 @@ not there: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``.
 The launches come from the backend's own ``plan_*`` functions called on "meta"
 tensors, so what is compiled here is exactly what the launchers would launch
 (kernel, argument dtypes, constexprs, warps, stages) for those sizes.
-Written for triton 3.6 through 3.9 (``ASTSource`` took ``constants`` before it
-took ``constexprs``; ``get_ptxas`` gained its ``arch`` argument on the way).
+Runs on triton 3.6 through 3.9 (``ASTSource`` took ``constants`` before it
+took ``constexprs``); the backend itself asks for 3.8 (triton_backend.MIN_TRITON),
+and 3.8 and 3.9 pass these checks.
 """
 
 from __future__ import annotations
