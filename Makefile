@@ -9,14 +9,15 @@ STAMP  := $(VENV)/.installed
 
 # pip builds the optional CUDA library (csrc/) when nvcc is found; a change there rebuilds it.
 # The native op (csrc/native/) compiles against the torch installed here, so the package
-# is built without isolation (an isolated build environment has no torch).
+# is built without isolation (an isolated build environment has no torch); here a failed
+# native build is an error (a user's pip install only warns and keeps the Python path).
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*) $(wildcard csrc/native/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q triton || echo "triton could not be installed: the triton backend will be unavailable"
 	$(PY) -m pip install -q setuptools wheel "pybind11>=2.10"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,distill,bench]"
+	RCKA_FORCE_NATIVE=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,distill,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -128,11 +128,14 @@ def test_rcka_loss_both_axes_match_reference(n, p, official, temperature, grads)
 
 @pytest.mark.parametrize("n,p", [(6, 5), (5, 6)])
 @pytest.mark.parametrize("centered", [True, False])
-def test_axis_pair_gradcheck(n, p, centered):
-    """Four independent inputs (sample-axis pair, class-axis pair), both sides of m = min(n, p)."""
+@pytest.mark.parametrize("needs", [(1, 1, 1, 1), (1, 0, 1, 0), (0, 1, 0, 1), (1, 0, 0, 1)])
+@pytest.mark.parametrize("weights", [(0.7, -1.3), (2.0, 2.0), (0.0, 1.5)])
+def test_axis_pair_gradcheck(n, p, centered, needs, weights):
+    """Four independent inputs (sample-axis pair, class-axis pair), any of them requiring
+    grad, both sides of m = min(n, p), equal, unequal and zero weights."""
     gen = torch.Generator().manual_seed(1)
-    xs, ys, xc, yc = (torch.randn(n, p, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4))
-    assert gradcheck(lambda *t: linear.axis_pair_alignment(*t, 0.7, -1.3, 2.0, centered, "torch"), (xs, ys, xc, yc))
+    xs, ys, xc, yc = (torch.randn(n, p, generator=gen, dtype=torch.float64, requires_grad=bool(k)) for k in needs)
+    assert gradcheck(lambda *t: linear.axis_pair_alignment(*t, *weights, 2.0, centered, "torch"), (xs, ys, xc, yc))
 
 
 @pytest.mark.parametrize("official", [False, True])

@@ -44,14 +44,17 @@ struct Scaled {
 };
 
 // Groups z (B, n, f) centred (if asked), then times inv = 1/s, s = max |entry| per group.
-Scaled scale(Tensor z, bool centered, bool owned) {
+// The first row is subtracted before the mean (``shifted``: it was), so a constant column is 0.
+Scaled scale(Tensor z, bool centered, bool owned, bool shifted = false) {
   if (z.scalar_type() != at::kFloat && z.scalar_type() != at::kDouble) {
     z = z.to(at::kFloat);
     owned = true;
   }
   if (centered) {
-    Tensor first = z.narrow(1, 0, 1);
-    z = owned ? z.sub_(first.clone()) : z - first;
+    if (!shifted) {
+      Tensor first = z.narrow(1, 0, 1);
+      z = owned ? z.sub_(first.clone()) : z - first;
+    }
     z.sub_(z.mean({1}, true));
   } else if (!owned) {
     z = z.clone();
@@ -69,9 +72,19 @@ struct Prepared {
 Prepared prepare(const Tensor& x, const Tensor& y, bool centered) {
   const int64_t n = x.size(-2);
   if (x.sizes() == y.sizes() && 2 * x.numel() < kSmall) {
-    Tensor z = at::stack({x, y}, -3);
-    if (z.dim() != 3) z = z.view({-1, n, x.size(-1)});
-    Scaled a = scale(z, centered, true);
+    const bool shift = centered && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+    Tensor z;
+    if (shift) {  // stack and subtract the first rows in two ops
+      auto shape = x.sizes().vec();
+      shape.insert(shape.end() - 2, 2);
+      z = at::empty(shape, x.options());
+      Tensor zx = z.select(-3, 0), zy = z.select(-3, 1);
+      at::sub_out(zx, x, x.narrow(-2, 0, 1));
+      at::sub_out(zy, y, y.narrow(-2, 0, 1));
+    } else {
+      z = at::stack({x, y}, -3);
+    }
+    Scaled a = scale(z.view({-1, n, x.size(-1)}), centered, true, shift);
     return {a.u, Tensor(), a.s, a.inv};
   }
   Scaled a = scale(x.reshape({-1, n, x.size(-1)}), centered, false);
@@ -147,21 +160,22 @@ Value value(Tensor s, const Tensor& dd, const Tensor& t, const Tensor& scale_, i
   return {kk, ll, r, kl * r};
 }
 
-// The backend products' vector-Jacobian product: dX = 2 gkl L X + 4 gkk K X
-// (feature space: 2 gkl Y (X^T Y)^T + 4 gkk X (X^T X)); dY likewise.
-std::array<Tensor, 2> products_backward(const std::array<Tensor, 2>& h, const std::array<Tensor, 3>& g,
+// The backend products' vector-Jacobian product over gkl = dv/d<K,L>: with the ratio
+// dv/d<K,K> = -gkl tf_x / 2 (CKA: tf_x = v r ll; tf undefined: 0),
+//   dX / gkl = 2 L X - 2 tf_x K X   (feature space: 2 Y (X^T Y)^T - 2 tf_x X (X^T X)),
+// dY likewise; the caller scales by gkl (one op on the result, none on the n x n inputs).
+std::array<Tensor, 2> products_backward(const std::array<Tensor, 2>& h, const std::array<Tensor, 2>& tf,
                                         const std::vector<Tensor>& saved, const std::array<bool, 2>& need) {
   std::array<Tensor, 2> out;
   for (int i = 0; i < 2; ++i) {
     if (!need[i]) continue;
-    const Tensor &self = h[i], &other = h[1 - i], &gs = g[1 + i], &gkl = g[0];
+    const Tensor &self = h[i], &other = h[1 - i];
     if (saved.size() == 3) {
       const Tensor cross = i == 0 ? mT(saved[0]) : saved[0];
-      Tensor d = at::bmm(other, gkl * cross);
-      out[i] = gs.defined() ? d.baddbmm_(self, gs * saved[1 + i], 2.0, 4.0) : d.mul_(2.0);
+      Tensor d = at::baddbmm(self, other, cross, 0.0, 2.0);  // beta = 0: the input is ignored
+      out[i] = tf[i].defined() ? d.baddbmm_(self, saved[1 + i] * tf[i], 1.0, -2.0) : d;
     } else {
-      Tensor m = saved[1 - i] * gkl;
-      if (gs.defined()) m.addcmul_(saved[i], gs, 2.0);
+      Tensor m = tf[i].defined() ? at::addcmul(saved[1 - i], saved[i], tf[i], -1.0) : saved[1 - i];
       out[i] = at::baddbmm(self, m, self, 0.0, 2.0);
     }
   }
@@ -211,20 +225,24 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
     const bool one = need[0] != need[1];
     Tensor gv = grad_out[0].reshape({-1, 1, 1});
     if (one) gv = gv * inv.slice(0, need[0] ? 0 : 1, c10::nullopt, 2);  // the one input's 1/s, folded in
-    // g = (gkl, gkk, gll) = gv dv/dS
-    std::array<Tensor, 3> g;
-    g[0] = gv * r;
+    Tensor gkl = gv * r;  // dv/d<K,L>
+    std::array<Tensor, 2> tf;  // (dv/d<K,K>, dv/d<L,L>) = -gkl tf / 2
     if (statistic == kCka) {
-      Tensor hh = (v * r).mul_(g[0]).mul_(-0.5);  // dv/dkk = hh ll, dv/dll = hh kk
-      if (need[0] || d.defined()) g[1] = hh * ll;
-      if (need[1] || d.defined()) g[2] = hh * kk;
+      Tensor vr = v * r;
+      if (need[0] || d.defined()) tf[0] = vr * ll;
+      if (need[1] || d.defined()) tf[1] = vr * kk;
     }
-    auto grads = products_backward(h, g, saved, need);
+    auto grads = products_backward(h, tf, saved, need);
+    for (auto& gi : grads) {
+      if (gi.defined()) gi.mul_(gkl);
+    }
     if (d.defined()) {  // the diagonals' share: 2 (dv/dd_i) u_i, dv/dd = -c1 gs d + c2 (gs t) 1'
       auto c = debias_terms(d.size(-1));
-      Tensor zero = g[0] * 0;
-      Tensor gs = at::cat({g[1].defined() ? g[1] * 2 : zero, g[0], g[0], g[2].defined() ? g[2] * 2 : zero}, 1)
-                      .view({-1, 2, 2});
+      Tensor one_ = at::ones_like(gkl);  // gs = gkl [[-tf_x, 1], [1, -tf_y]] = [[2 gkk, gkl], [gkl, 2 gll]]
+      Tensor zero = at::zeros_like(gkl);
+      Tensor gs = at::cat({tf[0].defined() ? -tf[0] : zero, one_, one_, tf[1].defined() ? -tf[1] : zero}, 1)
+                      .view({-1, 2, 2})
+                      .mul_(gkl);
       Tensor gd = at::add(at::matmul(gs, t) * c.second, at::matmul(gs, d), -c.first);
       for (int i = 0; i < 2; ++i) {
         if (!grads[i].defined()) continue;
@@ -294,28 +312,41 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
   static Tensor forward(AutogradContext* ctx, const Tensor& xs, const Tensor& ys, const Tensor& xc, const Tensor& yc,
                         double ws, double wc, double offset, bool centered) {
     const int64_t N = xs.size(0), P = xs.size(1);
-    Tensor z = at::stack({xs, ys, xc, yc}, 0);
-    if (z.scalar_type() != at::kFloat && z.scalar_type() != at::kDouble) z = z.to(at::kFloat);
-    if (centered) {
-      Tensor a = z.narrow(0, 0, 2), b = z.narrow(0, 2, 2);  // sample axis: over rows; class axis: over columns
-      a.sub_(a.narrow(1, 0, 1).clone());
+    const bool half = xs.scalar_type() != at::kFloat && xs.scalar_type() != at::kDouble;
+    Tensor z;
+    if (centered && !half) {  // stacked with the first row (sample axis) or column (class axis) subtracted
+      z = at::empty({4, N, P}, xs.options());
+      Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2), z3 = z.select(0, 3);
+      at::sub_out(z0, xs, xs.narrow(0, 0, 1));
+      at::sub_out(z1, ys, ys.narrow(0, 0, 1));
+      at::sub_out(z2, xc, xc.narrow(1, 0, 1));
+      at::sub_out(z3, yc, yc.narrow(1, 0, 1));
+    } else {
+      z = at::stack({xs, ys, xc, yc}, 0);
+      if (half) z = z.to(at::kFloat);
+      if (centered) {
+        Tensor a = z.narrow(0, 0, 2), b = z.narrow(0, 2, 2);
+        a.sub_(a.narrow(1, 0, 1).clone());
+        b.sub_(b.narrow(2, 0, 1).clone());
+      }
+    }
+    if (centered) {  // sample axis: over the rows; class axis: over the columns
+      Tensor a = z.narrow(0, 0, 2), b = z.narrow(0, 2, 2);
       a.sub_(a.mean({1}, true));
-      b.sub_(b.narrow(2, 0, 1).clone());
       b.sub_(b.mean({2}, true));
     }
-    Tensor s = z.abs().amax({1, 2}, true);
-    Tensor inv = safe_reciprocal(s);
+    Tensor inv = safe_reciprocal(z.abs().amax({1, 2}, true));
     z.mul_(inv);
     const bool t = N > P;
     const int64_t g = t ? 1 : 0, c = 1 - g;
     Tensor q = t ? mT(z) : z;
-    Tensor gram = at::bmm(q, mT(q));                                    // (4, m, m)
-    Tensor cross = at::mm(q.select(0, 2 * c), mT(q.select(0, 2 * c + 1)));  // (m, m)
+    Tensor gram = at::bmm(q, mT(q));                                        // (4, m, m)
+    Tensor cross = at::mm(q.select(0, 2 * c), mT(q.select(0, 2 * c + 1)));  // (m, m), contiguous
     Tensor fl = gram.view({1, 4, -1});
     Tensor f = at::bmm(fl, mT(fl)).view({4, 4});
-    Tensor kkll = f.diagonal().view({2, 2});                            // [[kk, ll] per axis]
+    Tensor kkll = f.diagonal().view({2, 2});  // [[kk, ll] per axis]
     Tensor klg = f.select(0, 2 * g).select(0, 2 * g + 1);
-    Tensor klc = at::linalg_vector_norm(cross, 2, at::IntArrayRef({-2, -1})).square_();
+    Tensor klc = at::dot(cross.view(-1), cross.view(-1));
     Tensor kl = g == 0 ? at::stack({klg, klc}) : at::stack({klc, klg});  // (2,): sample axis, class axis
     Tensor r = kkll.prod(1).clamp_min_(tiny(z)).rsqrt_();
     Tensor v = kl * r;
@@ -328,28 +359,42 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
     return loss;
   }
 
+  // For the inputs of one side p (0: the x's, 1: the y's) of both axes j, in Q space:
+  //   dQ_jp = 2 [gkl_j [j = g] G_jq - gkl_j v_j r_j o_j G_jp] Q_jp + 2 gkl_j [j = c] C_p Q_jq
+  // with q = 1 - p, o_j = ll_j (p = 0) or kk_j (p = 1), C_0 = C, C_1 = C^T, gkl = gl w r.
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     auto sv = ctx->get_saved_variables();
     const Tensor &q = sv[0], &gram = sv[1], &cross = sv[2], &kkll = sv[3], &r = sv[4], &v = sv[5], &inv = sv[6];
     const auto w = ctx->saved_data["w"].toDoubleVector();
     const int64_t g = ctx->saved_data["g"].toInt(), c = 1 - g;
-    // gv (2,) = dloss/dv for the two axes, then (gkl, gkk, gll) per axis
-    Tensor gl = grad_out[0];
-    Tensor gv = at::stack({gl * w[0], gl * w[1]});
-    Tensor gkl = gv * r;
-    Tensor hh = (v * r).mul_(gkl).mul_(-0.5);
-    Tensor self_coef = (hh.unsqueeze(1) * kkll.flip(1)).mul_(4.0).view({4, 1, 1});  // 4 gkk = 4 hh ll, 4 gll = 4 hh kk
-    Tensor a = gram * self_coef;
-    a.narrow(0, 2 * g, 2).addcmul_(gram.narrow(0, 2 * g, 2).flip(0), gkl.narrow(0, g, 1).view({1, 1, 1}), 2.0);
-    Tensor d = at::bmm(a, q);
-    Tensor b = at::stack({cross, mT(cross)}).mul_(gkl.narrow(0, c, 1).view({1, 1, 1}) * 2.0);
-    d.narrow(0, 2 * c, 2).baddbmm_(b, q.narrow(0, 2 * c, 2).flip(0));
-    d.mul_(inv);
-    if (ctx->saved_data["transposed"].toBool()) d = mT(d);  // dU = dQ^T
+    const bool transposed = ctx->saved_data["transposed"].toBool();
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    if (d.scalar_type() != dtype) d = d.to(dtype);
+    Tensor wr = r * w[0];  // (2,) w_j r_j
+    if (w[1] != w[0]) {
+      if (w[0] != 0.0) {
+        wr.narrow(0, 1, 1).mul_(w[1] / w[0]);
+      } else {
+        wr.narrow(0, 1, 1).copy_(r.narrow(0, 1, 1) * w[1]);
+      }
+    }
+    Tensor gkl = wr * grad_out[0];
+    Tensor svr = (v * r).mul_(gkl);  // gkl_j v_j r_j
     variable_list out(8);
-    for (int i = 0; i < 4; ++i) out[i] = d.select(0, i);
+    for (int64_t p = 0; p < 2; ++p) {
+      if (!ctx->needs_input_grad(p) && !ctx->needs_input_grad(2 + p)) continue;
+      const Tensor gp = gram.slice(0, p, c10::nullopt, 2), gq = gram.slice(0, 1 - p, c10::nullopt, 2);
+      const Tensor qp = q.slice(0, p, c10::nullopt, 2), qq = q.slice(0, 1 - p, c10::nullopt, 2);
+      Tensor a = gp * (svr * kkll.select(1, 1 - p)).neg_().view({2, 1, 1});
+      a.narrow(0, g, 1).addcmul_(gq.narrow(0, g, 1), gkl.narrow(0, g, 1).view({1, 1, 1}));
+      Tensor d = at::baddbmm(qp, a, qp, 0.0, 2.0);  // beta = 0: the input is ignored
+      Tensor cp = (p == 0 ? cross : mT(cross)) * gkl.narrow(0, c, 1);
+      d.narrow(0, c, 1).baddbmm_(cp.unsqueeze(0), qq.narrow(0, c, 1), 1.0, 2.0);
+      d.mul_(inv.slice(0, p, c10::nullopt, 2));
+      if (transposed) d = mT(d);  // dU = dQ^T
+      if (d.scalar_type() != dtype) d = d.to(dtype);
+      out[p] = d.select(0, 0);      // xs or ys
+      out[2 + p] = d.select(0, 1);  // xc or yc
+    }
     return out;
   }
 };
