@@ -26,6 +26,7 @@ _OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "(unset)")  # as the proces
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -130,8 +131,12 @@ def measure(name: str, op: str, shape, q: int, device: str, backend: str, budget
         _step(f, x, y)
     times: Dict[str, List[float]] = {k: [] for k in fns}
     t_end = time.perf_counter() + budget_s
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     while len(times["ours"]) < min_reps or (time.perf_counter() < t_end and len(times["ours"]) < 2000):
-        for k, f in fns.items():  # interleaved: every repeat runs each contender once
+        shuffle(order)  # every repeat runs each contender once, in a random order (what ran just before
+        for k in order:  # a call sets its cache state: a fixed alternation favours one side)
+            f = fns[k]
             _sync(device)
             t0 = time.perf_counter()
             _step(f, x, y)

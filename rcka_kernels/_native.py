@@ -39,7 +39,8 @@ def _load():
         return None, f"failed to load (built against another PyTorch?): {type(e).__name__}: {e}"
     try:
         ops = torch.ops.rcka_native
-        return (ops.linear_alignment.default, ops.axis_pair_alignment.default), None
+        # the overloads' C++ callables (what OpOverload.__call__ calls, one Python frame less)
+        return tuple(getattr(o, "_op", o) for o in (ops.linear_alignment.default, ops.axis_pair_alignment.default)), None
     except Exception as e:  # noqa: BLE001 - e.g. a library built from older sources
         return None, f"loaded but an op is not registered: {type(e).__name__}: {e}"
 

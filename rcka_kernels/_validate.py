@@ -77,6 +77,18 @@ def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int
         check_finite(fn, x, y)
 
 
+def plain_pair(x, y, min_rows: int) -> bool:
+    """Whether x and y are the common valid case of ``check_pair(same_rows=True)``
+    (two float (n, p), (n, q) tensors on one device, n >= min_rows), read from
+    metadata in a few attribute lookups; False sends the caller to ``check_pair``."""
+    if type(x) is not torch.Tensor or type(y) is not torch.Tensor:
+        return False
+    sx, sy = x.shape, y.shape
+    return (len(sx) == 2 and len(sy) == 2 and sx[0] == sy[0] and sx[0] >= min_rows and sx[1] > 0 and sy[1] > 0
+            and x.dtype == y.dtype and x.dtype in FLOAT_DTYPES
+            and x.is_cpu == y.is_cpu and x.is_cuda == y.is_cuda and x.get_device() == y.get_device())  # no device objects
+
+
 def wants_finite_check(device: torch.device) -> bool:
     """Whether to read the data for NaN/Inf on this device (see ``Config.check_finite``)."""
     c = config.check_finite

@@ -141,7 +141,10 @@ struct Value {
   Tensor kk, ll, r, v;
 };
 
-Value value(Tensor s, const Tensor& dd, const Tensor& t, const Tensor& scale_, int64_t statistic, int64_t n) {
+// v comes back in ``shape`` (the batch dims; a fresh tensor, not a view, so autograd
+// wraps a plain output); kk, ll, r are (G, 1, 1).
+Value value(Tensor s, const Tensor& dd, const Tensor& t, const Tensor& scale_, int64_t statistic, int64_t n,
+            at::IntArrayRef shape) {
   if (dd.defined()) {
     auto c = debias_terms(n);
     s = at::add(s, at::add(at::matmul(t, mT(t)), dd, -c.first / c.second), c.second);
@@ -157,7 +160,7 @@ Value value(Tensor s, const Tensor& dd, const Tensor& t, const Tensor& scale_, i
   } else {
     r = (kk * ll).clamp_min_(tiny(s)).rsqrt_();
   }
-  return {kk, ll, r, kl * r};
+  return {kk, ll, r, at::mul(kl.view(shape), r.view(shape))};
 }
 
 // The backend products' vector-Jacobian product over gkl = dv/d<K,L>: with the ratio
@@ -196,7 +199,8 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
       t = d.sum(-1, true);
       dd = at::matmul(d, mT(d));
     }
-    Value val = value(prod.first, dd, t, p.s, statistic, n);
+    const auto batch = x.sizes().slice(0, x.dim() - 2);
+    Value val = value(prod.first, dd, t, p.s, statistic, n, batch);
     auto h = halves(p);
     if (prod.second.size() == 2 && !debiased) {  // sample space: an input is used only for its own gradient
       if (!need_x) h[0] = Tensor();
@@ -205,12 +209,12 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
     variable_list keep = {h[0], h[1], p.inv, val.kk, val.ll, val.r, val.v, d, t};
     keep.insert(keep.end(), prod.second.begin(), prod.second.end());
     ctx->save_for_backward(keep);
-    ctx->saved_data["statistic"] = statistic;
-    ctx->saved_data["centered"] = centered;
-    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["x_shape"] = x.sizes().vec();
-    ctx->saved_data["y_shape"] = y.sizes().vec();
-    return val.v.view(x.sizes().slice(0, x.dim() - 2));
+    // one entry (each costs a hash-map insert): statistic, centered, dtype, then the shapes of x and y
+    std::vector<int64_t> meta = {statistic, centered, static_cast<int64_t>(x.scalar_type())};
+    meta.insert(meta.end(), x.sizes().begin(), x.sizes().end());
+    meta.insert(meta.end(), y.sizes().begin(), y.sizes().end());
+    ctx->saved_data["meta"] = std::move(meta);
+    return val.v;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
@@ -219,9 +223,13 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
     if (!need[0] && !need[1]) return out;
     auto sv = ctx->get_saved_variables();
     const std::array<Tensor, 2> h = {sv[0], sv[1]};
-    const Tensor &inv = sv[2], &kk = sv[3], &ll = sv[4], &r = sv[5], &v = sv[6], &d = sv[7], &t = sv[8];
+    const Tensor &inv = sv[2], &kk = sv[3], &ll = sv[4], &r = sv[5], &d = sv[7], &t = sv[8];
+    const Tensor v = sv[6].view({-1, 1, 1});
     const std::vector<Tensor> saved(sv.begin() + 9, sv.end());
-    const int64_t statistic = ctx->saved_data["statistic"].toInt();
+    const auto meta = ctx->saved_data["meta"].toIntVector();
+    const int64_t statistic = meta[0], dims = (static_cast<int64_t>(meta.size()) - 3) / 2;
+    const bool centered = meta[1] != 0;
+    const auto dtype = static_cast<at::ScalarType>(meta[2]);
     const bool one = need[0] != need[1];
     Tensor gv = grad_out[0].reshape({-1, 1, 1});
     if (one) gv = gv * inv.slice(0, need[0] ? 0 : 1, c10::nullopt, 2);  // the one input's 1/s, folded in
@@ -247,19 +255,18 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
       for (int i = 0; i < 2; ++i) {
         if (!grads[i].defined()) continue;
         grads[i].addcmul_(gd.select(1, i).unsqueeze(-1), h[i], 2.0);
-        if (ctx->saved_data["centered"].toBool()) grads[i].sub_(grads[i].mean({1}, true));
+        if (centered) grads[i].sub_(grads[i].mean({1}, true));
       }
     }
     if (!one) {
       grads[0].mul_(even(inv));
       grads[1].mul_(odd(inv));
     }
-    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    const char* shape_keys[2] = {"x_shape", "y_shape"};
+
     for (int i = 0; i < 2; ++i) {
       if (!grads[i].defined()) continue;
       Tensor gi = grads[i].scalar_type() == dtype ? grads[i] : grads[i].to(dtype);
-      out[i] = gi.view(ctx->saved_data[shape_keys[i]].toIntVector());
+      out[i] = gi.view(at::IntArrayRef(meta.data() + 3 + i * dims, dims));
     }
     return out;
   }

@@ -230,7 +230,7 @@ class _LinearAlignment(torch.autograd.Function):
 
 
 def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debiased: bool, backend: str,
-                     check: Optional[str] = None) -> Tensor:
+                     check: Optional[str] = None, compiling: Optional[bool] = None) -> Tensor:
     """Linear-kernel ``statistic`` ("cka" or "hsic") of checked x (..., n, p),
     y (..., n, q) -> (...), in the compute dtype. ``centered=False``: the uncentred
     alignment |X^T Y|^2 / (|X^T X| |Y^T Y|) (statistic "cka", biased only).
@@ -238,8 +238,11 @@ def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debia
     NaN (exactly when the input holds NaN or Inf); None: NaN is returned.
 
     The torch backend runs the native op (csrc/native/: this arithmetic in C++)
-    when it is built, except while torch.compile traces (it traces the Function)."""
-    native = _native.op() if backend == "torch" and not _is_compiling() else None
+    when it is built, except while torch.compile traces (it traces the Function);
+    ``compiling``: whether it does, if the caller knows."""
+    if compiling is None:
+        compiling = _is_compiling()
+    native = _native.op() if backend == "torch" and not compiling else None
     if native is not None:
         try:
             return native(x, y, _native.STATISTICS[statistic], centered, debiased, check is not None)
