@@ -5,8 +5,8 @@ The launches come from the backend's own ``plan_*`` functions called on "meta"
 tensors, so what is compiled here is exactly what the launchers would launch
 (kernel, argument dtypes, constexprs, warps, stages) for those sizes.
 Runs on triton 3.6 through 3.9 (``ASTSource`` took ``constants`` before it
-took ``constexprs``); the backend itself asks for 3.8 (triton_backend.MIN_TRITON),
-and 3.8 and 3.9 pass these checks.
+took ``constexprs``); 3.8 and 3.9 pass these checks, 3.6 spills registers in the
+half-precision RBF backward (see triton_backend.MIN_TRITON).
 """
 
 from __future__ import annotations
