@@ -152,12 +152,12 @@ class _GlobalLinear(torch.autograd.Function):
         r = r.masked_fill(const, 0.0)  # a degenerate global batch: 0, with zero gradient
         v = v.masked_fill(const, 0.0)
         ctx.statistic, ctx.group, ctx.n, ctx.dtype = statistic, group, n, x.dtype
-        ctx.save_for_backward(u, w, inv, kk, ll, r, v, None if d is None else d[None], t, a, cx, cy)
+        linear.save(ctx, u, w, inv, kk, ll, r, v, None if d is None else d[None], t, a, cx, cy)
         return v.view(())
 
     @staticmethod
     def backward(ctx, gv):
-        u, w, inv, kk, ll, r, v, d, t, a, cx, cy = ctx.saved_tensors
+        u, w, inv, kk, ll, r, v, d, t, a, cx, cy = linear.saved(ctx)
         need = ctx.needs_input_grad[:2]
         gv = gv.reshape(1, 1, 1).to(v.dtype).contiguous()
         dist.all_reduce(gv, op=dist.ReduceOp.SUM, group=ctx.group)  # the sum of the ranks' losses

@@ -172,6 +172,19 @@ def add_diagonal_grad(grads, halves, g, d: Tensor, t: Tensor, n: int) -> None:
             grads[i].addcmul_(gd[:, i, :, None], ui, value=2.0)
 
 
+def save(ctx, *tensors: Optional[Tensor]) -> None:
+    """ctx.save_for_backward of tensors some of which may be None, which ``saved`` gives
+    back in place: None is not handed to autograd (under torch.compile, torch 2.4 drops
+    it from ctx.saved_tensors, shifting what follows)."""
+    ctx.present = tuple(t is not None for t in tensors)
+    ctx.save_for_backward(*(t for t in tensors if t is not None))
+
+
+def saved(ctx) -> list:
+    it = iter(ctx.saved_tensors)
+    return [next(it) if p else None for p in ctx.present]
+
+
 def safe_reciprocal(s: Tensor) -> Tensor:
     """1 / s, and 0 where s = 0 (an input that is all zero after preparation stays 0);
     NaN input still reaches the prepared values through the data."""
@@ -198,12 +211,12 @@ class _LinearAlignment(torch.autograd.Function):
         halves = _halves(u, w)
         if len(saved) == 2 and not debiased:  # sample space: an input is used only for its own gradient
             halves = tuple(h if want else None for h, want in zip(halves, ctx.needs_input_grad[:2]))
-        ctx.save_for_backward(*halves, inv, kk, ll, r, v, d, t, *saved)
+        save(ctx, *halves, inv, kk, ll, r, v, d, t, *saved)
         return v.view(x.shape[:-2])
 
     @staticmethod
     def backward(ctx, gv):
-        a, b, inv, kk, ll, r, v, d, t, *saved = ctx.saved_tensors
+        a, b, inv, kk, ll, r, v, d, t, *products = saved(ctx)
         need = ctx.needs_input_grad[:2]
         if not (need[0] or need[1]):
             return None, None, None, None, None, None
@@ -212,7 +225,7 @@ class _LinearAlignment(torch.autograd.Function):
         if one:  # fold the one input's 1/s into the small coefficients
             gv = gv * inv[0 if need[0] else 1::2]
         g = coefficients(gv, kk, ll, r, v, ctx.statistic, need, d is not None)
-        grads = list(_products_backward(a, b, g, saved, ctx.backend, need, ctx.dtype))
+        grads = list(_products_backward(a, b, g, products, ctx.backend, need, ctx.dtype))
         if d is not None:
             add_diagonal_grad(grads, (a, b), g, d, t, d.shape[-1])
             if ctx.centered:  # through the centring u = (x - mean) / s: the diagonals' share has nonzero column sums

@@ -117,6 +117,18 @@ def linear_stats(x: Tensor, y: Tensor) -> Tensor:
     return linear_stats_saving(x, y)[0].view(-1, 4)[:, (1, 0, 3)].double()
 
 
+def _feature_vjp(self_: Tensor, other: Tensor, cross: Tensor, c: Tensor, gkl: Tensor, gs: Optional[Tensor]) -> Tensor:
+    """2 [other (gkl cross) + 2 self (gs c)], the second GEMM accumulating into the first."""
+    d = torch.bmm(other, gkl * cross)
+    return d.mul_(2.0) if gs is None else d.baddbmm_(self_, gs * c, beta=2.0, alpha=4.0)
+
+
+def _sample_vjp(self_: Tensor, gram: Tensor, ogram: Tensor, gkl: Tensor, gs: Optional[Tensor]) -> Tensor:
+    """2 (gkl L + 2 gs K) X (beta=0: the GEMM's input is ignored), one n x n temporary."""
+    m = ogram * gkl if gs is None else (ogram * gkl).addcmul_(gram, gs, value=2.0)
+    return torch.baddbmm(self_, m, self_, beta=0.0, alpha=2.0)
+
+
 def linear_stats_backward(x: Optional[Tensor], y: Optional[Tensor], g, saved=None, need=(True, True)):
     """(dx, dy) for g = dv/dS, a (G, 3) tensor or three (G, 1, 1) tensors (gkl, gkk,
     gll), None standing for a zero coefficient:
@@ -133,23 +145,13 @@ def linear_stats_backward(x: Optional[Tensor], y: Optional[Tensor], g, saved=Non
     if torch.is_tensor(g):
         g = g.to(saved[0].dtype)[:, :, None, None].unbind(1)
     gkl, gkk, gll = g
-    halves = (x, y)
-    out = []
-    for i in range(2):
-        if not need[i]:
-            out.append(None)
-            continue
-        self_, other, gs = halves[i], halves[1 - i], (gkk, gll)[i]
-        if len(saved) == 3:  # feature space
-            a, c = saved[0], saved[1 + i]
-            cross = a.mT if i == 0 else a
-            # 2 [other (gkl cross) + 2 self (gs c)], the second GEMM accumulating into the first
-            d = torch.bmm(other, gkl * cross)
-            out.append(d.mul_(2.0) if gs is None else d.baddbmm_(self_, gs * c, beta=2.0, alpha=4.0))
-        else:  # sample space: 2 (gkl L + 2 gkk K) X (beta=0: the GEMM's input is ignored)
-            gram, ogram = saved[i], saved[1 - i]
-            m = ogram * gkl if gs is None else (ogram * gkl).addcmul_(gram, gs, value=2.0)  # one n x n temporary
-            out.append(torch.baddbmm(self_, m, self_, beta=0.0, alpha=2.0))
+    if len(saved) == 3:  # feature space
+        a, cx, cy = saved
+        out = (_feature_vjp(x, y, a.transpose(1, 2), cx, gkl, gkk) if need[0] else None,
+               _feature_vjp(y, x, a, cy, gkl, gll) if need[1] else None)
+    else:
+        k, l = saved
+        out = (_sample_vjp(x, k, l, gkl, gkk) if need[0] else None, _sample_vjp(y, l, k, gkl, gll) if need[1] else None)
     return tuple(d if d is None or d.dtype == dtype else d.to(dtype) for d in out)
 
 
