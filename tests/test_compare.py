@@ -6,7 +6,6 @@ in the harness's on-disk formats."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -26,6 +25,8 @@ from rcka_kernels import reference  # noqa: E402
 from rcka_kernels.compare import CompareResult, default_layers  # noqa: E402
 from rcka_kernels.compare.__main__ import main as cli_main  # noqa: E402
 from rcka_kernels.compare.stats import ExactStats  # noqa: E402
+
+from .utils import free_port  # noqa: E402
 
 
 class Net(nn.Module):
@@ -352,11 +353,6 @@ SPLIT = [23, 30]  # uneven shards; batches of 10 on each rank (a 3-sample batch:
 DIST_CASES = [("exact", False, F64), ("exact", True, F64), ("exact", True, None), ("minibatch", False, None)]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _dist_worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -383,7 +379,7 @@ def _dist_worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmpdist")
-    mp.spawn(_dist_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -2,7 +2,6 @@
 single-process value and gradients on the concatenated batch."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import torch.multiprocessing as mp
 
 import rcka_kernels as rk
 from rcka_kernels import distributed as rkd
+
+from .utils import free_port
 
 WORLD = 2
 SPLIT = [7, 6]  # uneven shards
@@ -24,11 +25,6 @@ def _data():
     w = torch.randn(5, 3, dtype=torch.float64, generator=g)
     return x, y, w
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, out_dir):
@@ -70,7 +66,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -1,6 +1,7 @@
 """One table of tolerances and one list of awkward shapes for every test."""
 
 import contextlib
+import socket
 
 import pytest
 import torch
@@ -69,3 +70,10 @@ def fp32_matmul_precision(prec: str, current_api: bool = False):
         yield
     finally:
         setattr(m, attr, old)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a gloo process group in a test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -28,6 +28,14 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
+def _add(out: dict, launch) -> None:
+    """Record one launch under its configuration (kernel, signature, constants, warps, stages)."""
+    sig, consts = signature(launch)
+    key = (launch.kernel.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in consts.items()),
+           launch.num_warps, launch.num_stages)
+    out.setdefault(key, launch)
+
+
 def _launches():
     out = {}
     for dtype in DTYPES:
@@ -49,10 +57,7 @@ def _launches():
                         tb.plan_linear_fwd(x, y),
                     ]
                     for launch in plans:
-                        sig, consts = signature(launch)
-                        key = (launch.kernel.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in consts.items()),
-                               launch.num_warps, launch.num_stages)
-                        out.setdefault(key, launch)
+                        _add(out, launch)
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = old
     # the fused centered_gram: a few configurations (64-row fp32 tiles with and
@@ -69,10 +74,7 @@ def _launches():
             cd = torch.float64 if dtype == torch.float64 else torch.float32
             launch = tb.plan_centered_gram(_meta(1, n, p, dtype=dtype), _meta(1, dtype=cd), _meta(1, n, dtype=cd),
                                            _meta(1, dtype=cd), rbf, deb)
-            sig, consts = signature(launch)
-            key = (launch.kernel.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in consts.items()),
-                   launch.num_warps, launch.num_stages)
-            out.setdefault(key, launch)
+            _add(out, launch)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     return out
