@@ -27,19 +27,27 @@ CASES = [((), 9, 6, 6), ((2,), 7, 3, 9), ((), 30, 4, 4), ((2, 3), 30, 4, 7), ((3
 GRADS = [(True, False), (False, True), (True, True), (False, False)]
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
+@pytest.fixture(autouse=True, params=["native", "native-aten", "python"])
 def impl(request, monkeypatch):
-    """Every test here runs on both implementations of the torch backend's op: the
-    native C++ op (csrc/native/) and the Python Function (ops/linear.py), which runs
-    where the native op is not built and while torch.compile traces."""
+    """Every test here runs on each implementation of the torch backend's op: the
+    native C++ op (csrc/native/), with its CPU loops for the small stacked inputs and
+    with the ATen calls it makes on other devices ("native-aten"), and the Python
+    Function (ops/linear.py), which runs where the native op is not built and while
+    torch.compile traces."""
     if request.param == "python":
         monkeypatch.setattr(_native, "op", lambda: None)
         monkeypatch.setattr(_native, "pair_op", lambda: None)
-    elif _native.reason() is not None:
+        yield request.param
+        return
+    if _native.reason() is not None:
         if os.environ.get("RCKA_REQUIRE_NATIVE") == "1":
             pytest.fail(f"RCKA_REQUIRE_NATIVE=1 but the native op is unavailable: {_native.reason()}")
         pytest.skip(f"native op unavailable: {_native.reason()}")
-    return request.param
+    torch.ops.rcka_native.set_cpu_loops(request.param == "native")
+    try:
+        yield request.param
+    finally:
+        torch.ops.rcka_native.set_cpu_loops(True)
 
 
 def _pair(batch, n, p, q, dtype=torch.float64, seed=0):
@@ -142,7 +150,7 @@ def test_axis_pair_gradcheck(n, p, centered, needs, weights):
 def test_rcka_loss_runs_both_axes_in_one_op(impl, official, monkeypatch):
     """Natively, RCKALoss at the paper's size is one op (the per-axis path is not
     called) and runs fewer ops than the official code's plain formula."""
-    if impl != "native":
+    if not impl.startswith("native"):
         pytest.skip("the one-op path is the native op's")
     x, y = _pair((), 64, 100, 100, dtype=torch.float32)
     loss = rk.RCKALoss(intra_weight=15, inter_weight=15, official=official)
@@ -277,7 +285,7 @@ def test_each_implementation_carries_the_torch_backend(impl, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the other implementation ran")
 
-    if impl == "native":
+    if impl.startswith("native"):
         monkeypatch.setattr(linear._LinearAlignment, "apply", fail)
     else:
         monkeypatch.setattr(torch.ops.rcka_native, "linear_alignment", fail, raising=False)

@@ -69,8 +69,77 @@ struct Prepared {
   Tensor u, w, s, inv;  // w undefined: u (2G, n, p) holds each group's x and y side by side
 };
 
+// The small stacked cases on the CPU in one loop per matrix instead of ~9 ATen calls (at
+// 64 x 100 their dispatch, not their arithmetic, is the time): u = ((z - z_0) - mean) / s,
+// centred over the rows (z_0 the first row, column means; ``over_rows``) or over the
+// columns (z_0 the first column, row means), sums in double; s = max |entry| (NaN when any
+// entry is NaN); inv = 1/s, or 0 where that is not finite, as ``scale`` computes them.
+bool cpu_loops = true;  // rcka_native::set_cpu_loops: tests run the ATen path on the CPU too
+
+template <typename T>
+void prepare_cpu_loop(const T* src, T* dst, T* s_out, T* inv_out, int64_t n, int64_t p, bool centered,
+                      bool over_rows) {
+  std::vector<double> mean(centered ? (over_rows ? p : n) : 0);
+  if (centered) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < p; ++j)
+        mean[over_rows ? j : i] += double(src[i * p + j] - src[over_rows ? j : i * p]);
+    for (auto& m : mean) m /= double(over_rows ? n : p);
+  }
+  T s = 0;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < p; ++j) {
+      const T u = centered ? T((src[i * p + j] - src[over_rows ? j : i * p]) - T(mean[over_rows ? j : i]))
+                           : src[i * p + j];
+      dst[i * p + j] = u;
+      const T a = std::abs(u);
+      nan = nan || std::isnan(a);
+      s = a > s ? a : s;
+    }
+  }
+  if (nan) s = std::numeric_limits<T>::quiet_NaN();
+  T inv = T(1) / s;
+  if (!std::isfinite(inv)) inv = 0;  // s = 0, NaN or too small to invert: as safe_reciprocal
+  for (int64_t k = 0; k < n * p; ++k) dst[k] *= inv;
+  *s_out = s;
+  *inv_out = inv;
+}
+
+bool use_cpu_loop(const Tensor& x) {
+  return cpu_loops && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+// Matrices srcs[k] (each ``groups`` contiguous (n, p) blocks) into z (groups * K, n, p)
+// interleaved per group, with s, inv (groups * K, 1, 1); over_rows[k] as above.
+void prepare_cpu_into(const std::vector<Tensor>& srcs, const std::vector<bool>& over_rows, const Tensor& z,
+                      const Tensor& s, const Tensor& inv, int64_t groups, int64_t n, int64_t p, bool centered) {
+  const int64_t k_count = static_cast<int64_t>(srcs.size());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rcka_native_prepare", [&] {
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t k = 0; k < k_count; ++k) {
+        const int64_t slot = g * k_count + k;
+        prepare_cpu_loop<scalar_t>(srcs[k].const_data_ptr<scalar_t>() + g * n * p, z.data_ptr<scalar_t>() + slot * n * p,
+                                   s.data_ptr<scalar_t>() + slot, inv.data_ptr<scalar_t>() + slot, n, p, centered,
+                                   over_rows[k]);
+      }
+    }
+  });
+}
+
+Prepared prepare_cpu(const Tensor& x, const Tensor& y, bool centered) {
+  const int64_t n = x.size(-2), p = x.size(-1), groups = x.numel() / (n * p);
+  auto shape = x.sizes().vec();
+  shape.insert(shape.end() - 2, 2);
+  Tensor z = at::empty(shape, x.options());
+  Tensor s = at::empty({2 * groups, 1, 1}, x.options()), inv = at::empty({2 * groups, 1, 1}, x.options());
+  prepare_cpu_into({x.contiguous(), y.contiguous()}, {true, true}, z, s, inv, groups, n, p, centered);
+  return {z.view({-1, n, p}), Tensor(), s, inv};
+}
+
 Prepared prepare(const Tensor& x, const Tensor& y, bool centered) {
   const int64_t n = x.size(-2);
+  if (x.sizes() == y.sizes() && 2 * x.numel() < kSmall && use_cpu_loop(x)) return prepare_cpu(x, y, centered);
   if (x.sizes() == y.sizes() && 2 * x.numel() < kSmall) {
     const bool shift = centered && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
     Tensor z;
@@ -320,8 +389,14 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
                         double ws, double wc, double offset, bool centered) {
     const int64_t N = xs.size(0), P = xs.size(1);
     const bool half = xs.scalar_type() != at::kFloat && xs.scalar_type() != at::kDouble;
-    Tensor z;
-    if (centered && !half) {  // stacked with the first row (sample axis) or column (class axis) subtracted
+    Tensor z, inv;
+    if (use_cpu_loop(xs)) {  // sample axis centred over the rows, class axis over the columns
+      z = at::empty({4, N, P}, xs.options());
+      Tensor s = at::empty({4, 1, 1}, xs.options());
+      inv = at::empty({4, 1, 1}, xs.options());
+      prepare_cpu_into({xs.contiguous(), ys.contiguous(), xc.contiguous(), yc.contiguous()}, {true, true, false, false},
+                       z, s, inv, 1, N, P, centered);
+    } else if (centered && !half) {  // stacked with the first row (sample axis) or column (class axis) subtracted
       z = at::empty({4, N, P}, xs.options());
       Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2), z3 = z.select(0, 3);
       at::sub_out(z0, xs, xs.narrow(0, 0, 1));
@@ -337,13 +412,15 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
         b.sub_(b.narrow(2, 0, 1).clone());
       }
     }
-    if (centered) {  // sample axis: over the rows; class axis: over the columns
-      Tensor a = z.narrow(0, 0, 2), b = z.narrow(0, 2, 2);
-      a.sub_(a.mean({1}, true));
-      b.sub_(b.mean({2}, true));
+    if (!inv.defined()) {
+      if (centered) {  // sample axis: over the rows; class axis: over the columns
+        Tensor a = z.narrow(0, 0, 2), b = z.narrow(0, 2, 2);
+        a.sub_(a.mean({1}, true));
+        b.sub_(b.mean({2}, true));
+      }
+      inv = safe_reciprocal(z.abs().amax({1, 2}, true));
+      z.mul_(inv);
     }
-    Tensor inv = safe_reciprocal(z.abs().amax({1, 2}, true));
-    z.mul_(inv);
     const bool t = N > P;
     const int64_t g = t ? 1 : 0, c = 1 - g;
     Tensor q = t ? mT(z) : z;
@@ -418,7 +495,10 @@ Tensor axis_pair_alignment(const Tensor& xs, const Tensor& ys, const Tensor& xc,
 }  // namespace
 }  // namespace rcka_native
 
+void set_cpu_loops(bool on) { rcka_native::cpu_loops = on; }
+
 TORCH_LIBRARY(rcka_native, m) {
+  m.def("set_cpu_loops(bool on) -> ()", &set_cpu_loops);  // tests: the ATen path on CPU tensors too
   m.def("linear_alignment(Tensor x, Tensor y, int statistic, bool centered, bool debiased, bool check) -> Tensor");
   m.def("axis_pair_alignment(Tensor xs, Tensor ys, Tensor xc, Tensor yc, float ws, float wc, float offset, "
         "bool centered, bool check) -> Tensor");
