@@ -1,10 +1,11 @@
 // Linear-kernel CKA, HSIC and the uncentred alignment as one native autograd op,
 // rcka_native::linear_alignment: the same arithmetic as rcka_kernels/ops/linear.py
-// (which documents it step by step), with the per-call Python gone. At the paper's
-// batch sizes (64 x 100 logits) the op costs a few dozen microseconds of dispatch
-// for twenty tiny ATen calls; the Python autograd.Function doing the same work costs
-// more in interpreter time than in arithmetic. Only ATen ops are called, so the op
-// runs on any device ATen does (CPU, CUDA via cuBLAS).
+// (which documents it step by step), with the per-call Python gone: at the paper's
+// batch sizes (64 x 100 logits) the Python autograd.Function doing the same work costs
+// more in interpreter time than in arithmetic. Also here: rcka_native::axis_pair_alignment,
+// RCKA's sample and class axes in one op. Apart from one CPU loop that prepares small
+// inputs (centring and scaling, a dozen tiny ATen calls otherwise), only ATen ops are
+// called, so the ops run on any device ATen does (CPU, CUDA via cuBLAS).
 //
 // Python side: rcka_kernels/_native.py (guarded import), ops/linear.py (dispatch).
 
