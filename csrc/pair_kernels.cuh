@@ -9,7 +9,7 @@
 // fp32 and fp64. The epilogue turns inner products into kernel values
 // (tile_math.cuh) and reduces them; nothing n x n leaves the chip.
 //
-// With RCKA_HOST_EMULATION defined (tests/cuda_host/emu.h) the kernels compile
+// With RCKA_HOST_EMULATION defined (tests/build/cuda_host/emu.h) the kernels compile
 // as plain C++ and run on the CPU, one std::thread per CUDA thread (wmma and
 // the half types emulated too), so their indexing and synchronisation are
 // tested without a GPU.

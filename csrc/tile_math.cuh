@@ -4,7 +4,7 @@
 // gradient weights of the backward passes, and the shared-memory layout.
 //
 // Everything here is plain arithmetic on scalars so that it compiles for the
-// device (nvcc) and for the host (g++, tests/cuda_host/), where it is checked
+// device (nvcc) and for the host (g++, tests/build/cuda_host/), where it is checked
 // against the float64 reference.
 #pragma once
 

@@ -420,7 +420,8 @@ def test_cli_fake_cifar_and_imagefolder(tmp_path, capsys):
     torch.save({"model": M.build("resnet8", 100).state_dict()}, ck)
     out = tmp_path / "out_c"
     rc = cli_main(["--data", str(tmp_path / "c100"), "--model-a", "resnet8", "--ckpt-a", str(ck), "--model-b", "resnet14",
-                   "--layers-a", "layer1.0,avgpool,fc", "--layers-b", "layer3.1,fc", "--batch-size", "4", "--out", str(out), "--no-progress"])
+                   "--layers-a", "layer1.0,avgpool,fc", "--layers-b", "layer3.1,fc", "--batch-size", "4", "--out", str(out),
+                   "--no-progress"])
     assert rc == 0
     res = CompareResult.load(out / "compare.json")
     # layer1.0 is 16 x 32 x 32 = 16384 wide: 2 GiB of exact statistics, over the default budget

@@ -27,7 +27,7 @@ import torch
 from ..distill import data as D
 from ..distill import models as M
 from ..distill.train import DATASET_DEFAULTS, DistillError, load_checkpoint
-from .core import ESTIMATORS, CompareResult, compare, default_layers
+from .core import ESTIMATORS, CompareResult, compare
 
 
 class CompareError(Exception):
@@ -196,7 +196,8 @@ def run_distill(args) -> Dict[str, CompareResult]:
     if args.plot:
         distill_figure(results, os.path.join(out, "layer_cka.png"))
     print(table)
-    print(f"\nwrote {out}/layer_cka.md" + (f", {out}/layer_cka.png" if args.plot else "") + f" and {', '.join(m + '.json' for m in methods)}")
+    png = f", {out}/layer_cka.png" if args.plot else ""
+    print(f"\nwrote {out}/layer_cka.md{png} and {', '.join(m + '.json' for m in methods)}")
     return results
 
 
