@@ -1,11 +1,16 @@
 """Shared test configuration: seeds, the `gpu` marker, the device list, and the
 `interpreter` marker's tests run in Triton's interpreter."""
 
+import hashlib
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +107,42 @@ def pytest_pyfunc_call(pyfuncitem):
     if rec["outcome"] != "passed":
         pytest.fail(f"no outcome from the interpreter run for this test; its output ended with:\n{run['tail']}", pytrace=False)
     return True
+
+
+# ----------------------------------------------------------------------------- CUDA C++ emulated on the CPU
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "build" / "cuda_host" / "emu.h"
+SOURCES = [ROOT / "csrc" / "module.cpp", EMU.parent / "emu_launchers.cpp"]
+DEPS = SOURCES + [EMU, *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "api.h"]
+
+
+@pytest.fixture(scope="session")
+def cuda_emulation():
+    """The cuda backend's library compiled for the CPU against tests/build/cuda_host/emu.h
+    (see tests/test_cuda_emulated.py), or a skip with the reason it cannot be built."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    try:
+        import pybind11
+    except ImportError:
+        pytest.skip("pybind11 not installed")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in DEPS) + cxx.encode()).hexdigest()[:16]
+    out_dir = ROOT / "build" / "cuda-emu" / h
+    so = out_dir / ("_rcka_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not so.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f"tmp{os.getpid()}.so"
+        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(EMU),
+               f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+               *map(str, SOURCES), "-o", str(tmp)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 and "std::barrier" in res.stderr:
+            pytest.skip("the C++ compiler lacks C++20 std::barrier")
+        assert res.returncode == 0, f"building the emulation failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
+        os.replace(tmp, so)
+    spec = importlib.util.spec_from_file_location("_rcka_cuda", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,5 +1,6 @@
 """The bad-input catalogue, run for every backend that runs here (issue 11): the reference,
-the torch backend (its native op and its Python path) and Triton in its interpreter. Each
+the torch backend (its native op and its Python path), Triton in its interpreter and the
+CUDA C++ kernels under the CPU emulation; on a GPU, torch, Triton and CUDA C++ there. Each
 input gets a clear error or the documented finite value, never a silent NaN; values are
 held to the float64 reference by the shared tolerance table (tests/utils.py)."""
 
@@ -19,6 +20,7 @@ BACKENDS = [
     pytest.param(("torch", "cpu"), id="torch"),
     pytest.param(("torch-python", "cpu"), id="torch-python"),
     pytest.param(("triton", "cpu"), id="triton-interpreter", marks=pytest.mark.interpreter),
+    pytest.param(("cuda-emulated", "cpu"), id="cuda-emulated"),
     pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.gpu),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
@@ -47,6 +49,17 @@ def b(request, monkeypatch):
         monkeypatch.setattr(_native, "op", lambda: None)
         monkeypatch.setattr(_native, "pair_op", lambda: None)
         return Backend("torch", device)
+    if name == "cuda-emulated":  # the CUDA C++ kernels on CPU tensors (tests/test_cuda_emulated.py)
+        from rcka_kernels import _dispatch
+        from rcka_kernels.ops import cuda_backend
+
+        lib = request.getfixturevalue("cuda_emulation")
+        monkeypatch.setattr(cuda_backend, "_lib", lambda: lib)
+        monkeypatch.setattr(cuda_backend, "_DEVICE_TYPES", ("cuda", "cpu"))
+        monkeypatch.setitem(_dispatch._loaded, "cuda", cuda_backend)
+        reason = _dispatch._device_reason
+        monkeypatch.setattr(_dispatch, "_device_reason", lambda n, d: None if n == "cuda" else reason(n, d))
+        return Backend("cuda", device)
     if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return Backend(name, device)  # the body runs in the interpreter's child pytest (tests/conftest.py), which checks
     st = rk.available_backends(device)[name]

@@ -12,13 +12,6 @@ wmma (the documented fragment layouts), so this checks the kernels' tile
 offsets and alignment, not the hardware: tests/test_cuda_parity.py does that.
 """
 
-import hashlib
-import importlib.util
-import os
-import shutil
-import subprocess
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,39 +20,10 @@ from rcka_kernels.ops import torch_backend as tb
 
 from .utils import centred_pair
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "tests" / "build" / "cuda_host" / "emu.h"
-SOURCES = [ROOT / "csrc" / "module.cpp", EMU.parent / "emu_launchers.cpp"]
-DEPS = SOURCES + [EMU, *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "api.h"]
-
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 not installed")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    h = hashlib.sha256(b"".join(p.read_bytes() for p in DEPS) + cxx.encode()).hexdigest()[:16]
-    out_dir = ROOT / "build" / "cuda-emu" / h
-    so = out_dir / ("_rcka_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not so.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f"tmp{os.getpid()}.so"
-        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(EMU),
-               f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-               *map(str, SOURCES), "-o", str(tmp)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 and "std::barrier" in res.stderr:
-            pytest.skip("the C++ compiler lacks C++20 std::barrier")
-        assert res.returncode == 0, f"building the emulation failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
-        os.replace(tmp, so)
-    spec = importlib.util.spec_from_file_location("_rcka_cuda", so)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def emu(cuda_emulation):
+    return cuda_emulation
 
 
 @pytest.fixture
