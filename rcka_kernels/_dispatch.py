@@ -101,7 +101,6 @@ def available_backends(device=None) -> Dict[str, BackendStatus]:
 
 # a debugging switch, read once: "auto" picks Triton's interpreter on the CPU
 _AUTO_INTERPRETER = os.environ.get("RCKA_AUTO_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
-AUTO_LINEAR_IS_TORCH = not _AUTO_INTERPRETER  # "auto" for linear statistics, on any device (see _preferred)
 
 
 def _preferred(device: torch.device, kernel: str):
@@ -114,7 +113,7 @@ def _preferred(device: torch.device, kernel: str):
 
 def resolve(backend: str, device: torch.device, kernel: str = "rbf") -> str:
     """The backend to run for tensors on ``device`` and statistics of ``kernel``."""
-    if backend == "auto" and kernel == "linear" and AUTO_LINEAR_IS_TORCH:
+    if backend == "auto" and kernel == "linear" and not _AUTO_INTERPRETER:
         return "torch"  # the common case, without a lookup (see _preferred)
     if backend != "auto":
         st = status(backend, device)

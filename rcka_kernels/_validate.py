@@ -89,12 +89,13 @@ def plain_pair(x, y, min_rows: int) -> bool:
             and x.is_cpu == y.is_cpu and x.is_cuda == y.is_cuda and x.get_device() == y.get_device())  # no device objects
 
 
-def wants_finite_check(device: torch.device) -> bool:
-    """Whether to read the data for NaN/Inf on this device (see ``Config.check_finite``)."""
+def wants_finite_check(device: torch.device, compiling: Optional[bool] = None) -> bool:
+    """Whether to read the data for NaN/Inf on this device (see ``Config.check_finite``);
+    ``compiling``: whether torch.compile traces, if the caller knows."""
     c = config.check_finite
     if c is False or (c is None and device.type != "cpu"):
         return False
-    return not _is_compiling()
+    return not (_is_compiling() if compiling is None else compiling)
 
 
 def non_finite_error(fn: str) -> ValueError:

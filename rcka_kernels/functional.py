@@ -69,13 +69,12 @@ def _linear(fn, x, y, statistic, centered, debiased, backend, min_rows, why, ref
     share of the loss); ``ref()`` computes the value on the reference backend."""
     if not _validate.plain_pair(x, y, min_rows):  # anything unusual: the full checks, which name the problem
         _validate.check_pair(fn, x, y, same_rows=True, same_cols=False, min_rows=min_rows, why=why, finite=False)
-    name = "torch" if backend == "auto" and _dispatch.AUTO_LINEAR_IS_TORCH else _dispatch.resolve(backend, x.device, "linear")
+    name = _dispatch.resolve(backend, x.device, "linear")
     if name == "reference":
         _validate.check_finite(fn, x, y)
         return ref().to(compute_dtype(x.dtype))
     compiling = _validate._is_compiling()
-    c = _validate.config.check_finite  # _validate.wants_finite_check, inline
-    check = fn if (c or (c is None and x.is_cpu)) and not compiling else None
+    check = fn if _validate.wants_finite_check(x.device, compiling) else None
     return linear_alignment(x, y, statistic, centered, debiased, name, check, compiling)
 
 

@@ -17,7 +17,6 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 import rcka_kernels as rk  # noqa: E402
@@ -26,7 +25,7 @@ from rcka_kernels.compare import CompareResult, default_layers  # noqa: E402
 from rcka_kernels.compare.__main__ import main as cli_main  # noqa: E402
 from rcka_kernels.compare.stats import ExactStats  # noqa: E402
 
-from .utils import free_port  # noqa: E402
+from .utils import spawn_ranks  # noqa: E402
 
 
 class Net(nn.Module):
@@ -379,8 +378,7 @@ def _dist_worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmpdist")
-    mp.spawn(_dist_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_dist_worker, out, WORLD)
 
 
 @pytest.mark.parametrize("est,deb,pd", DIST_CASES)

@@ -3,7 +3,6 @@ backend parity, same loss curve with either backend, one-line errors, DDP."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,8 @@ import torch
 from rcka_kernels.distill import main
 from rcka_kernels.distill import models as M
 from rcka_kernels.distill.train import Config, run
+
+from .utils import free_port
 
 QUICK = dict(epochs=2, teacher_epochs=2, max_steps=6, progress=False, threads=1)
 
@@ -79,17 +80,11 @@ def test_cli_process_error_has_no_traceback(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_ddp_two_processes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "rcka_kernels.distill", "--distributed", "--methods", "rcka",
+           "--master_port", str(free_port()), "-m", "rcka_kernels.distill", "--distributed", "--methods", "rcka",
            "--epochs", "1", "--teacher-epochs", "1", "--max-steps", "3", "--no-progress", "--no-plot", "--parity",
            "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -6,12 +6,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import rcka_kernels as rk
 from rcka_kernels import distributed as rkd
 
-from .utils import free_port
+from .utils import spawn_ranks
 
 WORLD = 2
 SPLIT = [7, 6]  # uneven shards
@@ -66,8 +65,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, out, WORLD)
 
 
 @pytest.mark.parametrize("kernel,debiased", CASES)

@@ -77,3 +77,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(worker, out_dir, world: int) -> list:
+    """Run ``worker(rank, port, out_dir)`` in ``world`` gloo processes; each writes
+    out_dir/rank{r}.pt, which comes back in rank order."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]

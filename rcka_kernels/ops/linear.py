@@ -5,7 +5,7 @@
 
 Forward, for groups x (G, n, p), y (G, n, q):
  1. Prepare: centre the columns (not for the uncentred alignment) and divide each
-    group by s, its largest column range (uncentred: its largest |entry|), so every
+    group by s, its largest |entry| after centring, so every
     entry lies in [-1, 1]: the products can neither overflow nor underflow, whatever
     the scale of the input, and CKA does not see s. s = 0 exactly when all rows are
     equal (uncentred: x = 0): the inputs become 0 and the value is 0. s is NaN or Inf
@@ -26,7 +26,10 @@ projection (debiased only: the diagonal terms' columns do not sum to 0) -> times
 1/s (the value is homogeneous in each input's scale, so this is exact). An input
 that does not require grad gets no gradient work.
 
-This is a ``torch.autograd.Function`` rather than a ``torch.library`` custom op:
+On the torch backend the same arithmetic runs natively (csrc/native/, a C++ autograd
+function registered as rcka_native::linear_alignment) when it is built; the Python
+version here runs otherwise, for the compiled backends and under torch.compile.
+It is a ``torch.autograd.Function`` rather than a Python ``torch.library`` custom op:
 the forward hands the backward a dozen intermediates (the prepared inputs, the
 products, S), which a custom op could only pass as extra outputs, and a custom op
 call costs about 30 us more on the CPU, the price of the whole loss at the paper's
