@@ -7,8 +7,8 @@
     python benchmarks/gpu_check.py --dry-run                        # no GPU needed: print and check the plan
 
 Each stage fits one 10-minute command on an H100 and runs only what needs a GPU
-(CI runs the rest on the CPU): the GPU-marked tests and the parity tests on CUDA
-tensors, in parallel where pytest-xdist is installed; the sanitizers with
+(CI runs the rest on the CPU): the GPU-marked tests (the shared suite's GPU
+environments, tests/utils.py, and what only a GPU shows), in parallel where pytest-xdist is installed; the sanitizers with
 PyTorch's caching allocator off (it would hide out-of-bounds accesses inside
 pooled blocks) and without stopping at the first error; the efficient-formula
 comparison (benchmarks/bench_efficient.py) under a time budget. Nothing is
@@ -39,15 +39,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 STAGES = ("install+test", "sanitize", "bench")
-# test files whose tests run on the GPU -> the backend they exercise
+# the environments of the shared suite on a GPU (tests/utils.py: ENVIRONMENTS); a test
+# parametrised over them is counted under the one in its id
+ENVIRONMENTS = ("torch-cuda", "triton-cuda", "cuda")
+# test files whose GPU tests run on the GPU -> the environment they exercise when their ids name none
 GPU_TESTS = {
-    "tests/test_cuda_parity.py": "cuda",
-    "tests/test_triton_gpu.py": "triton",
-    "tests/test_linear.py": "torch",
-    "tests/test_catalogue.py": "bad inputs, every backend",
-    "tests/test_functional.py": "torch",
+    "tests/test_parity.py": "",
+    "tests/test_catalogue.py": "",
+    "tests/test_cuda_gpu.py": "cuda",
+    "tests/test_triton_gpu.py": "triton-cuda",
+    "tests/test_linear.py": "torch-cuda",
 }
-SANITIZED = ["tests/test_cuda_parity.py", "-k", "contract"]
+# the CUDA C++ kernels' contract (every path of every kernel, every dtype) under the sanitizers
+SANITIZED = ["tests/test_parity.py", "-m", "gpu", "-k", "contract and cuda and not torch and not triton"]
 UNSUPPORTED = re.compile(r"Device not supported|not supported on this|unsupported device", re.I)
 
 
@@ -75,11 +79,9 @@ def plan(stage: str, py: str, out: Path, tmp: Path, tag: str):
              [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--disable-pip-version-check", "-e", "."],
              {"RCKA_FORCE_CUDA": "1", "RCKA_FORCE_NATIVE": "1", "PIP_NO_INDEX": "1"}),
             ("backends", [py, "-c", "import rcka_kernels as rk; print(rk.available_backends('cuda'), rk.native_status())"], {}),
-            ("GPU-marked tests",
-             _pytest(py, tmp / "marked.xml", "-m", "gpu", *[f for f, b in GPU_TESTS.items() if b != "torch"], "tests/test_linear.py"),
+            ("GPU tests (every environment of the shared suite on the GPU, and what only a GPU shows)",
+             _pytest(py, tmp / "marked.xml", "-m", "gpu", *GPU_TESTS),
              {"RCKA_REQUIRE_CUDA": "1", "RCKA_REQUIRE_NATIVE": "1"}),
-            ("parity on CUDA tensors", _pytest(py, tmp / "parity.xml", "tests/test_functional.py", "-k", "cuda"),
-             {"RCKA_REQUIRE_CUDA": "1", "RCKA_TEST_DEVICES": "cuda"}),
         ]
     if stage == "sanitize":
         tool = shutil.which("compute-sanitizer") or "compute-sanitizer"
@@ -141,15 +143,25 @@ def _test_file(classname: str) -> str:
     return ""
 
 
+def _environment(test: str, file: str) -> str:
+    """The environment a test ran in: the one its parameter id names ("test_x[triton-cuda-float32-5]"),
+    else its file's (GPU_TESTS), else "other"."""
+    params = "-" + test.partition("[")[2].rstrip("]") + "-"
+    for env in sorted(ENVIRONMENTS, key=len, reverse=True):
+        if f"-{env}-" in params:
+            return env
+    return GPU_TESTS.get(file) or "other"
+
+
 def _junit_counts(paths) -> dict:
-    """{backend: {passed, failed, skipped}} from junit XML files."""
+    """{environment: {passed, failed, skipped}} from junit XML files."""
     counts = {}
     for path in paths:
         if not path.exists():
             continue
         for case in ET.parse(path).getroot().iter("testcase"):
-            name = _test_file(case.get("classname", ""))
-            c = counts.setdefault(GPU_TESTS.get(name, "other"), {"passed": 0, "failed": 0, "skipped": 0})
+            env = _environment(case.get("name", ""), _test_file(case.get("classname", "")))
+            c = counts.setdefault(env, {"passed": 0, "failed": 0, "skipped": 0})
             if case.find("failure") is not None or case.find("error") is not None:
                 c["failed"] += 1
             elif case.find("skipped") is not None:
@@ -168,7 +180,9 @@ def run_stage(stage: str, py: str, out: Path, tag: str) -> bool:
         summary = {"stage": stage, "meta": env_info("cuda"), "steps": steps}
         ok = all(s["exit_code"] == 0 for s in steps)
         if stage == "install+test":
-            summary["per_backend"] = _junit_counts([tmp / "marked.xml", tmp / "parity.xml"])
+            summary["per_backend"] = _junit_counts([tmp / "marked.xml"])
+            print("per environment: " + "; ".join(f"{k}: {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped"
+                                                  for k, v in sorted(summary["per_backend"].items())), flush=True)
         if stage == "sanitize":
             for s in steps:  # a sanitizer this machine cannot run is recorded apart from a failure
                 unsupported = s["exit_code"] == 127 or UNSUPPORTED.search(s["tail"])

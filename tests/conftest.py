@@ -1,5 +1,6 @@
-"""Shared test configuration: seeds, the `gpu` marker, the device list, and the
-`interpreter` marker's tests run in Triton's interpreter."""
+"""Shared test configuration: seeds, the `gpu` marker, the `interpreter` marker's tests
+run in Triton's interpreter, the CUDA emulation's build, and the environments every
+backend is tested in (tests/utils.py)."""
 
 import hashlib
 import importlib.util
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .utils import ENVIRONMENTS, KERNEL_ENVIRONMENTS, make_env
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -29,14 +32,6 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def devices():
-    """Devices the parity suite runs on: cpu always, cuda when present (RCKA_TEST_DEVICES overrides)."""
-    env = os.environ.get("RCKA_TEST_DEVICES")
-    if env:
-        return env.split(",")
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # ----------------------------------------------------------------------------- Triton's interpreter
@@ -146,3 +141,18 @@ def cuda_emulation():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# ----------------------------------------------------------------------------- environments
+
+
+@pytest.fixture(params=ENVIRONMENTS)
+def env(request, monkeypatch):
+    """Every backend in every environment, the reference included (tests/utils.py)."""
+    return make_env(request, monkeypatch, request.param)
+
+
+@pytest.fixture(params=KERNEL_ENVIRONMENTS)
+def kernel_env(request, monkeypatch):
+    """Every backend in every environment that is held to the reference (tests/utils.py)."""
+    return make_env(request, monkeypatch, request.param)

@@ -210,22 +210,26 @@ def test_gpu_check_dry_run_names_only_what_exists(capsys):
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in out and " -x " not in out
 
 
-def test_gpu_check_counts_tests_of_nested_packages(tmp_path):
-    """The per-backend summary reads junit classnames of tests/ and of its packages (tests/build/)."""
+def test_gpu_check_counts_tests_per_environment(tmp_path):
+    """The per-environment summary: the environment a parametrised test's id names (the
+    longest match: torch-cuda is not cuda), else its file's; nested packages (tests/build/) too."""
     from benchmarks import gpu_check
 
     xml = tmp_path / "r.xml"
     xml.write_text(
         '<testsuites><testsuite name="pytest">'
-        '<testcase classname="tests.test_cuda_parity" name="a"/>'
-        '<testcase classname="tests.test_cuda_parity" name="b"><failure message="x"/></testcase>'
-        '<testcase classname="tests.test_triton_gpu" name="c"><skipped message="y"/></testcase>'
+        '<testcase classname="tests.test_parity" name="test_cka_hsic[cuda-float32-5-3-2]"/>'
+        '<testcase classname="tests.test_parity" name="test_mmd[torch-cuda-False-rbf]"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_catalogue" name="test_mixed_devices[triton-cuda]"><skipped message="y"/></testcase>'
+        '<testcase classname="tests.test_cuda_gpu" name="test_runs_on_the_current_stream"/>'
+        '<testcase classname="tests.test_triton_gpu" name="test_deterministic"/>'
         '<testcase classname="tests.build.test_cuda_import" name="d"/>'
         "</testsuite></testsuites>"
     )
     assert gpu_check._test_file("tests.build.test_cuda_import") == "tests/build/test_cuda_import.py"
     assert gpu_check._junit_counts([xml]) == {
-        "cuda": {"passed": 1, "failed": 1, "skipped": 0},
-        "triton": {"passed": 0, "failed": 0, "skipped": 1},
+        "cuda": {"passed": 2, "failed": 0, "skipped": 0},
+        "torch-cuda": {"passed": 0, "failed": 1, "skipped": 0},
+        "triton-cuda": {"passed": 1, "failed": 0, "skipped": 1},
         "other": {"passed": 1, "failed": 0, "skipped": 0},
     }

@@ -2,79 +2,27 @@
 the torch backend (its native op and its Python path), Triton in its interpreter and the
 CUDA C++ kernels under the CPU emulation; on a GPU, torch, Triton and CUDA C++ there. Each
 input gets a clear error or the documented finite value, never a silent NaN; values are
-held to the float64 reference by the shared tolerance table (tests/utils.py)."""
-
-import os
+held to the float64 reference by the one acceptance rule (tests/utils.py)."""
 
 import pytest
 import torch
 
 import rcka_kernels as rk
-from rcka_kernels import _native, reference
+from rcka_kernels import reference
 
-from .utils import TOL
+from .utils import accept
 
-# (backend, device): every backend and environment; the GPU ones run where a GPU is
-BACKENDS = [
-    pytest.param(("reference", "cpu"), id="reference"),
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("torch-python", "cpu"), id="torch-python"),
-    pytest.param(("triton", "cpu"), id="triton-interpreter", marks=pytest.mark.interpreter),
-    pytest.param(("cuda-emulated", "cpu"), id="cuda-emulated"),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.gpu),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
-]
 RBF_RULES = [None, "mean", 1.0]
 
 
-class Backend:
-    def __init__(self, name: str, device: str):
-        self.name, self.device = name, device
-
-    def pair(self, n, p, q, dtype=torch.float32, seed=0):
-        """Correlated x (n, p), y (n, q) on this backend's device."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, p, generator=g, dtype=torch.float64)
-        y = 0.5 * torch.randn(n, q, generator=g, dtype=torch.float64)
-        y[:, : min(p, q)] += x[:, : min(p, q)]
-        return x.to(self.device, dtype), y.to(self.device, dtype)
-
-
-@pytest.fixture(params=BACKENDS)
-def b(request, monkeypatch):
-    """The backend to pass and its device; "torch-python" is the torch backend without its native op."""
-    name, device = request.param
-    if name == "torch-python":
-        monkeypatch.setattr(_native, "op", lambda: None)
-        monkeypatch.setattr(_native, "pair_op", lambda: None)
-        return Backend("torch", device)
-    if name == "cuda-emulated":  # the CUDA C++ kernels on CPU tensors (tests/test_cuda_emulated.py)
-        from rcka_kernels import _dispatch
-        from rcka_kernels.ops import cuda_backend
-
-        lib = request.getfixturevalue("cuda_emulation")
-        monkeypatch.setattr(cuda_backend, "_lib", lambda: lib)
-        monkeypatch.setattr(cuda_backend, "_DEVICE_TYPES", ("cuda", "cpu"))
-        monkeypatch.setitem(_dispatch._loaded, "cuda", cuda_backend)
-        reason = _dispatch._device_reason
-        monkeypatch.setattr(_dispatch, "_device_reason", lambda n, d: None if n == "cuda" else reason(n, d))
-        return Backend("cuda", device)
-    if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return Backend(name, device)  # the body runs in the interpreter's child pytest (tests/conftest.py), which checks
-    st = rk.available_backends(device)[name]
-    if not st.available:
-        pytest.skip(f"{name} on {device}: {st.reason}")
-    return Backend(name, device)
+@pytest.fixture
+def b(env):
+    """Every backend in every environment (tests/utils.py: ENVIRONMENTS)."""
+    return env
 
 
 def _ref(t):
     return t.detach().double().cpu()
-
-
-def _close(got, want, dtype, scale=1.0):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(got.double(), want.double(), atol=atol * scale, rtol=rtol * scale)
 
 
 @pytest.mark.parametrize("kernel,sigma", [("linear", None)] + [("rbf", s) for s in RBF_RULES])
@@ -88,7 +36,7 @@ def test_constant_input_gives_zero_with_finite_gradient(b, kernel, sigma, debias
         y = torch.full_like(y, -1.0)
     x.requires_grad_()
     for fn in (rk.cka, rk.hsic):
-        v = fn(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=b.name)
+        v = fn(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=b.backend)
         assert v.item() == pytest.approx(0.0, abs=1e-12), (fn.__name__, v)
         (g,) = torch.autograd.grad(v, x)
         assert torch.isfinite(g).all()
@@ -99,20 +47,20 @@ def test_a_median_bandwidth_of_zero_on_partly_constant_data(b, sigma):
     """Most rows identical: the median squared distance is 0; the value is finite and the reference's."""
     x, y = b.pair(20, 3, 3, dtype=torch.float64)
     x[3:] = x[0]
-    v = rk.cka(x, y, kernel="rbf", sigma=sigma, backend=b.name)
+    v = rk.cka(x, y, kernel="rbf", sigma=sigma, backend=b.backend)
     assert torch.isfinite(v)
-    _close(v, reference.cka(_ref(x), _ref(y), "rbf", sigma, False), torch.float64)
+    accept(v, reference.cka(_ref(x), _ref(y), "rbf", sigma, False), torch.float64)
 
 
 @pytest.mark.parametrize("sigma", [None, "mean", 1.0])
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_mmd_of_identical_and_of_constant_samples(b, sigma, unbiased):
     x, _ = b.pair(10, 3, 3, dtype=torch.float64)
-    same = rk.mmd(x, x.clone(), kernel="rbf", sigma=sigma, unbiased=unbiased, backend=b.name)
+    same = rk.mmd(x, x.clone(), kernel="rbf", sigma=sigma, unbiased=unbiased, backend=b.backend)
     assert torch.isfinite(same)
-    _close(same, reference.mmd(_ref(x), _ref(x), "rbf", sigma, unbiased), torch.float64)
+    accept(same, reference.mmd(_ref(x), _ref(x), "rbf", sigma, unbiased), torch.float64)
     zeros = (torch.zeros(20, 3, dtype=torch.float64, device=b.device), torch.zeros(30, 3, dtype=torch.float64, device=b.device))
-    const = rk.mmd(*zeros, kernel="rbf", sigma=sigma, unbiased=unbiased, backend=b.name)
+    const = rk.mmd(*zeros, kernel="rbf", sigma=sigma, unbiased=unbiased, backend=b.backend)
     assert const.item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -120,27 +68,27 @@ def test_mmd_of_identical_and_of_constant_samples(b, sigma, unbiased):
 def test_linear_cka_does_not_see_the_scale_in_float32(b, scale):
     x, y = b.pair(40, 6, 5)
     want = reference.cka(_ref(x), _ref(y), "linear", None, False)
-    _close(rk.cka(x * scale, y, backend=b.name).cpu(), want, torch.float32)
-    _close(rk.cka(x, y * scale, backend=b.name).cpu(), want, torch.float32)
+    accept(rk.cka(x * scale, y, backend=b.backend).cpu(), want, torch.float32)
+    accept(rk.cka(x, y * scale, backend=b.backend).cpu(), want, torch.float32)
 
 
 def test_float16_inputs_whose_squares_overflow_float16(b):
     x, y = b.pair(30, 5, 5)
     x16, y16 = (x * 300).half(), (y * 300).half()  # entries ~1e3: squares and sums overflow float16
-    v = rk.cka(x16, y16, backend=b.name)
+    v = rk.cka(x16, y16, backend=b.backend)
     assert torch.isfinite(v)
-    _close(v.cpu(), reference.cka(_ref(x16), _ref(y16), "linear", None, False), torch.float16)
+    accept(v.cpu(), reference.cka(_ref(x16), _ref(y16), "linear", None, False), torch.float16)
 
 
 @pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 1.0)])
 @pytest.mark.parametrize("debiased,n", [(False, 2), (True, 4)])
 def test_the_smallest_n_of_each_estimator(b, kernel, sigma, debiased, n):
     x, y = b.pair(n, 3, 2, dtype=torch.float64)
-    v = rk.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=b.name)
+    v = rk.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=b.backend)
     assert torch.isfinite(v)
-    _close(v.cpu(), reference.cka(_ref(x), _ref(y), kernel, sigma, debiased), torch.float64)
+    accept(v.cpu(), reference.cka(_ref(x), _ref(y), kernel, sigma, debiased), torch.float64)
     with pytest.raises(ValueError, match="samples"):
-        rk.cka(x[:-1], y[:-1], kernel=kernel, sigma=sigma, debiased=debiased, backend=b.name)
+        rk.cka(x[:-1], y[:-1], kernel=kernel, sigma=sigma, debiased=debiased, backend=b.backend)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -152,9 +100,9 @@ def test_nan_and_inf_raise_or_give_nan(b, bad, kernel, sigma):
     for fn in (rk.cka, rk.hsic):
         if b.device == "cpu":
             with pytest.raises(ValueError, match="NaN or Inf"):
-                fn(x, y, kernel=kernel, sigma=sigma, backend=b.name)
+                fn(x, y, kernel=kernel, sigma=sigma, backend=b.backend)
         else:
-            assert torch.isnan(fn(x, y, kernel=kernel, sigma=sigma, backend=b.name)).item()
+            assert torch.isnan(fn(x, y, kernel=kernel, sigma=sigma, backend=b.backend)).item()
 
 
 @pytest.mark.parametrize("shapes,dtypes,error", [
@@ -167,10 +115,10 @@ def test_nan_and_inf_raise_or_give_nan(b, bad, kernel, sigma):
 def test_inputs_no_backend_takes(b, shapes, dtypes, error):
     x, y = (torch.zeros(sh, dtype=dt, device=b.device) for sh, dt in zip(shapes, dtypes))
     with pytest.raises(error):
-        rk.cka(x, y, backend=b.name)
+        rk.cka(x, y, backend=b.backend)
 
 
 def test_mixed_devices(b):
     x, _ = b.pair(5, 3, 3)
     with pytest.raises(ValueError, match="device"):
-        rk.cka(x, torch.zeros(5, 3, device="meta"), backend=b.name)
+        rk.cka(x, torch.zeros(5, 3, device="meta"), backend=b.backend)

@@ -1,6 +1,9 @@
-"""The Triton backend on a real GPU: parity with the float64 reference (bf16
-included, which the interpreter cannot check), larger and awkward shapes, batched
-groups, determinism, and memory that stays linear in n (no n x n matrix)."""
+"""What only the Triton backend on a GPU shows: many tiny groups (PCKA) in one launch,
+determinism, memory that stays linear in n (no n x n matrix), the tensors' device
+rather than the current one, and half-precision gradients under tf32. Its values and
+gradients (bf16 included, which the interpreter cannot check) are held to the
+reference by tests/test_parity.py and its bad inputs by tests/test_catalogue.py (the
+triton-cuda environment)."""
 
 import pytest
 import torch
@@ -8,13 +11,10 @@ import torch
 import rcka_kernels as rk
 from rcka_kernels import reference
 
-from .utils import SHAPES, TOL, assert_close, assert_grads_within_torch_error, fp32_matmul_precision
+from .utils import accept, fp32_matmul_precision
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
-
-KERNELS = [("linear", None), ("rbf", None), ("rbf", "mean")]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _pair(n, p, q, dtype, batch=()):
@@ -31,64 +31,14 @@ def _grads(fn, x, y, w):
     return a.grad, b.grad
 
 
-def _check_grads(f, r, x, y, w):
-    """Judged against the torch backend's own error in the same precision."""
-    wl = w.float()
-    got = _grads(lambda a, b: f(a, b, "triton"), x, y, wl)
-    base = _grads(lambda a, b: f(a, b, "torch"), x, y, wl)
-    want = _grads(r, x, y, w)
-    rtol = TOL[x.dtype][1]
-    assert_grads_within_torch_error(got, base, want, (x, y), rtol)
-
-
-@pytest.mark.parametrize("n,p,q", SHAPES + [(129, 200, 31), (2049, 64, 128)])
-@pytest.mark.parametrize("kernel,sigma", KERNELS)
-@pytest.mark.parametrize("debiased", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cka_values_and_gradients(n, p, q, kernel, sigma, debiased, dtype):
-    if debiased and n < 4:
-        pytest.skip("debiased needs n >= 4")
-    x, y = _pair(n, p, q, dtype, batch=(2,))
-    got = rk.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend="triton")
-    want = reference.cka(x, y, kernel, sigma, debiased)
-    base = rk.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend="torch")
-    err, err_torch = float((got.double() - want).abs().max()), float((base.double() - want).abs().max())
-    assert err <= max(2.0 * err_torch, TOL[dtype][0] + TOL[dtype][1] * float(want.abs().max())), (err, err_torch)
-    f = lambda a, b, be: rk.cka(a, b, kernel=kernel, sigma=sigma, debiased=debiased, backend=be)  # noqa: E731
-    r = lambda a, b: reference.cka(a.double(), b.double(), kernel, sigma, debiased)  # noqa: E731
-    _check_grads(f, r, x, y, torch.randn(2, dtype=torch.float64, device="cuda"))
-
-
-@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (5, 9, 3), (300, 129, 70), (1000, 1500, 16)])
-@pytest.mark.parametrize("unbiased", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_mmd_values_and_gradients(n, m, d, unbiased, dtype):
-    if unbiased and min(n, m) < 2:
-        pytest.skip("the unbiased estimator needs two samples on each side")
-    x = torch.randn(2, n, d, device="cuda").to(dtype)
-    z = (torch.randn(2, m, d, device="cuda") * 1.3 + 0.4).to(dtype)
-    got = rk.mmd(x, z, unbiased=unbiased, backend="triton")
-    assert_close(got, reference.mmd(x, z, "rbf", None, unbiased), dtype)
-    f = lambda a, b, be: rk.mmd(a, b, unbiased=unbiased, backend=be)  # noqa: E731
-    r = lambda a, b: reference.mmd(a.double(), b.double(), "rbf", None, unbiased)  # noqa: E731
-    _check_grads(f, r, x, z, torch.randn(2, dtype=torch.float64, device="cuda"))
-
-
 @pytest.mark.parametrize("n", [16, 49, 128])
 def test_tiny_groups_pcka(n):
     """Many tiny groups (PCKA's per-channel CKA) in one launch equal per-group calls."""
     x, y = _pair(n, 7, 5, torch.float32, batch=(300,))
     for kernel in ("linear", "rbf"):
         got = rk.cka(x, y, kernel=kernel, backend="triton")
-        want = reference.cka(x, y, kernel, None)
-        assert_close(got, want, torch.float32)
-
-
-def test_float64_on_gpu():
-    x, y = _pair(70, 9, 4, torch.float64, batch=(2,))
-    for kernel in ("linear", "rbf"):
-        got = rk.cka(x, y, kernel=kernel, debiased=True, backend="triton")
-        torch.testing.assert_close(got, reference.cka(x, y, kernel, None, True), rtol=1e-10, atol=1e-12)
+        want = reference.cka(x.double().cpu(), y.double().cpu(), kernel, None)
+        accept(got, want, torch.float32)
 
 
 def test_deterministic():
@@ -123,7 +73,7 @@ def test_kernels_run_on_the_tensors_device_not_the_current_one():
     with torch.cuda.device(0):
         got = rk.cka(x, y, kernel="rbf", sigma=1.0, backend="triton")
     assert got.device == x.device
-    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-5)
+    accept(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -139,4 +89,4 @@ def test_half_backward_keeps_its_precision_with_tf32_on(dtype):
         b = x.double().requires_grad_()
         (reference.cka(b, y.double(), "rbf", 3.0) * w).sum().backward()
         scale = float(b.grad.abs().max())
-        assert_close(a.grad.cpu().double() / scale, b.grad / scale, dtype)
+        accept(a.grad.cpu().double() / scale, b.grad / scale, dtype)

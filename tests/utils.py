@@ -1,12 +1,27 @@
-"""One table of tolerances and one list of awkward shapes for every test."""
+"""What every numerical test shares: the environments, the shapes, the tolerance table
+and the one acceptance rule.
+
+Environments (``ENVIRONMENTS``; the ``env`` and ``kernel_env`` fixtures of
+tests/conftest.py yield an ``Env`` for each): every backend wherever it can run. On the
+CPU: the float64 reference, the torch backend (with its native linear op and without),
+Triton in its interpreter and the CUDA C++ kernels under the CPU emulation; on a GPU
+(the ``gpu`` marker): torch, Triton and CUDA C++ there.
+
+Acceptance (``accept``): a result is held to the float64 reference evaluated on the
+same (quantised) inputs; its largest error may be twice the torch backend's own error
+in the same dtype on the same inputs, and never has to be below a floor from ``TOL``.
+The torch backend itself is held to the floor.
+"""
 
 import contextlib
+import os
 import socket
+from typing import Optional
 
 import pytest
 import torch
 
-# (dtype) -> (atol, rtol) against the float64 reference. fp32 accumulates in fp32
+# (dtype) -> (atol, rtol): the floor of the acceptance rule. fp32 accumulates in fp32
 # inside blocks and float64 across blocks; half inputs are quantised before that,
 # so their error is judged against the reference evaluated on the quantised input.
 TOL = {
@@ -15,43 +30,159 @@ TOL = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1e-2, 1e-2),
 }
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
-# (n, p, q): odd sizes, p = 1, n < p and n > p, p != q, sample-space and feature-space linear paths
+# (n, p, q): odd sizes, p = 1, n < p and n > p, p != q, sample-space and feature-space
+# linear paths; n across Triton's 16-row tiles (the interpreter runs with 16-row tiles)
+# and its default 64, features wider than 64 (the backward's 128-column chunks), the
+# CUDA kernels' small-group (n <= 128) and tiled paths with a ragged last tile
 SHAPES = [
     (4, 1, 1),
     (5, 3, 2),
     (7, 1, 9),
     (33, 17, 5),
     (33, 64, 48),
-    (1000, 12, 7),
+    (40, 80, 12),
+    (70, 6, 3),
+    (129, 200, 31),
+    (150, 5, 18),
+    (300, 12, 7),
+    (2049, 64, 128),
 ]
+KERNELS = [("linear", None), ("rbf", None), ("rbf", "mean"), ("rbf", 1.3)]
 
 
-def assert_close(actual, expected, dtype, scale=1.0):
+# ----------------------------------------------------------------------------- environments
+
+# (environment, backend, device); the GPU ones run where a GPU is
+ENVIRONMENTS = [
+    pytest.param(("reference", "reference", "cpu"), id="reference"),
+    pytest.param(("torch", "torch", "cpu"), id="torch"),
+    pytest.param(("torch-python", "torch", "cpu"), id="torch-python"),
+    pytest.param(("triton-interpreter", "triton", "cpu"), id="triton-interpreter", marks=pytest.mark.interpreter),
+    pytest.param(("cuda-emulated", "cuda", "cpu"), id="cuda-emulated"),
+    pytest.param(("torch-cuda", "torch", "cuda"), id="torch-cuda", marks=pytest.mark.gpu),
+    pytest.param(("triton-cuda", "triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param(("cuda", "cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
+]
+#: the environments whose kernels are held to the reference (the reference is the yardstick)
+KERNEL_ENVIRONMENTS = [e for e in ENVIRONMENTS if e.values[0][0] != "reference"]
+
+# The largest n each CPU environment runs in reasonable time (each program of the
+# interpreter is NumPy code, each CUDA thread of the emulation a std::thread, and the
+# float64 reference with its gradients is O(n^2) memory and O(n^3) time on the CPU):
+# larger n runs on GPUs only.
+MAX_N = {"triton-interpreter": 80, "cuda-emulated": 160, "torch": 320, "torch-python": 320, "reference": 320}
+# The emulators run every dtype and every bandwidth rule on the small shapes (n <= 33: one
+# to three 16-row tiles) and float32 with the linear kernel and the median RBF on every
+# shape up to their MAX_N: the rest of the cross is the same kernels with other inputs.
+EMULATORS = ("triton-interpreter", "cuda-emulated")
+SMALL_N = 33
+# Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9): bf16 runs on GPUs only.
+NO_DTYPE = {"triton-interpreter": {torch.bfloat16: "the interpreter's bf16 tl.dot is wrong (triton 3.9); bf16 runs on GPUs"}}
+
+
+class Env:
+    """One backend in one environment: ``backend`` to pass to the public functions,
+    ``device`` for the inputs; ``kernels()`` is its backend-contract module."""
+
+    def __init__(self, name: str, backend: str, device: str):
+        self.name, self.backend, self.device = name, backend, device
+
+    def __repr__(self):
+        return f"Env({self.name})"
+
+    def need(self, n: int = 0, dtype: Optional[torch.dtype] = None, kernel: str = "linear", sigma=None) -> None:
+        """Skip what this environment cannot run in reasonable time or at all (see MAX_N,
+        EMULATORS, NO_DTYPE); the torch backend without its native op runs the linear kernel only."""
+        if n > MAX_N.get(self.name, n):
+            pytest.skip(f"n = {n} is beyond what {self.name} runs in reasonable time (<= {MAX_N[self.name]}); GPUs run it")
+        reason = NO_DTYPE.get(self.name, {}).get(dtype)
+        if reason:
+            pytest.skip(reason)
+        if self.name in EMULATORS and n > SMALL_N and (dtype not in (None, torch.float32) or sigma is not None):
+            pytest.skip(f"{self.name} runs {dtype} and the {sigma!r} bandwidth at n <= {SMALL_N}; GPUs run every n")
+        if self.name == "torch-python" and kernel != "linear":
+            pytest.skip("only the linear kernel runs the native op that this environment leaves out")
+
+    def kernels(self):
+        from rcka_kernels import _dispatch
+
+        return _dispatch.kernels(self.backend)
+
+    def pair(self, n, p, q, dtype=torch.float32, batch=(), seed=0, offset=True):
+        """Correlated x (..., n, p), y (..., n, q) on this device; x with an offset and a
+        scale (the centring must be exact) unless ``offset`` is False."""
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(*batch, n, p, generator=g, dtype=torch.float64)
+        y = 0.5 * torch.randn(*batch, n, q, generator=g, dtype=torch.float64)
+        y[..., : min(p, q)] += x[..., : min(p, q)]
+        if offset:
+            x = x * 2.0 + 0.7
+        return x.to(self.device, dtype), y.to(self.device, dtype)
+
+
+def make_env(request, monkeypatch, param) -> Env:
+    """Set up the environment ``param`` (an ENVIRONMENTS value) for one test, or skip
+    with the reason it cannot run here (a failure for the CUDA library when
+    RCKA_REQUIRE_CUDA=1)."""
+    from rcka_kernels import _dispatch, _native
+
+    name, backend, device = param
+    env = Env(name, backend, device)
+    if name == "torch-python":  # the torch backend without its native linear op
+        monkeypatch.setattr(_native, "op", lambda: None)
+        monkeypatch.setattr(_native, "pair_op", lambda: None)
+    elif name == "cuda-emulated":  # the CUDA C++ kernels on CPU tensors (tests/conftest.py: cuda_emulation)
+        from rcka_kernels.ops import cuda_backend
+
+        lib = request.getfixturevalue("cuda_emulation")
+        monkeypatch.setattr(cuda_backend, "_lib", lambda: lib)
+        monkeypatch.setattr(cuda_backend, "_DEVICE_TYPES", ("cuda", "cpu"))
+        monkeypatch.setitem(_dispatch._loaded, "cuda", cuda_backend)
+        reason = _dispatch._device_reason
+        monkeypatch.setattr(_dispatch, "_device_reason", lambda n, d: None if n == "cuda" else reason(n, d))
+    elif name == "triton-interpreter":
+        # 16-row tiles: several (partial, upper-triangle) tiles and feature chunks at these n
+        monkeypatch.setenv("RCKA_TRITON_MAX_BLOCK", "16")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return env  # the body runs in the interpreter's child pytest (tests/conftest.py), which checks
+    if name != "cuda-emulated":
+        st = _dispatch.status(backend, torch.device(device))
+        if not st.available:
+            if backend == "cuda" and os.environ.get("RCKA_REQUIRE_CUDA") == "1":
+                pytest.fail(f"{name}: {st.reason}")
+            pytest.skip(f"{name}: {st.reason}")
+    return env
+
+
+# ----------------------------------------------------------------------------- acceptance
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double().cpu() - b.detach().double().cpu()).abs().max()) if b.numel() else 0.0
+
+
+def accept(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, base: Optional[torch.Tensor] = None,
+           what: str = "value") -> None:
+    """The acceptance rule of every parity test.
+
+    ``want`` is the float64 reference on the inputs ``got`` saw (quantised to ``dtype``);
+    ``base`` the torch backend's result in the same dtype on the same inputs (None when
+    ``got`` is the torch backend's). Passes when got has want's shape, is finite where
+    want is, and max|got - want| <= max(2 max|base - want|, atol + rtol max|want|) with
+    (atol, rtol) = TOL[dtype]: no backend need beat the torch backend by much on an
+    ill-conditioned case, and none may be worse than twice it."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    assert torch.equal(torch.isfinite(g), torch.isfinite(w)), f"{what}: non-finite values where the reference has none"
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
-
-
-def centred_pair(g, n, p, q, seed=0):
-    """Correlated, column-centred float64 groups x (g, n, p), y (g, n, q): the
-    inputs of the backend-contract tests (the contract takes centred inputs)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(g, n, p, generator=gen, dtype=torch.float64)
-    y = 0.5 * torch.randn(g, n, q, generator=gen, dtype=torch.float64)
-    k = min(p, q)
-    y[..., :k] += x[..., :k]
-    return x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
-
-
-def assert_grads_within_torch_error(got, base, want, inputs, rtol):
-    """Gradients of a fused backend (got) against the float64 reference (want),
-    judged by the torch backend's own error in the same precision (base)."""
-    for g, b, ref, inp in zip(got, base, want, inputs):
-        assert g.dtype == inp.dtype and g.shape == inp.shape
-        scale = float(ref.abs().max()) or 1.0
-        err = float((g.double() - ref).abs().max()) / scale
-        err_torch = float((b.double() - ref).abs().max()) / scale
-        assert err <= max(2.0 * err_torch, 5.0 * rtol), (err, err_torch)
+    scale = float(w.abs().max()) if w.numel() else 0.0
+    bound = atol + rtol * scale
+    err = _err(g, w)
+    err_torch = _err(base, w) if base is not None else 0.0
+    assert err <= max(2.0 * err_torch, bound), (
+        f"{what}: max error {err:.3e} > max(2 x torch's {err_torch:.3e}, {atol:.0e} + {rtol:.0e} x {scale:.3e})")
 
 
 @contextlib.contextmanager

@@ -190,8 +190,10 @@ def rbf_stats(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor) -> Tuple[Tensor, Ten
     wr = torch.empty(2, g, tiles, n, dtype=cd, device=x.device)  # every (slot, row) is written once
     lib.pair_forward(lib.HSIC_RBF, code, g, _rows(x), _rows(y), gx.data_ptr(), gy.data_ptr(), ws.data_ptr(), wr[0].data_ptr(),
                      wr[1].data_ptr(), device, stream)
-    r = wr.sum(2, dtype=torch.float64).to(cd)  # no float64 copy of the workspace
-    return ws.sum(1), r[0], r[1]
+    # one sum per side: two views of one tensor would alias the op's outputs, which
+    # torch.library forbids (no float64 copy of the workspace either way)
+    rx, ry = (wr[i].sum(1, dtype=torch.float64).to(cd) for i in range(2))
+    return ws.sum(1), rx, ry
 
 
 def rbf_stats_backward(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, gs: Tensor, grx: Tensor, gry: Tensor) -> Tuple[Tensor, Tensor]:

@@ -1,0 +1,270 @@
+"""Values and gradients of every backend in every environment against the float64
+reference, judged by the one acceptance rule (tests/utils.py: ``accept``).
+
+The ``kernel_env`` fixture yields the torch backend (with and without its native
+linear op), Triton in its interpreter, the CUDA C++ kernels under the CPU emulation,
+and on a GPU torch, Triton and CUDA C++ there. Two levels:
+- the public functions (cka, hsic, mmd, centered_gram) over the shared shapes,
+  dtypes, kernels and bandwidth rules, estimators and batched groups, values and
+  gradients of a weighted sum (an upstream gradient that is not all ones);
+- the backend contract (rcka_kernels/ops/_contract.py): each statistic and its raw
+  backward of arbitrary cotangents against the torch backend's in float64 on the same
+  inputs, over shapes that take every path of the kernels (small groups and tiles,
+  ragged last tiles, sample- and feature-space linear, features wider than a chunk).
+Plus ``gradcheck`` in float64 for every differentiable function, the reference
+included. The bad-input catalogue is tests/test_catalogue.py, on the same environments.
+"""
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import rcka_kernels as rk
+from rcka_kernels import reference
+from rcka_kernels.ops import torch_backend as tb
+
+from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept
+
+f64 = torch.float64
+
+
+def _cpu64(t):
+    return t.detach().to("cpu", f64)
+
+
+def _value_and_grads(fn, inputs, w):
+    """fn(*inputs), and the gradient of sum(fn * w) for each input."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    v = fn(*leaves)
+    grads = torch.autograd.grad((v * w.to(v.device, v.dtype)).sum(), leaves)
+    return (v.detach(),) + grads
+
+
+def _check(env, fn, ref, inputs, dtype, w):
+    """fn(*inputs, backend) and its gradients held to ref on the float64 inputs, with the
+    torch backend's own result in the same dtype as the rule's base."""
+    got = _value_and_grads(lambda *a: fn(*a, env.backend), inputs, w)
+    cd = tb.compute_dtype(inputs[0].dtype)
+    assert got[0].dtype == cd, f"value dtype {got[0].dtype} for {inputs[0].dtype} inputs, want {cd}"
+    want = _value_and_grads(ref, [_cpu64(t) for t in inputs], w.cpu())
+    base = _value_and_grads(lambda *a: fn(*a, "torch"), inputs, w) if env.backend != "torch" else [None] * len(got)
+    for what, g, r, b, t in zip(["value"] + [f"d/d{i}" for i in range(len(inputs))], got, want, base, [None] + list(inputs)):
+        assert t is None or g.dtype == t.dtype, f"{what}: gradient dtype {g.dtype}, input {t.dtype}"
+        accept(g, r, dtype, b, what)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+@pytest.mark.parametrize("n,p,q", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kernel,sigma", KERNELS)
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_hsic(kernel_env, n, p, q, dtype, kernel, sigma, debiased):
+    kernel_env.need(n, dtype, kernel, sigma)
+    if debiased and n < 4:
+        pytest.skip("the debiased estimator needs n >= 4")
+    if isinstance(sigma, float):  # a fixed bandwidth of the data's scale, not K = I
+        sigma *= max(p, q) ** 0.5
+    x, y = kernel_env.pair(n, p, q, dtype, batch=(2,))
+    w = torch.randn(2, dtype=f64, device=kernel_env.device)
+    kw = dict(kernel=kernel, sigma=sigma, debiased=debiased)
+    _check(kernel_env, lambda a, b, be: rk.cka(a, b, backend=be, **kw), lambda a, b: reference.cka(a, b, kernel, sigma, debiased),
+           (x, y), dtype, w)
+    # HSIC from the same statistics (its gradients are the contract's arbitrary cotangents below)
+    base = rk.hsic(x, y, backend="torch", **kw) if kernel_env.backend != "torch" else None
+    accept(rk.hsic(x, y, backend=kernel_env.backend, **kw), reference.hsic(_cpu64(x), _cpu64(y), kernel, sigma, debiased),
+           dtype, base, "hsic")
+
+
+# (n, m, d): one sample each, small, Z = [X; Y] in one tile and over several
+MMD_SHAPES = [(1, 1, 1), (5, 9, 3), (40, 23, 7), (100, 45, 20), (150, 90, 37)]
+
+
+@pytest.mark.parametrize("n,m,d", MMD_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kernel,sigma", KERNELS)
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_mmd(kernel_env, n, m, d, dtype, kernel, sigma, unbiased):
+    kernel_env.need(n + m, dtype, kernel, sigma)
+    if unbiased and min(n, m) < 2:
+        pytest.skip("the unbiased estimator needs two samples on each side")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, n, d, generator=g, dtype=f64).to(kernel_env.device, dtype)
+    z = (torch.randn(2, m, d, generator=g, dtype=f64) * 1.3 + 0.4).to(kernel_env.device, dtype)
+    w = torch.randn(2, dtype=f64, device=kernel_env.device)
+    _check(kernel_env, lambda a, b, be: rk.mmd(a, b, kernel=kernel, sigma=sigma, unbiased=unbiased, backend=be),
+           lambda a, b: reference.mmd(a, b, kernel, sigma, unbiased), (x, z), dtype, w)
+
+
+# (g, n, p): n below, at and across tiles, p = 1, one and three groups
+GRAM_SHAPES = [(1, 4, 1), (3, 5, 7), (3, 33, 7), (1, 33, 1), (3, 70, 1), (2, 150, 5)]
+
+
+@pytest.mark.parametrize("g,n,p", GRAM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kernel,sigma", KERNELS)
+@pytest.mark.parametrize("debiased", [False, True])
+def test_centered_gram(kernel_env, g, n, p, dtype, kernel, sigma, debiased):
+    kernel_env.need(n, dtype, kernel, sigma)
+    if debiased and n < 4:
+        pytest.skip("U-centring needs n >= 4")
+    x, _ = kernel_env.pair(n, p, 1, dtype, batch=(g,))
+    w = torch.randn(g, n, n, dtype=f64, device=kernel_env.device)
+    _check(kernel_env, lambda a, be: rk.centered_gram(a, kernel=kernel, sigma=sigma, debiased=debiased, backend=be),
+           lambda a: reference.centered_gram(a, kernel, sigma, debiased), (x,), dtype, w)
+    if debiased:
+        k = rk.centered_gram(x, kernel=kernel, sigma=sigma, debiased=True, backend=kernel_env.backend)
+        assert torch.all(torch.diagonal(k, dim1=-2, dim2=-1) == 0)
+
+
+@pytest.mark.parametrize("kernel,sigma", KERNELS)
+@pytest.mark.parametrize("debiased", [False, True])
+def test_batched_groups_equal_each_group_alone(kernel_env, kernel, sigma, debiased):
+    """A (2, 3) leading batch is six independent groups: each as the reference of that
+    group alone (a bandwidth rule is applied per group)."""
+    kernel_env.need(19, f64, kernel, sigma)
+    x, y = kernel_env.pair(19, 4, 6, f64, batch=(2, 3))
+    got = rk.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=kernel_env.backend)
+    assert got.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            accept(got[i, j], reference.cka(_cpu64(x[i, j]), _cpu64(y[i, j]), kernel, sigma, debiased), f64, what=f"group {i, j}")
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+
+def _gradcheck(env, fn, inputs):
+    """gradcheck in float64; the emulators check a random projection of the Jacobian
+    (fast_mode: two evaluations per input instead of two per input element)."""
+    return gradcheck(fn, tuple(t.detach().requires_grad_() for t in inputs), fast_mode=env.name in EMULATORS)
+
+
+@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 1.1)])
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("n,p,q", [(5, 2, 3), (6, 4, 3)])  # sample- and feature-space linear paths
+def test_gradcheck_cka_hsic(env, kernel, sigma, debiased, n, p, q):
+    env.need(n, f64, kernel)
+    x, y = env.pair(n, p, q, f64, batch=(2,))
+    for fn in (rk.cka, rk.hsic):
+        assert _gradcheck(env, lambda a, b: fn(a, b, kernel=kernel, sigma=sigma, debiased=debiased, backend=env.backend), (x, y))
+
+
+@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 0.9)])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_gradcheck_mmd(env, kernel, sigma, unbiased):
+    env.need(9, f64, kernel)
+    x, z = env.pair(5, 2, 2, f64, batch=(2,))
+    z = z[:, :4] + 0.3
+    assert _gradcheck(env, lambda a, b: rk.mmd(a, b, kernel=kernel, sigma=sigma, unbiased=unbiased, backend=env.backend), (x, z))
+
+
+@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 1.7)])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_gradcheck_centered_gram(env, kernel, sigma, debiased):
+    env.need(7, f64, kernel)
+    x, _ = env.pair(7, 2, 1, f64, batch=(2,))
+    assert _gradcheck(env, lambda a: rk.centered_gram(a, kernel=kernel, sigma=sigma, debiased=debiased, backend=env.backend), (x,))
+
+
+# ----------------------------------------------------------------------------- backend contract
+
+# (G, n, p, q): the CUDA kernels' small-group path (n <= 128: 1, 2 or 4 tiles) and tiled
+# path (n > 128, ragged last tile), p and q below and above a staging chunk, both linear
+# paths (sample space p + q > n, feature space), many 16-row Triton tiles
+CONTRACT_SHAPES = [(1, 5, 3, 2), (3, 33, 17, 5), (2, 64, 40, 8), (2, 128, 7, 70), (1, 129, 12, 7),
+                   (2, 150, 5, 18), (2, 200, 45, 33), (1, 300, 3, 1), (2, 500, 20, 30)]
+# (G, n, m, p): MMD over Z = [X; Y] in one tile and over several, the X/Y boundary inside a tile
+CONTRACT_MMD_SHAPES = [(1, 4, 3, 2), (2, 40, 70, 9), (1, 100, 29, 5), (2, 150, 90, 37), (1, 7, 200, 3)]
+
+
+def _contract(env, n, dtype):
+    if env.backend == "torch" and dtype == f64:
+        pytest.skip("the torch backend in float64 is the contract's yardstick")
+    if env.name == "torch-python":
+        pytest.skip("the torch backend's contract is the torch environment's (the native op is above it)")
+    env.need(n, dtype)
+    return env.kernels()
+
+
+def _gamma(x):
+    """About 1 / (2 x the mean squared distance): kernel values spread over (0, 1)."""
+    return (1.0 / (2 * x.double().var(1).sum(-1).clamp_min(1e-6))).to(tb.compute_dtype(x.dtype))
+
+
+def _contract_check(env, dtype, name, args, cast):
+    """Contract function ``name`` of env's backend on args, held to the torch backend's on
+    the float64 inputs; ``cast(args, dtype)`` gives the arguments in a dtype."""
+    def call(mod, a):
+        out = getattr(mod, name)(*a)
+        if name == "linear_stats" and isinstance(out, tuple):
+            out = out[0]  # the torch backend may add what its backward reuses
+        return out if isinstance(out, tuple) else (out,)
+
+    got = call(env.kernels(), args)
+    want = call(tb, cast(args, f64))
+    base = call(tb, args) if env.backend != "torch" else [None] * len(got)
+    for i, (g, r, b) in enumerate(zip(got, want, base)):
+        accept(g, r, dtype, b, f"{name} output {i}")
+    return got
+
+
+def _centred(g, n, p, q, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(g, n, p, generator=gen, dtype=f64)
+    y = 0.5 * torch.randn(g, n, q, generator=gen, dtype=f64)
+    y[..., : min(p, q)] += x[..., : min(p, q)]
+    return [(t - t.mean(1, keepdim=True)).to(device, dtype) for t in (x, y)]
+
+
+def _cotangents(g, n, dtype, device, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    gs = torch.randn(g, 3, generator=gen, dtype=f64).to(device)
+    grx, gry = (torch.randn(g, n, generator=gen, dtype=f64).to(device, tb.compute_dtype(dtype)) for _ in range(2))
+    return gs, grx, gry
+
+
+def _as(dtype):
+    """Cast the floating inputs of a contract call (not the float64 cotangents gS)."""
+    def cast(args, want):
+        return [a.to(want) if a.dtype == dtype or a.dtype == tb.compute_dtype(dtype) else a for a in args]
+    return cast
+
+
+@pytest.mark.parametrize("g,n,p,q", CONTRACT_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_contract_linear(kernel_env, g, n, p, q, dtype):
+    _contract(kernel_env, n, dtype)
+    x, y = _centred(g, n, p, q, dtype, kernel_env.device)
+    gs, _, _ = _cotangents(g, n, dtype, kernel_env.device)
+    _contract_check(kernel_env, dtype, "linear_stats", [x, y], _as(dtype))
+    _contract_check(kernel_env, dtype, "linear_stats_backward", [x, y, gs], _as(dtype))
+
+
+@pytest.mark.parametrize("g,n,p,q", CONTRACT_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_contract_rbf(kernel_env, g, n, p, q, dtype):
+    _contract(kernel_env, n, dtype)
+    x, y = _centred(g, n, p, q, dtype, kernel_env.device, seed=1)
+    gx, gy = _gamma(x), _gamma(y)
+    gs, grx, gry = _cotangents(g, n, dtype, kernel_env.device)
+    s, rx, ry = _contract_check(kernel_env, dtype, "rbf_stats", [x, y, gx, gy], _as(dtype))
+    cd = tb.compute_dtype(dtype)
+    assert s.dtype == f64 and rx.dtype == cd and ry.dtype == cd and rx.shape == (g, n)
+    dx, dy = _contract_check(kernel_env, dtype, "rbf_stats_backward", [x, y, gx, gy, gs, grx, gry], _as(dtype))
+    assert dx.dtype == dtype and dy.dtype == dtype
+
+
+@pytest.mark.parametrize("g,n,m,p", CONTRACT_MMD_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_contract_mmd(kernel_env, g, n, m, p, dtype):
+    _contract(kernel_env, n + m, dtype)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(g, n, p, generator=gen, dtype=f64).to(kernel_env.device, dtype)
+    y = (torch.randn(g, m, p, generator=gen, dtype=f64) + 0.3).to(kernel_env.device, dtype)
+    gamma = _gamma(torch.cat([x, y], 1))
+    gs, _, _ = _cotangents(g, n, dtype, kernel_env.device)
+    _contract_check(kernel_env, dtype, "rbf_mmd_sums", [x, y, gamma], _as(dtype))
+    dx, dy = _contract_check(kernel_env, dtype, "rbf_mmd_sums_backward", [x, y, gamma, gs], _as(dtype))
+    assert dx.dtype == dtype and dy.shape == y.shape
