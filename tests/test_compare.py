@@ -127,6 +127,28 @@ def test_exact_same_model_one_pass_and_layer_subsets(debiased, product_dtype):
     torch.testing.assert_close(res2.values, res.values[:2, 1:], rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_exact_in_row_strips(monkeypatch, debiased):
+    """Products in row strips of 16 (the smallest), which start inside layers: with one model's
+    layers on both sides only the blocks on and above the diagonal are computed, the others
+    mirrored at the end."""
+    from rcka_kernels.compare import stats
+
+    a, b = Net(12, 0, offset=30.0), Net(9, 1)
+    x = _data()
+    bx = _batches(x, 20)
+    fa, fb = _feats(a, LAYERS, bx), _feats(b, LAYERS, bx)
+    monkeypatch.setattr(stats, "SCRATCH_BYTES", 1)
+    kw = dict(estimator="exact", debiased=debiased, progress=False)
+    rtol, atol = EXACT_TOL[None]
+    torch.testing.assert_close(rk.compare(a, None, bx, LAYERS, **kw).values, _concat_cka(fa, fa, debiased), rtol=rtol, atol=atol)
+    torch.testing.assert_close(rk.compare(a, b, bx, LAYERS, LAYERS, **kw).values, _concat_cka(fa, fb, debiased), rtol=rtol, atol=atol)
+    shared = ExactStats([12, 12, 12, 8, 3], [12, 12, 12, 8, 3], debiased=debiased, shared=True, device="cpu")
+    shared.update(fa, fa)
+    o = shared.a.offsets
+    assert not shared.M[o[3]:, :o[2]].any() and shared.M[:o[2], o[3]:].all()  # lower blocks left alone until finalized
+
+
 def test_exact_float32_features_against_rk_cka():
     """The issue's target: float32 features, 1e-6 relative to rk.cka on the concatenated features."""
     a, b = Net(12, 0, offset=1e3), Net(9, 1)

@@ -16,10 +16,16 @@ float64:
     cancel when the features have large means, and the work-dtype products see
     rows of the size of their spread, not of their mean);
   - M = X_A^T X_B (P_A x P_B): every cross block X_i^T Y_j at once; per batch one
-    GEMM in the work dtype, in row strips whose result (a few MiB) is added to the
-    float64 M while it is still in cache;
+    GEMM in the work dtype, in row strips whose result (a few MiB, in a reused
+    scratch) is widened into a reused float64 scratch and added to M while it is
+    still in cache. When A and B are the same layers of the same model, each strip
+    computes only the columns from its first layer on (the blocks on and above the
+    diagonal: about half the work) and the blocks below are mirrored at the end;
   - S_i = X_i^T X_i (p_i x p_i) per layer, and the same for B (from M's diagonal
     blocks when A and B are the same layers of the same model);
+This GEMM is the estimator's floor: n P_A P_B multiply-adds (n sum p_i^2 more for the
+self products), against about n b (P_A + P_B) for the minibatch estimator's Grams
+(b the batch size); see ``core``'s docstring for what that means for its time.
   - debiased only, with d_k = |x_k|^2 and e_k = |y_k|^2 the per-layer squared row
     norms: D = sum_k d_k, a = sum_k d_k e_k (La x Lb), U = X_A^T e (P_A x Lb),
     V = X_B^T d (P_B x La), and the same per layer for the self terms.
@@ -50,6 +56,7 @@ concatenated data.
 
 from __future__ import annotations
 
+import bisect
 from typing import List, Optional, Sequence
 
 import torch
@@ -178,17 +185,12 @@ class _Side(_Layout):
         """Per-layer squared row norms (b, L) float64."""
         return torch.stack([torch.linalg.vector_norm(self.cols(x, i), dim=1) for i in range(self.L)], 1).to(f64).square()
 
-    def update(self, x: Tensor, colsum: Tensor, d: Optional[Tensor]) -> None:
+    def update(self, x: Tensor, colsum: Tensor, d: Optional[Tensor], add_at_b) -> None:
         self.s += colsum
         if self.self_ is not None:
-            step = x.shape[0] if x.dtype == f64 else PRODUCT_ROWS
             for i, m in enumerate(self.self_):
-                for r in range(0, x.shape[0], step):
-                    xi = self.cols(x[r:r + step], i)
-                    if x.dtype == f64:
-                        m.addmm_(xi.mT, xi)
-                    else:
-                        m += xi.mT @ xi
+                xi = self.cols(x, i)
+                add_at_b(m, xi, xi)
         if d is not None:
             self.D += d.sum(0)
             self.a_self += (d * d).sum(0)
@@ -214,24 +216,58 @@ class ExactStats:
         self.a = _Side(widths_a, debiased, device, with_self=not shared)
         self.b = self.a if shared else _Side(widths_b, debiased, device, with_self=True)
         self.M = torch.zeros(self.a.P, self.b.P, dtype=f64, device=device)
-        self._strip: Optional[Tensor] = None
+        self._work: Optional[Tensor] = None   # work-dtype product scratch (_add_at_b)
+        self._wide: Optional[Tensor] = None   # the same widened to float64
         if debiased:
             self.A = torch.zeros(self.a.L, self.b.L, dtype=f64, device=device)   # sum_k d_k e_k
             self.U = torch.zeros(self.a.P, self.b.L, dtype=f64, device=device)   # X_A^T e
             self.V = torch.zeros(self.b.P, self.a.L, dtype=f64, device=device)   # X_B^T d
 
-    def _cross(self, xa: Tensor, xb: Tensor) -> None:
-        """M += xa^T xb: float64 directly; otherwise in row strips of the work dtype added to M."""
-        if xa.dtype == f64:
-            self.M.addmm_(xa.mT, xb)
+    def _add_at_b(self, dst: Tensor, a: Tensor, b: Tensor, col_start=None) -> None:
+        """dst (m, n) float64 += a^T b for a (k, m), b (k, n) in the work dtype.
+
+        Float64: one addmm. Otherwise in row strips of dst whose work-dtype product (at most
+        ``SCRATCH_BYTES``, over at most ``PRODUCT_ROWS`` rows of a and b) goes to a reused
+        scratch, is widened into a reused float64 one and added to dst while in cache: no
+        allocation per product (torch's mixed-dtype ``add_`` would allocate the widened copy
+        every time). ``col_start(s)``: the first column the rows from s need (the blocks on
+        and above the diagonal when A and B are the same layers); the others are left alone.
+        """
+        m, n = dst.shape
+        if a.dtype == f64 and col_start is None:
+            dst.addmm_(a.mT, b)
             return
-        rows = max(16, SCRATCH_BYTES // (xb.shape[1] * xa.element_size()))
-        if self._strip is None or self._strip.dtype != xa.dtype:
-            self._strip = torch.empty(min(rows, self.a.P), self.b.P, dtype=xa.dtype, device=xa.device)
-        for s in range(0, self.a.P, rows):
-            e = min(s + rows, self.a.P)
-            for k in range(0, xa.shape[0], PRODUCT_ROWS):
-                self.M[s:e] += torch.mm(xa[k:k + PRODUCT_ROWS, s:e].mT, xb[k:k + PRODUCT_ROWS], out=self._strip[:e - s])
+        step = a.shape[0] if a.dtype == f64 else PRODUCT_ROWS
+        rows = max(16, SCRATCH_BYTES // (n * a.element_size()))
+        if a.dtype != f64:
+            need = min(rows, m) * n
+            if self._work is None or self._work.numel() < need or self._work.dtype != a.dtype:
+                self._work = torch.empty(need, dtype=a.dtype, device=a.device)
+                self._wide = torch.empty(need, dtype=f64, device=a.device)
+        for s in range(0, m, rows):
+            e = min(s + rows, m)
+            c = col_start(s) if col_start is not None else 0
+            d = dst[s:e, c:]
+            for k in range(0, a.shape[0], step):
+                ak, bk = a[k:k + step, s:e].mT, b[k:k + step, c:]
+                if a.dtype == f64:
+                    d.addmm_(ak, bk)
+                else:
+                    size = (e - s) * (n - c)
+                    w = torch.mm(ak, bk, out=self._work[:size].view(e - s, n - c))
+                    t = self._wide[:size].view(e - s, n - c)
+                    d.add_(t.copy_(w))
+
+    def _upper(self, s: int) -> int:
+        """First column of M that row s needs when A and B are the same layers: its layer's first."""
+        return self.a.offsets[bisect.bisect_right(self.a.offsets, s) - 1]
+
+    def _mirror(self) -> None:
+        """Shared layers: fill the blocks below M's block diagonal from those above it."""
+        o = self.a.offsets
+        for i in range(self.a.L):
+            for j in range(i + 1, self.a.L):
+                self.M[o[j]:o[j + 1], o[i]:o[i + 1]].copy_(self.M[o[i]:o[i + 1], o[j]:o[j + 1]].mT)
 
     def update(self, fa: List[Tensor], fb: List[Tensor]) -> Tensor:
         """Add a batch; returns a 0-dim bool tensor: every feature finite (read by the caller, once per batch)."""
@@ -242,7 +278,7 @@ class ExactStats:
         sa = xa.sum(0).to(f64)   # of at most a batch of shifted rows: the work dtype suffices
         sb = sa if self.shared else xb.sum(0).to(f64)
         self.n += xa.shape[0]
-        self._cross(xa, xb)
+        self._add_at_b(self.M, xa, xb, self._upper if self.shared else None)
         da = db = None
         if self.debiased:
             da = self.a.norms(xa)
@@ -251,9 +287,9 @@ class ExactStats:
             self.U += (xa.mT @ db.to(xa.dtype)).to(f64)
             if not self.shared:
                 self.V += (xb.mT @ da.to(xb.dtype)).to(f64)
-        self.a.update(xa, sa, da)
+        self.a.update(xa, sa, da, self._add_at_b)
         if not self.shared:
-            self.b.update(xb, sb, db)
+            self.b.update(xb, sb, db, self._add_at_b)
         return torch.isfinite(sa).all() & torch.isfinite(sb).all()
 
     # ------------------------------------------------------------------ finalize
@@ -266,6 +302,8 @@ class ExactStats:
 
         Consumes the statistics (the cross products are re-shifted and squared in place).
         """
+        if self.shared:
+            self._mirror()
         sides = self._sides()
         dev = self.M.device
         n_local = float(self.n)
@@ -384,6 +422,7 @@ class MinibatchStats:
             c = self.grams["scratch"] = torch.empty(max(CENTRE_BYTES // c_size(dtype), b * max(f.shape[1] for f in feats)),
                                                            dtype=dtype, device=dev)
         ones = torch.full((1, b), 1.0 / b, dtype=dtype, device=dev)
+        h = b // 2
         i = 0
         while i < len(feats):
             w = feats[i].shape[1]
@@ -397,8 +436,11 @@ class MinibatchStats:
                 for t, f in enumerate(feats[i:j]):
                     xs[t].copy_(f)
             xs.sub_(torch.matmul(ones, xs))
-            for t in range(j - i):  # per layer: bmm would allocate a copy of xs.mT
-                torch.mm(xs[t], xs[t].mT, out=k[i + t])
+            for t in range(j - i):  # per layer (bmm would allocate a copy of xs.mT); symmetric: 3/4 of the product
+                x, g = xs[t], k[i + t]
+                torch.mm(x[:h], x.mT, out=g[:h])              # the first h rows
+                torch.mm(x[h:], x[h:].mT, out=g[h:, h:])      # the last block on the diagonal
+                g[h:, :h].copy_(g[:h, h:].mT)                 # the block below it, mirrored
             i = j
         k.diagonal(dim1=1, dim2=2).zero_()
         r = k.sum(2).to(f64)
