@@ -216,8 +216,10 @@ def test_cka_loss_module_groups_and_reduction():
 
 
 @pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 1.5), ("rbf", "median")])
-def test_torch_compile_traces_without_graph_breaks(kernel, sigma):
-    x, y = torch.randn(2, 12, 5), torch.randn(2, 12, 3)
+@pytest.mark.parametrize("n,p,q", [(12, 5, 3), (6, 5, 3), (12, 4, 4)])  # feature and sample space, stacked p = q
+def test_torch_compile_traces_without_graph_breaks(kernel, sigma, n, p, q):
+    torch._dynamo.reset()  # each case compiles the package's code afresh (not toward dynamo's recompile limit)
+    x, y = torch.randn(2, n, p), torch.randn(2, n, q)
 
     def f(a, b):
         return rk.cka(a, b, kernel=kernel, sigma=sigma).sum()

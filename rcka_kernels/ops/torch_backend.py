@@ -101,7 +101,9 @@ def linear_stats_saving(x: Tensor, y: Optional[Tensor] = None):
         return torch.bmm(f, f.mT), (kl[0::2], kl[1::2])
     n, p, q = x.shape[1], x.shape[2], y.shape[2]
     if use_feature_space(n, p, q):
-        a, cx, cy = torch.bmm(x.mT, y), torch.bmm(x.mT, x), torch.bmm(y.mT, y)
+        # matmul, not bmm: torch 2.4 names the traced backward's inputs after the forward's nodes and, when
+        # its own bmm nodes take the same names, binds cy to cx (a shape error under torch.compile)
+        a, cx, cy = torch.matmul(x.mT, y), torch.matmul(x.mT, x), torch.matmul(y.mT, y)
         return gram_of_grams(*_sq_norms(a, cx, cy).unbind(1)), (a, cx, cy)
     k, l = torch.bmm(x, x.mT), torch.bmm(y, y.mT)
     return gram_of_grams(torch.linalg.vecdot(k.flatten(1), l.flatten(1)), *_sq_norms(k, l).unbind(1)), (k, l)
