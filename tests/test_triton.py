@@ -1,6 +1,6 @@
 """The Triton backend from the outside: its behaviour when triton cannot be
 imported at all, and what it checks before any launch. The kernels themselves run
-in Triton's interpreter (tests/test_triton_interp.py, tests/test_triton_centered_gram.py,
+in Triton's interpreter (tests/test_parity.py, tests/test_triton_interp.py,
 marked ``interpreter``: see tests/conftest.py) and on GPUs (tests/test_triton_gpu.py)."""
 
 import os
