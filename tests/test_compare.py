@@ -131,7 +131,7 @@ def test_exact_same_model_one_pass_and_layer_subsets(debiased, product_dtype):
 def test_exact_in_row_strips(monkeypatch, debiased):
     """Products in row strips of 16 (the smallest), which start inside layers: with one model's
     layers on both sides only the blocks on and above the diagonal are computed, the others
-    mirrored at the end."""
+    mirrored at the end; each self product likewise in two row halves."""
     from rcka_kernels.compare import stats
 
     a, b = Net(12, 0, offset=30.0), Net(9, 1)
@@ -147,6 +147,10 @@ def test_exact_in_row_strips(monkeypatch, debiased):
     shared.update(fa, fa)
     o = shared.a.offsets
     assert not shared.M[o[3]:, :o[2]].any() and shared.M[:o[2], o[3]:].all()  # lower blocks left alone until finalized
+    two = ExactStats([12, 3], [9], debiased=debiased, shared=False, device="cpu")
+    two.update([fa[0], fa[4]], [fb[0]])
+    s12, s9 = two.a.self_[0], two.b.self_[0]  # self products: the two row halves from the diagonal on
+    assert not s12[6:, :6].any() and s12[:6, 6:].all() and not s9[5:, :5].any() and s9[:5, 5:].all()
 
 
 def test_exact_float32_features_against_rk_cka():

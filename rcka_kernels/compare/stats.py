@@ -22,7 +22,8 @@ float64:
     computes only the columns from its first layer on (the blocks on and above the
     diagonal: about half the work) and the blocks below are mirrored at the end;
   - S_i = X_i^T X_i (p_i x p_i) per layer, and the same for B (from M's diagonal
-    blocks when A and B are the same layers of the same model);
+    blocks when A and B are the same layers of the same model), in the same way: in two
+    row halves, the second from the diagonal on (3/4 of the product), mirrored at the end;
 This GEMM is the estimator's floor: n P_A P_B multiply-adds (n sum p_i^2 more for the
 self products), against about n b (P_A + P_B) for the minibatch estimator's Grams
 (b the batch size); see ``core``'s docstring for what that means for its time.
@@ -41,7 +42,9 @@ Minibatch (``MinibatchStats``): Nguyen et al. (2021): per batch of b >= 4 sample
 unbiased HSIC of every pair, summed over batches in float64; CKA = sum HSIC_xy /
 sqrt(sum HSIC_xx sum HSIC_yy). Linear kernel: each layer's columns are centred (the
 estimator is translation invariant), its Gram K formed once per batch into a reused
-(L, b, b) buffer, its diagonal zeroed (K~), and Song et al.'s estimator evaluated from
+(L, b, b) buffer (the first b/2 rows and the last diagonal block as products, the block
+below it mirrored: 3/4 of the product), its diagonal zeroed (K~), and Song et al.'s
+estimator evaluated from
   [<K~, L~> + (1^T K~ 1)(1^T L~ 1)/((b-1)(b-2)) - 2/(b-2) (K~1).(L~1)] / (b(b-3)),
 all pairs' <K~_i, L~_j> in one batched product (row by row partial sums of b terms in
 the work dtype, then summed in float64), the O(b) terms as (La x b) @ (b x Lb)
@@ -113,6 +116,13 @@ def _sqnorms(k: Tensor) -> Tensor:
     return torch.linalg.vector_norm(k.flatten(1), dim=1).to(f64).square()
 
 
+def _mirror_blocks(m: Tensor, offsets: Sequence[int]) -> None:
+    """Blocks (j, i) := (i, j)^T for i < j of the square m split at ``offsets`` (in place)."""
+    for i in range(len(offsets) - 1):
+        for j in range(i + 1, len(offsets) - 1):
+            m[offsets[j]:offsets[j + 1], offsets[i]:offsets[i + 1]].copy_(m[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]].mT)
+
+
 def _all_reduce(tensors: List[Tensor], group) -> None:
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
@@ -181,6 +191,11 @@ class _Side(_Layout):
             self.c = x.mean(0, dtype=f64).to(dtype)
         return x.sub_(self.c)
 
+    @staticmethod
+    def half(w: int) -> int:
+        """Rows of the first of the two strips in which a (w, w) self product is computed."""
+        return (w + 1) // 2
+
     def norms(self, x: Tensor) -> Tensor:
         """Per-layer squared row norms (b, L) float64."""
         return torch.stack([torch.linalg.vector_norm(self.cols(x, i), dim=1) for i in range(self.L)], 1).to(f64).square()
@@ -189,8 +204,8 @@ class _Side(_Layout):
         self.s += colsum
         if self.self_ is not None:
             for i, m in enumerate(self.self_):
-                xi = self.cols(x, i)
-                add_at_b(m, xi, xi)
+                xi = self.cols(x, i)  # symmetric: the two row halves from the diagonal on (3/4 of the product)
+                add_at_b(m, xi, xi, col_start=lambda r: r, rows=self.half(m.shape[0]))
         if d is not None:
             self.D += d.sum(0)
             self.a_self += (d * d).sum(0)
@@ -223,7 +238,7 @@ class ExactStats:
             self.U = torch.zeros(self.a.P, self.b.L, dtype=f64, device=device)   # X_A^T e
             self.V = torch.zeros(self.b.P, self.a.L, dtype=f64, device=device)   # X_B^T d
 
-    def _add_at_b(self, dst: Tensor, a: Tensor, b: Tensor, col_start=None) -> None:
+    def _add_at_b(self, dst: Tensor, a: Tensor, b: Tensor, col_start=None, rows: Optional[int] = None) -> None:
         """dst (m, n) float64 += a^T b for a (k, m), b (k, n) in the work dtype.
 
         Float64: one addmm. Otherwise in row strips of dst whose work-dtype product (at most
@@ -231,14 +246,15 @@ class ExactStats:
         scratch, is widened into a reused float64 one and added to dst while in cache: no
         allocation per product (torch's mixed-dtype ``add_`` would allocate the widened copy
         every time). ``col_start(s)``: the first column the rows from s need (the blocks on
-        and above the diagonal when A and B are the same layers); the others are left alone.
+        and above the diagonal of a symmetric product); the others are left alone. ``rows``:
+        at most this many rows per strip.
         """
         m, n = dst.shape
         if a.dtype == f64 and col_start is None:
             dst.addmm_(a.mT, b)
             return
         step = a.shape[0] if a.dtype == f64 else PRODUCT_ROWS
-        rows = max(16, SCRATCH_BYTES // (n * a.element_size()))
+        rows = min(rows or m, max(16, SCRATCH_BYTES // (n * a.element_size())))
         if a.dtype != f64:
             need = min(rows, m) * n
             if self._work is None or self._work.numel() < need or self._work.dtype != a.dtype:
@@ -263,11 +279,13 @@ class ExactStats:
         return self.a.offsets[bisect.bisect_right(self.a.offsets, s) - 1]
 
     def _mirror(self) -> None:
-        """Shared layers: fill the blocks below M's block diagonal from those above it."""
-        o = self.a.offsets
-        for i in range(self.a.L):
-            for j in range(i + 1, self.a.L):
-                self.M[o[j]:o[j + 1], o[i]:o[i + 1]].copy_(self.M[o[i]:o[i + 1], o[j]:o[j + 1]].mT)
+        """Fill the blocks below the block diagonal of the symmetric products from those above:
+        M's when A and B are the same layers, each self product's two halves."""
+        if self.shared:
+            _mirror_blocks(self.M, self.a.offsets)
+        for s in self._sides():
+            for m in s.self_ or []:
+                _mirror_blocks(m, [0, s.half(m.shape[0]), m.shape[0]])
 
     def update(self, fa: List[Tensor], fb: List[Tensor]) -> Tensor:
         """Add a batch; returns a 0-dim bool tensor: every feature finite (read by the caller, once per batch)."""
@@ -302,8 +320,7 @@ class ExactStats:
 
         Consumes the statistics (the cross products are re-shifted and squared in place).
         """
-        if self.shared:
-            self._mirror()
+        self._mirror()
         sides = self._sides()
         dev = self.M.device
         n_local = float(self.n)
