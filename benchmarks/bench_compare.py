@@ -2,18 +2,32 @@
 
 Same models, same data, same layers, one run: two MLPs (A: 6 hidden Linear+ReLU of
 width 256 -> 12 layers; B: 5 of width 192 -> 10 layers) on n synthetic samples
-(64 inputs), batches of 256, CPU. Each case runs in a fresh process: wall time of the
-whole comparison including the forward passes, peak RSS increase over the RSS after
-the models and data were built, and the CKA matrix.
+(64 inputs), batches of 256, CPU.
 
   rcka exact       rk.compare(estimator="exact"): the full-data-set CKA
   rcka minibatch   rk.compare(estimator="minibatch"): Nguyen et al.
   pytorch-cka      cka.compute_cka (1.1.3): Nguyen et al., float32, clamped to [0, 1]
                    (its unclamped values are recorded too)
   torch-cka        torch_cka.CKA.compare (0.21): Nguyen et al., a Python loop over pairs
-  ckatorch, cka-pytorch   run if importable; else the import error is recorded
+  ckatorch         ckatorch.CKA (1.0.3): takes (batch, tokens, features) outputs, so each
+                   (b, d) output is handed to it as (1, b, d) (one b x b Gram); its batch
+                   loop assigns each batch's CKA instead of summing, so its value is the
+                   last batch's
+  cka-pytorch      cka_pytorch.CKACalculator (1.1.3): Nguyen et al., float32 uncentred Grams,
+                   epsilon 1e-4 added to its denominator
+A peer that cannot be imported or fails is a recorded error. Every call gets freshly
+built models (same seeds, same weights): torch-cka and ckatorch never remove their hooks.
 
-Each library is imported before the measurement starts (the import's time and RSS are
+Time: one process runs every implementation (and the minibatch estimator at batch sizes
+64 and 1024), once to warm up (its values are the ones recorded), then ``--rounds``
+rounds, each in a new random order, and reports the median (slow ones, over 5 s, run
+2 rounds): contenders interleaved in one process see the same machine, which on a
+shared machine matters more than anything else. The C library's default allocator.
+Memory: one fresh process per implementation, with allocations of 64 KiB or more
+mmap-backed (the RSS follows what is live): the peak RSS increase of the first call
+("first call": it includes code and runtime pages the process touches for the first
+time) and of a second, identical call ("extra memory": the working memory). Each
+library is imported before anything is measured (the import's time and RSS are
 recorded apart: pytorch-cka's imports matplotlib).
 
 Values: rcka exact against rk.cka of the concatenated features in float64 (the
@@ -25,7 +39,8 @@ with 4 + 4 layers of width 256.
 
     python -m benchmarks.bench_compare            # n = 10,000 (results/compare_cpu.{json,md})
     python -m benchmarks.bench_compare --quick    # n = 2,000, 20,000 for the memory case
-Peers: `make bench` installs them (`pip install --no-deps ...`); a missing one is a recorded error.
+Peers: `make bench` installs them (`pip install --no-deps ...`); ckatorch also needs
+seaborn (and pandas), cka-pytorch lightning, both installed the same way.
 """
 
 from __future__ import annotations
@@ -98,7 +113,10 @@ def _pytorch_cka(ma, mb, loader, la, lb):
         return orig(self, hxy, hxx, hyy)
 
     CKA._compute_cka_matrix = keep
-    out = compute_cka(ma, mb, loader, layers=la, model2_layers=lb, device="cpu", progress=False)[0]
+    try:
+        out = compute_cka(ma, mb, loader, layers=la, model2_layers=lb, device="cpu", progress=False)[0]
+    finally:
+        CKA._compute_cka_matrix = orig
     return out.double().tolist(), {"values_unclamped": raw.get("v")}
 
 
@@ -111,10 +129,24 @@ def _torch_cka(ma, mb, loader, la, lb):
 
 
 def _ckatorch(ma, mb, loader, la, lb):
-    from ckatorch import CKA
+    import warnings
 
-    c = CKA(ma, mb, layers=la, second_layers=lb, device="cpu")
-    return c(loader, epochs=1, f_extract=lambda b: {"input": b[0]}, f_args={}).double().tolist(), {}
+    import ckatorch.cka as ck
+
+    orig = ck.cka_batch
+
+    def batch_of_one(x, y):  # it takes (batch, tokens, features): a (b, d) output as one (1, b, d) sequence
+        return orig(x.flatten(1)[None], y.flatten(1)[None])
+
+    ck.cka_batch = batch_of_one
+    try:
+        c = ck.CKA(ma, mb, layers=la, second_layers=lb, device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "we suggest shuffle=True"; tqdm
+            v = c(loader, epochs=1, f_extract=lambda b: {"input": b[0]}, f_args={})
+    finally:
+        ck.cka_batch = orig
+    return v.double().tolist(), {}
 
 
 def _cka_pytorch(ma, mb, loader, la, lb):
@@ -191,43 +223,102 @@ def _memory_case(n, bs):
         rk.compare(ma, mb, loader, la, lb, estimator="exact", progress=False).values.tolist(), {})
 
 
+def _models():
+    """Fresh models for every call (same seeds, same weights): some peers never remove their hooks."""
+    return _mlp(A_WIDTHS, 1), _mlp(B_WIDTHS, 2)
+
+
+def _peak(fn):
+    """(seconds, peak RSS increase in bytes, fn's result) of one call."""
+    _malloc_trim()
+    base = _status_kb("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, _status_kb("VmHWM") * 1024 - base, out
+
+
+#: a case whose warm-up run took longer than this runs 2 timed rounds (its median is not in doubt)
+SLOW_S = 5.0
+
+
+def _timing(spec):
+    """Every case in this one process: a warm-up run (values), then rounds in random orders."""
+    import importlib
+    import random
+    import statistics
+
+    x, y = _data(spec["n"])
+    cases = {}  # label -> (provider, batch size)
+    for prov in spec["providers"]:
+        cases[prov] = (prov, spec["bs"])
+    for b in spec["sweep"]:
+        cases[f"rcka minibatch, batch {b}"] = ("rcka minibatch", b)
+    loaders = {b: _loader(x, y, b) for _, b in cases.values()}
+    out = {}
+    for label, (prov, b) in cases.items():
+        try:
+            importlib.import_module(MODULES[prov])
+            la, lb = _layers(A_WIDTHS), _layers(B_WIDTHS)
+            t0 = time.perf_counter()
+            values, extra = PROVIDERS[prov](*_models(), loaders[b], la, lb)
+            out[label] = {"status": "ok", "warmup_s": time.perf_counter() - t0, "values": values, "times": [], **extra}
+        except Exception as e:  # an import error or a failure is a recorded result
+            out[label] = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    ok = [k for k, r in out.items() if r["status"] == "ok"]
+    for r in range(spec["rounds"]):
+        for label in random.sample(ok, len(ok)):
+            if out[label]["warmup_s"] > SLOW_S and r >= 2:
+                continue
+            prov, b = cases[label]
+            ma, mb = _models()
+            t0 = time.perf_counter()
+            PROVIDERS[prov](ma, mb, loaders[b], _layers(A_WIDTHS), _layers(B_WIDTHS))
+            out[label]["times"].append(time.perf_counter() - t0)
+    for label in ok:
+        out[label]["time_s"] = statistics.median(out[label]["times"])
+    return {"status": "ok", "cases": out}
+
+
 def _worker(spec):
     import torch
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     if spec["kind"] == "oracle":
         return _oracle(spec["n"], spec["bs"])
+    if spec["kind"] == "timing":
+        return _timing(spec)
+    _malloc_setup()  # memory: allocations >= 64 KiB are mmap-backed, so the RSS follows what is live
     imported = {}
     try:
         import importlib
 
-        mod = "rcka_kernels" if spec["kind"] == "memory" else MODULES[spec["provider"]]
+        mod = "rcka_kernels" if spec["kind"] == "memory_case" else MODULES[spec["provider"]]
         _malloc_trim()
         rss0, t0 = _status_kb("VmRSS") * 1024, time.perf_counter()
         importlib.import_module(mod)
         imported = {"import_s": round(time.perf_counter() - t0, 3), "import_mem_bytes": _status_kb("VmRSS") * 1024 - rss0}
-        if spec["kind"] == "memory":
-            ma, mb, loader, la, lb, fn = _memory_case(spec["n"], spec["bs"])
-        else:
-            fn = PROVIDERS[spec["provider"]]
-            ma, mb = _mlp(A_WIDTHS, 1), _mlp(B_WIDTHS, 2)
-            la, lb = _layers(A_WIDTHS), _layers(B_WIDTHS)
-            x, y = _data(spec["n"])
-            loader = _loader(x, y, spec["bs"])
     except ImportError as e:
         return {"status": "error", "error": f"{type(e).__name__}: {e}"}
-    _malloc_trim()
-    base = _status_kb("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    t0 = time.perf_counter()
     try:
-        values, extra = fn(ma, mb, loader, la, lb)
+        if spec["kind"] == "memory_case":
+            ma, mb, loader, la, lb, fn = _memory_case(spec["n"], spec["bs"])
+            wall, peak, _ = _peak(lambda: fn(ma, mb, loader, la, lb))
+            return {"status": "ok", "time_s": wall, "peak_mem_bytes": peak, **imported}
+        fn = PROVIDERS[spec["provider"]]
+        x, y = _data(spec["n"])
+        loader = _loader(x, y, spec["bs"])
+        la, lb = _layers(A_WIDTHS), _layers(B_WIDTHS)
+        runs = []
+        for _ in range(2):  # the first call in this process, then the same call again
+            ma, mb = _models()
+            runs.append(_peak(lambda: fn(ma, mb, loader, la, lb)))
+            ma = mb = None
     except Exception as e:
         return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    wall = time.perf_counter() - t0
-    peak = _status_kb("VmHWM") * 1024 - base
-    return {"status": "ok", "time_s": wall, "peak_mem_bytes": peak, "values": values, **imported, **extra}
+    return {"status": "ok", "first_call_mem_bytes": runs[0][1], "peak_mem_bytes": runs[1][1],
+            "memory_pass_s": [round(r[0], 3) for r in runs], **imported}
 
 
 def _run(spec, timeout):
@@ -254,40 +345,53 @@ def main(argv=None):
     ap.add_argument("--n", type=int)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--memory-n", type=int)
-    ap.add_argument("--timeout", type=float, help="per case (default 120 s, 60 s quick)")
+    ap.add_argument("--rounds", type=int, help="timed rounds after the warm-up (default 7, quick 3)")
+    ap.add_argument("--timeout", type=float, help="per case and run (default 120 s, 60 s quick)")
     ap.add_argument("--only", help="comma-separated providers")
     ap.add_argument("--tag", default="")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        _malloc_setup()
         res = _worker(json.loads(args.worker))
         sys.stdout.write("\n@@" + json.dumps(res) + "\n")
         return None
     n = args.n or (2000 if args.quick else 10_000)
     mem_n = args.memory_n or (20_000 if args.quick else 200_000)
     timeout = args.timeout or (60.0 if args.quick else 120.0)
+    rounds = args.rounds or (3 if args.quick else 7)
     bs = args.batch_size
     meta = env_info("cpu")
     meta["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
     meta.update({"n": n, "batch_size": bs, "models": {"a": f"MLP {IN}->{A_WIDTHS}->10", "b": f"MLP {IN}->{B_WIDTHS}->10"},
-                 "layers_a": len(_layers(A_WIDTHS)), "layers_b": len(_layers(B_WIDTHS)), "memory_n": mem_n})
+                 "layers_a": len(_layers(A_WIDTHS)), "layers_b": len(_layers(B_WIDTHS)), "memory_n": mem_n, "rounds": rounds,
+                 "slow_s": SLOW_S})
     print(f"rk.compare vs peers: n={n}, batch {bs}, {meta['layers_a']} x {meta['layers_b']} layers, {meta['cpu']} "
           f"({meta['cpu_count']} cores), load {meta['loadavg_start']}", flush=True)
     oracle = _run({"kind": "oracle", "n": n, "bs": bs}, 4 * timeout)
-    records = []
     provs = [p for p in PROVIDERS if not args.only or p in args.only.split(",")]
-    for prov in provs:
-        r = _run({"kind": "provider", "provider": prov, "n": n, "bs": bs}, timeout)
-        records.append(r)
-        print(f"  {prov:<20} {r['status']:<8} " + (f"{r['time_s']:.2f} s, +{fmt_bytes(r['peak_mem_bytes'])}" if r["status"] == "ok"
-                                                  else r.get("error", "")[:160]), flush=True)
-    sweep = []
-    for b in (64, 1024):
-        if "rcka minibatch" in provs:
-            r = _run({"kind": "provider", "provider": "rcka minibatch", "n": n, "bs": b}, timeout)
+    sweep_bs = [64, 1024] if "rcka minibatch" in provs else []
+    ncases = len(provs) + len(sweep_bs)
+    timing = _run({"kind": "timing", "n": n, "bs": bs, "providers": provs, "sweep": sweep_bs, "rounds": rounds},
+                  timeout * (rounds + 1) * ncases)
+    tcases = timing.get("cases", {})
+    records, sweep = [], []
+    labels = {**{p: (p, bs) for p in provs}, **{f"rcka minibatch, batch {b}": ("rcka minibatch", b) for b in sweep_bs}}
+    for label, (prov, b) in labels.items():
+        t = tcases.get(label) or {"status": timing.get("status", "error"), "error": timing.get("error", "")}
+        r = {"provider": prov, "bs": b, **t}
+        if label in provs:
+            mem = _run({"kind": "memory", "provider": prov, "n": n, "bs": bs}, 3 * timeout)
+            if r["status"] == "ok" and mem.get("status") == "ok":
+                r.update({k: mem[k] for k in ("peak_mem_bytes", "first_call_mem_bytes", "memory_pass_s", "import_s", "import_mem_bytes")})
+            elif r["status"] == "ok":
+                r["memory_error"] = mem.get("error", mem.get("status"))
+            records.append(r)
+        else:
             sweep.append(r)
-    mem = _run({"kind": "memory", "n": mem_n, "bs": 1024}, 4 * timeout)
+        print(f"  {label:<28} {r['status']:<8} " + (f"{r['time_s']:.2f} s (median of {len(r['times'])}), +"
+                                                    f"{fmt_bytes(r.get('peak_mem_bytes'))}" if r["status"] == "ok"
+                                                    else r.get("error", "")[:160]), flush=True)
+    mem = _run({"kind": "memory_case", "n": mem_n, "bs": 1024}, 4 * timeout)
     print(f"  exact estimator, n={mem_n}, 4 x 4 layers of width 256: "
           + (f"{mem['time_s']:.1f} s, +{fmt_bytes(mem['peak_mem_bytes'])}" if mem["status"] == "ok" else mem.get("error", "")), flush=True)
     # values
@@ -318,16 +422,21 @@ def main(argv=None):
 
 def _markdown(out):
     m = out["meta"]
-    lines = [f"# rk.compare vs peers ({m['date']}, {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, commit {m['git_commit'][:10]})",
+    lines = [f"# rk.compare vs peers ({m['date']}, {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, commit {m['git_commit'][:10]}"
+             + (", uncommitted changes" if m.get("git_dirty") else "") + ")",
              "", f"`{' '.join(m['argv'])}`; load average {m['loadavg_start']} before, {m['loadavg_end']} after.", "",
              f"{m['models']['a']} ({m['layers_a']} layers) vs {m['models']['b']} ({m['layers_b']} layers), n={m['n']}, "
-             f"batch {m['batch_size']}; time includes the forward passes; memory is the peak RSS increase; each library is "
-             "imported before the measurement starts (its import is the last column).", "",
-             "| implementation | status | time | extra memory | max abs vs exact CKA | max abs vs Nguyen (float64) | import |",
-             "|---|---|---|---|---|---|---|"]
+             f"batch {m['batch_size']}. Time: every implementation in one process, interleaved: a warm-up run, then "
+             f"{m['rounds']} rounds in random orders (2 for those over {m['slow_s']:.0f} s), median, forward passes included. "
+             "Memory: one fresh process each, peak RSS increase of a second identical call (working memory) and of the "
+             "first call (which also touches code and runtime pages for the first time). Each library is imported before "
+             "anything is measured (its import is the last column).", "",
+             "| implementation | status | time (median) | extra memory | first call | max abs vs exact CKA | "
+             "max abs vs Nguyen (float64) | import |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in out["records"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['provider']} | {r['status']}: {r.get('error', '')[:120]} | | | | | |")
+            lines.append(f"| {r['provider']} | {r['status']}: {r.get('error', '')[:120]} | | | | | | |")
             continue
         ng = r.get("max_abs_vs_nguyen")
         ngs = "" if ng is None else f"{ng:.1e}"
@@ -335,18 +444,20 @@ def _markdown(out):
             ngs += f" (unclamped: {r['max_abs_unclamped_vs_nguyen']:.1e})"
         ex = r.get("max_abs_vs_exact")
         imp = f"{r['import_s']:.2f} s, {fmt_bytes(r['import_mem_bytes'])}" if "import_s" in r else ""
-        lines.append(f"| {r['provider']} | ok | {r['time_s']:.2f} s | {fmt_bytes(r['peak_mem_bytes'])} | "
+        spread = f" ({min(r['times']):.2f}-{max(r['times']):.2f})" if len(r["times"]) > 1 else ""
+        mem = fmt_bytes(r["peak_mem_bytes"]) if "peak_mem_bytes" in r else f"error: {r.get('memory_error', '')}"[:80]
+        lines.append(f"| {r['provider']} | ok | {r['time_s']:.2f} s{spread} | {mem} | {fmt_bytes(r.get('first_call_mem_bytes'))} | "
                      f"{'' if ex is None else f'{ex:.1e}'} | {ngs} | {imp} |")
     if out["batch_size_sweep"]:
-        lines += ["", "Minibatch estimator vs the exact full-data-set CKA, by batch size (rk.compare):", "",
-                  "| batch size | time | max abs vs exact |", "|---|---|---|"]
+        lines += ["", "Minibatch estimator vs the exact full-data-set CKA, by batch size (rk.compare; times from the same "
+                  "interleaved rounds):", "", "| batch size | time (median) | max abs vs exact |", "|---|---|---|"]
         base = next((r for r in out["records"] if r["provider"] == "rcka minibatch" and r["status"] == "ok"), None)
         for r in sorted([x for x in out["batch_size_sweep"] if x["status"] == "ok"] + ([base] if base else []), key=lambda r: r["bs"]):
             lines.append(f"| {r['bs']} | {r['time_s']:.2f} s | {r.get('max_abs_vs_exact', float('nan')):.3f} |")
     mem = out["memory_case"]
     if mem.get("status") == "ok":
         lines += ["", f"Exact estimator on {m['memory_n']:,} samples (4 + 4 layers of width 256, batches of 1024 generated on the fly): "
-                  f"{mem['time_s']:.1f} s, +{fmt_bytes(mem['peak_mem_bytes'])} peak RSS."]
+                  f"{mem['time_s']:.1f} s, +{fmt_bytes(mem['peak_mem_bytes'])} peak RSS (first call in a fresh process)."]
     else:
         lines += ["", f"Memory case: {mem.get('status')}: {mem.get('error')}"]
     return "\n".join(lines) + "\n"
