@@ -46,22 +46,28 @@ _load_errors: Dict[str, str] = {}
 _warned = set()
 
 
-def _load(name: str):
+@torch.compiler.assume_constant_result
+def _load_error(name: str) -> str:
+    """Load backend ``name`` once: "" when it loaded, else why it cannot. Run for real
+    even while torch.compile traces the caller (an import cannot be traced), its
+    result taken as a constant."""
     if name in _loaded:
-        return _loaded[name]
-    if name in _load_errors:
-        return None
-    try:
-        mod = _LOADERS[name]()
-    except Exception as e:  # an optional backend that cannot load is unavailable, not an error
-        _load_errors[name] = f"{type(e).__name__}: {e}"
-        return None
-    reason = getattr(mod, "unavailable_reason", lambda: None)()
-    if reason:
-        _load_errors[name] = reason
-        return None
-    _loaded[name] = mod
-    return mod
+        return ""
+    if name not in _load_errors:
+        try:
+            mod = _LOADERS[name]()
+            reason = getattr(mod, "unavailable_reason", lambda: None)()
+        except Exception as e:  # an optional backend that cannot load is unavailable, not an error
+            mod, reason = None, f"{type(e).__name__}: {e}"
+        if reason:
+            _load_errors[name] = reason
+        else:
+            _loaded[name] = mod
+    return _load_errors.get(name, "")
+
+
+def _load(name: str):
+    return None if _load_error(name) else _loaded[name]
 
 
 def _device_reason(name: str, device: Optional[torch.device]) -> Optional[str]:

@@ -14,7 +14,7 @@ layouts): that checks the tile offsets and alignment, not the hardware (GPU runs
 import pytest
 import torch
 
-from rcka_kernels.ops import torch_backend as tb
+from .utils import gamma, pair
 
 
 @pytest.fixture
@@ -32,14 +32,7 @@ def cb(emu, monkeypatch):
 
 
 def _inputs(g, n, p, q, dtype):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(g, n, p, generator=gen, dtype=torch.float64)
-    y = torch.randn(g, n, q, generator=gen, dtype=torch.float64)
-    return (x - x.mean(1, keepdim=True)).to(dtype), (y - y.mean(1, keepdim=True)).to(dtype)
-
-
-def _gamma(x):
-    return (1.0 / (2 * x.double().var(1).sum(-1))).to(tb.compute_dtype(x.dtype))
+    return pair(n, p, q, dtype, batch=(g,), centred=True, device="cpu")
 
 
 def test_emulated_module_checks_arguments(emu):
@@ -53,7 +46,7 @@ def test_backward_is_deterministic_whatever_the_block_order(cb, monkeypatch, dty
     """Each block owns the rows it updates (no atomics): with the blocks run in
     shuffled orders, as a GPU may run them, the gradients are bitwise equal."""
     x, y = _inputs(2, 150, 5, 18, dtype)  # several row blocks: the tiled path
-    gx, gy = _gamma(x), _gamma(y)
+    gx, gy = gamma(x), gamma(y)
     gen = torch.Generator().manual_seed(5)
     gs = torch.randn(2, 3, generator=gen, dtype=torch.float64)
     grx = torch.randn(2, 150, generator=gen, dtype=torch.float64).to(dtype)

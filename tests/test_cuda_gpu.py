@@ -13,6 +13,8 @@ import torch
 
 from rcka_kernels import _cuda
 
+from .utils import gamma, pair
+
 pytestmark = pytest.mark.gpu
 
 
@@ -31,20 +33,13 @@ def _cb():
 
 
 def _inputs(g, n, p, q, dtype):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(g, n, p, generator=gen, dtype=torch.float64)
-    y = torch.randn(g, n, q, generator=gen, dtype=torch.float64)
-    return (x - x.mean(1, keepdim=True)).to(dtype).cuda(), (y - y.mean(1, keepdim=True)).to(dtype).cuda()
-
-
-def _gammas(x):
-    return 1.0 / (2 * x.var(1).sum(-1).clamp_min(1e-6))
+    return pair(n, p, q, dtype, batch=(g,), centred=True, device="cuda")
 
 
 def test_many_small_groups_match_one_by_one():
     # PCKA-style: many tiny groups in one launch equal the same groups one at a time
     x, y = _inputs(37, 16, 9, 4, torch.float32)
-    gx, gy = _gammas(x), _gammas(y)
+    gx, gy = gamma(x), gamma(y)
     s, rx, _ = _cb().rbf_stats(x, y, gx, gy)
     for i in (0, 17, 36):
         si, rxi, _ = _cb().rbf_stats(x[i : i + 1].contiguous(), y[i : i + 1].contiguous(), gx[i : i + 1], gy[i : i + 1])
@@ -54,7 +49,7 @@ def test_many_small_groups_match_one_by_one():
 
 def test_runs_on_the_current_stream():
     x, y = _inputs(2, 150, 10, 6, torch.float32)
-    gx, gy = _gammas(x), _gammas(y)
+    gx, gy = gamma(x), gamma(y)
     expected = _cb().rbf_stats(x, y, gx, gy)[0]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -11,25 +11,16 @@ from torch.autograd import gradcheck
 import rcka_kernels as rk
 from rcka_kernels import _bandwidth, reference
 
-from .utils import KERNELS, accept
+from .utils import KERNELS, accept, pair
 
 f64 = torch.float64
-
-
-def _pair(n, p, q, dtype=torch.float64, device="cpu", batch=()):
-    x = torch.randn(*batch, n, p, dtype=torch.float64)
-    y = 0.5 * torch.randn(*batch, n, q, dtype=torch.float64)
-    k = min(p, q)
-    y[..., :k] += x[..., :k]  # correlated, so CKA is far from 0
-    x = x * 3.0 + 1.5  # an offset and a scale: the centring must be exact
-    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
 
 
 @pytest.mark.parametrize("kernel,sigma", KERNELS)
 def test_many_blocks_match_reference(monkeypatch, kernel, sigma):
     """Force blocks far smaller than n, so every block boundary case is exercised."""
     monkeypatch.setenv("RCKA_TORCH_BLOCK_ELEMS", "97")
-    x, y = _pair(61, 7, 4, batch=(3,))
+    x, y = pair(61, 7, 4, batch=(3,))
     for debiased in (False, True):
         got = rk.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased)
         accept(got, reference.cka(x, y, kernel, sigma, debiased), f64)
@@ -43,7 +34,7 @@ def test_many_blocks_match_reference(monkeypatch, kernel, sigma):
 
 @pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 1.7)])
 def test_gradcheck_theorem2_and_grams(kernel, sigma):
-    x, y = _pair(8, 3, 5)
+    x, y = pair(8, 3, 5)
     x.requires_grad_(), y.requires_grad_()
     kw = dict(kernel=kernel, sigma=sigma)
     assert gradcheck(lambda a, b: rk.gram_discrepancy(a, b, **kw), (x, y))
@@ -70,7 +61,7 @@ def test_gram_matches_reference(kernel, sigma):
 @pytest.mark.parametrize("kernel,sigma", KERNELS)
 def test_u_centering_gives_the_unbiased_hsic(kernel, sigma):
     """<K_u, L_u> / (n (n-3)) is Song et al.'s estimator: two derivations agree."""
-    x, y = _pair(10, 3, 2)
+    x, y = pair(10, 3, 2)
     ku = rk.centered_gram(x, kernel=kernel, sigma=sigma, debiased=True)
     lu = rk.centered_gram(y, kernel=kernel, sigma=sigma, debiased=True)
     want = reference.hsic(x, y, kernel, sigma, debiased=True)
@@ -105,7 +96,7 @@ def test_median_heuristic_matches_reference_value():
 
 
 def test_tensor_sigma_per_group():
-    x, y = _pair(12, 3, 3, batch=(2,))
+    x, y = pair(12, 3, 3, batch=(2,))
     s = torch.tensor([0.7, 2.0], dtype=torch.float64)
     got = rk.cka(x, y, kernel="rbf", sigma=s)
     for g in range(2):

@@ -17,7 +17,7 @@ from rcka_kernels import _native, _validate, reference
 from rcka_kernels.losses import official_alignment
 from rcka_kernels.ops import linear
 
-from .utils import accept
+from .utils import accept, pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import efficient  # noqa: E402
@@ -51,12 +51,7 @@ def impl(request, monkeypatch):
 
 
 def _pair(batch, n, p, q, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(*batch, n, p, generator=gen, dtype=torch.float64)
-    y = 0.5 * torch.randn(*batch, n, q, generator=gen, dtype=torch.float64)
-    k = min(p, q)
-    y[..., :k] += x[..., :k]
-    return (3.0 * x + 1.5).to(dtype), y.to(dtype)
+    return pair(n, p, q, dtype, batch, seed)
 
 
 STATS = {

@@ -23,7 +23,7 @@ import rcka_kernels as rk
 from rcka_kernels import reference
 from rcka_kernels.ops import torch_backend as tb
 
-from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept
+from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept, gamma
 
 f64 = torch.float64
 
@@ -188,11 +188,6 @@ def _contract(env, n, dtype):
     return env.kernels()
 
 
-def _gamma(x):
-    """About 1 / (2 x the mean squared distance): kernel values spread over (0, 1)."""
-    return (1.0 / (2 * x.double().var(1).sum(-1).clamp_min(1e-6))).to(tb.compute_dtype(x.dtype))
-
-
 def _contract_check(env, dtype, name, args, cast):
     """Contract function ``name`` of env's backend on args, held to the torch backend's on
     the float64 inputs; ``cast(args, dtype)`` gives the arguments in a dtype."""
@@ -208,14 +203,6 @@ def _contract_check(env, dtype, name, args, cast):
     for i, (g, r, b) in enumerate(zip(got, want, base)):
         accept(g, r, dtype, b, f"{name} output {i}")
     return got
-
-
-def _centred(g, n, p, q, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(g, n, p, generator=gen, dtype=f64)
-    y = 0.5 * torch.randn(g, n, q, generator=gen, dtype=f64)
-    y[..., : min(p, q)] += x[..., : min(p, q)]
-    return [(t - t.mean(1, keepdim=True)).to(device, dtype) for t in (x, y)]
 
 
 def _cotangents(g, n, dtype, device, seed=3):
@@ -236,7 +223,7 @@ def _as(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_contract_linear(kernel_env, g, n, p, q, dtype):
     _contract(kernel_env, n, dtype)
-    x, y = _centred(g, n, p, q, dtype, kernel_env.device)
+    x, y = kernel_env.pair(n, p, q, dtype, batch=(g,), centred=True)
     gs, _, _ = _cotangents(g, n, dtype, kernel_env.device)
     _contract_check(kernel_env, dtype, "linear_stats", [x, y], _as(dtype))
     _contract_check(kernel_env, dtype, "linear_stats_backward", [x, y, gs], _as(dtype))
@@ -246,8 +233,8 @@ def test_contract_linear(kernel_env, g, n, p, q, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_contract_rbf(kernel_env, g, n, p, q, dtype):
     _contract(kernel_env, n, dtype)
-    x, y = _centred(g, n, p, q, dtype, kernel_env.device, seed=1)
-    gx, gy = _gamma(x), _gamma(y)
+    x, y = kernel_env.pair(n, p, q, dtype, batch=(g,), seed=1, centred=True)
+    gx, gy = gamma(x), gamma(y)
     gs, grx, gry = _cotangents(g, n, dtype, kernel_env.device)
     s, rx, ry = _contract_check(kernel_env, dtype, "rbf_stats", [x, y, gx, gy], _as(dtype))
     cd = tb.compute_dtype(dtype)
@@ -263,8 +250,8 @@ def test_contract_mmd(kernel_env, g, n, m, p, dtype):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(g, n, p, generator=gen, dtype=f64).to(kernel_env.device, dtype)
     y = (torch.randn(g, m, p, generator=gen, dtype=f64) + 0.3).to(kernel_env.device, dtype)
-    gamma = _gamma(torch.cat([x, y], 1))
+    gz = gamma(torch.cat([x, y], 1))
     gs, _, _ = _cotangents(g, n, dtype, kernel_env.device)
-    _contract_check(kernel_env, dtype, "rbf_mmd_sums", [x, y, gamma], _as(dtype))
-    dx, dy = _contract_check(kernel_env, dtype, "rbf_mmd_sums_backward", [x, y, gamma, gs], _as(dtype))
+    _contract_check(kernel_env, dtype, "rbf_mmd_sums", [x, y, gz], _as(dtype))
+    dx, dy = _contract_check(kernel_env, dtype, "rbf_mmd_sums_backward", [x, y, gz, gs], _as(dtype))
     assert dx.dtype == dtype and dy.shape == y.shape

@@ -11,18 +11,14 @@ import torch
 import rcka_kernels as rk
 from rcka_kernels import reference
 
-from .utils import accept, fp32_matmul_precision
+from .utils import accept, fp32_matmul_precision, pair
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 
 def _pair(n, p, q, dtype, batch=()):
-    x = torch.randn(*batch, n, p, dtype=torch.float64)
-    y = 0.5 * torch.randn(*batch, n, q, dtype=torch.float64)
-    k = min(p, q)
-    y[..., :k] += x[..., :k]
-    return (x * 2.0 + 0.7).to("cuda", dtype), y.to("cuda", dtype)
+    return pair(n, p, q, dtype, batch, device="cuda")
 
 
 def _grads(fn, x, y, w):

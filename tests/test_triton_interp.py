@@ -19,16 +19,9 @@ from rcka_kernels.ops import torch_backend, triton_backend
 if triton_backend.unavailable_reason():
     pytest.skip(triton_backend.unavailable_reason(), allow_module_level=True)
 
-from .utils import accept, fp32_matmul_precision  # noqa: E402
+from .utils import accept, fp32_matmul_precision, pair  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
-
-
-def _pair(n, p, q, dtype):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, p, generator=g, dtype=torch.float64)
-    y = torch.randn(n, q, generator=g, dtype=torch.float64) + x[:, :1]
-    return x.to(dtype), y.to(dtype)
 
 
 def test_torch_compile_fullgraph_traces():
@@ -37,7 +30,7 @@ def test_torch_compile_fullgraph_traces():
     def f(a, b):
         return rk.cka(a, b, kernel="rbf", sigma=1.0, backend="triton") + rk.cka(a, b, backend="triton")
 
-    x, y = _pair(12, 3, 4, torch.float32)
+    x, y = pair(12, 3, 4, torch.float32)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     a = x.clone().requires_grad_()
     out = compiled(a, y)
@@ -68,7 +61,7 @@ def test_rbf_under_the_current_tf32_api():
     """torch.backends.cuda.matmul.fp32_precision = "tf32" (PyTorch's current API): the
     backend runs (it used to raise "mix of the legacy and new APIs")."""
     with fp32_matmul_precision("tf32", current_api=True):
-        x, y = _pair(12, 3, 4, torch.float32)
+        x, y = pair(12, 3, 4, torch.float32)
         got = rk.cka(x, y, kernel="rbf", sigma=1.3, backend="triton")
         accept(got, reference.cka(x.double(), y.double(), "rbf", 1.3), torch.float32)
 

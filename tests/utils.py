@@ -82,6 +82,29 @@ SMALL_N = 33
 NO_DTYPE = {"triton-interpreter": {torch.bfloat16: "the interpreter's bf16 tl.dot is wrong (triton 3.9); bf16 runs on GPUs"}}
 
 
+def pair(n, p, q, dtype=torch.float64, batch=(), seed=0, offset=True, centred=False, device="cpu"):
+    """The inputs of every numerical test: correlated x (..., n, p), y (..., n, q) (CKA far
+    from 0), drawn in float64 from ``seed`` and then cast; x with an offset and a scale
+    (the centring must be exact) unless ``offset`` is False; with ``centred`` both are
+    column-centred instead (the backend contract takes centred inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, n, p, generator=g, dtype=torch.float64)
+    y = 0.5 * torch.randn(*batch, n, q, generator=g, dtype=torch.float64)
+    y[..., : min(p, q)] += x[..., : min(p, q)]
+    if centred:
+        x, y = x - x.mean(-2, keepdim=True), y - y.mean(-2, keepdim=True)
+    elif offset:
+        x = x * 2.0 + 0.7
+    return x.to(device, dtype), y.to(device, dtype)
+
+
+def gamma(x):
+    """An RBF gamma per group of x (G, n, p) for the backend contract, about 1 / (2 x the
+    mean squared distance) so that kernel values spread over (0, 1), in the compute dtype."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (1.0 / (2 * x.double().var(1).sum(-1).clamp_min(1e-6))).to(cd)
+
+
 class Env:
     """One backend in one environment: ``backend`` to pass to the public functions,
     ``device`` for the inputs; ``kernels()`` is its backend-contract module."""
@@ -110,16 +133,9 @@ class Env:
 
         return _dispatch.kernels(self.backend)
 
-    def pair(self, n, p, q, dtype=torch.float32, batch=(), seed=0, offset=True):
-        """Correlated x (..., n, p), y (..., n, q) on this device; x with an offset and a
-        scale (the centring must be exact) unless ``offset`` is False."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(*batch, n, p, generator=g, dtype=torch.float64)
-        y = 0.5 * torch.randn(*batch, n, q, generator=g, dtype=torch.float64)
-        y[..., : min(p, q)] += x[..., : min(p, q)]
-        if offset:
-            x = x * 2.0 + 0.7
-        return x.to(self.device, dtype), y.to(self.device, dtype)
+    def pair(self, n, p, q, dtype=torch.float32, batch=(), seed=0, offset=True, centred=False):
+        """``pair`` on this environment's device."""
+        return pair(n, p, q, dtype, batch, seed, offset, centred, self.device)
 
 
 def make_env(request, monkeypatch, param) -> Env:
