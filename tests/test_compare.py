@@ -198,6 +198,24 @@ def test_minibatch_equals_nguyen_definition(kernel, sigma):
         assert rk.compare(a, b, _batches(x, 16), LAYERS, kernel=kernel, sigma=sigma, progress=False).estimator == "minibatch"
 
 
+@pytest.mark.parametrize("bs", [16, 13])
+def test_minibatch_grams_from_three_quarters(monkeypatch, bs):
+    """Grams formed as their first b/2 rows and last diagonal block (the default from
+    HALF_GRAM_MIN_B on; here from 4), odd and even batches, two models and one."""
+    from rcka_kernels.compare import stats
+
+    monkeypatch.setattr(stats, "HALF_GRAM_MIN_B", 4)
+    a, b = Net(12, 0, offset=20.0), Net(9, 1)
+    x = _data()
+    fa, fb = _feats(a, LAYERS, _batches(x, bs)), _feats(b, LAYERS[1:], _batches(x, bs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 53 = 4 x 13 + 1: one batch skipped
+        res = rk.compare(a, b, _batches(x, bs), LAYERS, LAYERS[1:], estimator="minibatch", progress=False)
+        one = rk.compare(a, None, _batches(x, bs), LAYERS, estimator="minibatch", progress=False)
+    torch.testing.assert_close(res.values, _nguyen(fa, fb, bs), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one.values, _nguyen(fa, fa, bs), rtol=1e-5, atol=1e-6)
+
+
 def test_minibatch_moves_with_batch_size_exact_does_not():
     a, b = Net(12, 0), Net(9, 1)
     x = _data(120)

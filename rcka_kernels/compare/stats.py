@@ -41,14 +41,17 @@ invariant to a translation of either input).
 Minibatch (``MinibatchStats``): Nguyen et al. (2021): per batch of b >= 4 samples the
 unbiased HSIC of every pair, summed over batches in float64; CKA = sum HSIC_xy /
 sqrt(sum HSIC_xx sum HSIC_yy). Linear kernel: each layer's columns are centred (the
-estimator is translation invariant), its Gram K formed once per batch into a reused
-(L, b, b) buffer (the first b/2 rows and the last diagonal block as products, the block
-below it mirrored: 3/4 of the product), its diagonal zeroed (K~), and Song et al.'s
-estimator evaluated from
+estimator is translation invariant), a few layers of one width at a time stacked in a
+reused scratch; their Grams K formed once per batch by one batched product into a
+reused (L, b, b) buffer (from ``HALF_GRAM_MIN_B`` on only the first b/2 rows and the last
+diagonal block: 3/4 of the product, the block below the diagonal kept as zeros and
+accounted for where it enters), the diagonal zeroed (K~), and Song et al.'s estimator
+evaluated from
   [<K~, L~> + (1^T K~ 1)(1^T L~ 1)/((b-1)(b-2)) - 2/(b-2) (K~1).(L~1)] / (b(b-3)),
 all pairs' <K~_i, L~_j> in one batched product (row by row partial sums of b terms in
 the work dtype, then summed in float64), the O(b) terms as (La x b) @ (b x Lb)
-products in float64. Other kernels: each layer's U-centred Gram
+products in float64. Few ops per batch: at small b their count, not their arithmetic,
+is the cost. Other kernels: each layer's U-centred Gram
 (``rk.centered_gram(..., debiased=True)``), <K_u, L_u> / (b (b-3)) as one
 (La x b^2) @ (b^2 x Lb) product in float64.
 
@@ -81,8 +84,12 @@ SCRATCH_BYTES = 2 << 20
 PRODUCT_ROWS = 256
 
 
+#: batch size from which the minibatch estimator's Grams are formed as 3/4 of the product (their
+#: first b/2 rows and last diagonal block): measured on 2 cores, 9% less time at b = 1024, none at
+#: 256 (smaller products run slower), a loss at 64 (more ops)
+HALF_GRAM_MIN_B = 512
 #: bytes of the scratch in which the minibatch estimator centres a few layers at a time
-CENTRE_BYTES = 1 << 19
+CENTRE_BYTES = 1 << 20
 
 
 def c_size(dtype: torch.dtype) -> int:
@@ -112,8 +119,8 @@ def _vecsum(v: Tensor, seg: Tensor, groups: int) -> Tensor:
 
 
 def _sqnorms(k: Tensor) -> Tensor:
-    """|K_i|_F^2 of each (b, b) slice of k (L, b, b), float64 (a reduction, no squared copy)."""
-    return torch.linalg.vector_norm(k.flatten(1), dim=1).to(f64).square()
+    """The squared norm of each k[i] (k: (L, ...)), float64 (a reduction, no squared copy)."""
+    return torch.linalg.vector_norm(k.flatten(1), dim=1).to(f64).square()  # (dtype= would widen a copy of k)
 
 
 def _mirror_blocks(m: Tensor, offsets: Sequence[int]) -> None:
@@ -427,19 +434,18 @@ class MinibatchStats:
     def _linear_terms(self, feats: List[Tensor], dtype: torch.dtype, key: str):
         """(K~ (L, b, b) in the work dtype, row sums K~1 (L, b) float64, totals (L,) float64, finite flag)."""
         b = feats[0].shape[0]
+        h = self._half(b)
         k = self.grams.get(key)
         if k is None or k.shape[1] != b or k.dtype != dtype:
             k = self.grams[key] = torch.empty(len(feats), b, b, dtype=dtype, device=feats[0].device)
-        # Song et al.'s estimator is translation invariant: centre each layer (for precision), a few
-        # layers of one width at a time in one reused scratch (few ops, no allocation per layer):
-        # stack, column means as a product with a ones row, subtract, Grams as one bmm
-        dev = feats[0].device
+            k[:, h:, :h] = 0  # never written below: the block under the diagonal, stored as zeros
+        # Song et al.'s estimator is translation invariant: centre each layer (for precision). Few ops
+        # per batch (their count, not their arithmetic, is what a small batch costs): the layers of one
+        # width, as many as fit one reused scratch, stacked, centred and multiplied together
         c = self.grams.get("scratch")  # one scratch for both sides
         if c is None or c.dtype != dtype:
             c = self.grams["scratch"] = torch.empty(max(CENTRE_BYTES // c_size(dtype), b * max(f.shape[1] for f in feats)),
-                                                           dtype=dtype, device=dev)
-        ones = torch.full((1, b), 1.0 / b, dtype=dtype, device=dev)
-        h = b // 2
+                                                    dtype=dtype, device=feats[0].device)
         i = 0
         while i < len(feats):
             w = feats[i].shape[1]
@@ -452,16 +458,39 @@ class MinibatchStats:
             else:
                 for t, f in enumerate(feats[i:j]):
                     xs[t].copy_(f)
-            xs.sub_(torch.matmul(ones, xs))
-            for t in range(j - i):  # per layer (bmm would allocate a copy of xs.mT); symmetric: 3/4 of the product
-                x, g = xs[t], k[i + t]
-                torch.mm(x[:h], x.mT, out=g[:h])              # the first h rows
-                torch.mm(x[h:], x[h:].mT, out=g[h:, h:])      # the last block on the diagonal
-                g[h:, :h].copy_(g[:h, h:].mT)                 # the block below it, mirrored
+            xs.sub_(xs.mean(1, keepdim=True))
+            g = k[i:j]
+            if h:  # symmetric: the first h rows and the last diagonal block only (3/4 of the product)
+                torch.bmm(xs[:, :h], xs.mT, out=g[:, :h])
+                torch.bmm(xs[:, h:], xs[:, h:].mT, out=g[:, h:, h:])
+            else:
+                torch.bmm(xs, xs.mT, out=g)
             i = j
         k.diagonal(dim1=1, dim2=2).zero_()
-        r = k.sum(2).to(f64)
+        r = k.sum(2)
+        if h:  # the rows below h also hold the transpose of the block right of the diagonal
+            r[:, h:] += k[:, :h, h:].sum(1)
+        r = r.to(f64)  # (a dtype= reduction would widen a copy of k first)
         return k, r, r.sum(1), torch.isfinite(r).all()
+
+    @staticmethod
+    def _half(b: int) -> int:
+        """Rows of the Grams formed in full (the rest from the diagonal on): b // 2 from
+        ``HALF_GRAM_MIN_B`` on, else b (all)."""
+        return b // 2 if b >= HALF_GRAM_MIN_B else 0
+
+    def _pairs(self, ka: Tensor, kb: Tensor, h: int) -> Tensor:
+        """<K~_i, L~_j> (La, Lb) float64 from the Grams as stored: per row a (La x b) @ (b x Lb)
+        product (b terms in the work dtype), rows summed in float64; with the block below the
+        diagonal stored as zeros, the block right of it once more."""
+        tr = torch.bmm(ka.transpose(0, 1), kb.permute(1, 2, 0)).sum(0, dtype=f64)
+        if h:
+            tr += torch.bmm(ka[:, :h, h:].transpose(0, 1), kb[:, :h, h:].permute(1, 2, 0)).sum(0, dtype=f64)
+        return tr
+
+    def _self(self, k: Tensor, h: int) -> Tensor:
+        """|K~_i|_F^2 (L,) float64 from the Grams as stored."""
+        return _sqnorms(k) + _sqnorms(k[:, :h, h:]) if h else _sqnorms(k)
 
     def update(self, fa: List[Tensor], fb: List[Tensor]) -> Optional[Tensor]:
         """Add a batch (skipped when b < 4); returns a 0-dim bool tensor: every feature
@@ -475,15 +504,14 @@ class MinibatchStats:
             dtype = work_dtype(fa + fb, self.product_dtype)
             ka, ra, ta, ok = self._linear_terms(fa, dtype, "a")
             kb, rb, tb, okb = (ka, ra, ta, ok) if self.shared else self._linear_terms(fb, dtype, "b")
-            c1, c2 = 1.0 / ((b - 1) * (b - 2)), 2.0 / (b - 2)
-            # <K~_i, L~_j> for every pair: per row of the Grams a (La x b) @ (b x Lb) product, rows summed in float64
-            tr = torch.bmm(ka.transpose(0, 1), kb.permute(1, 2, 0)).sum(0, dtype=f64)
-            self.hxy += (tr + c1 * torch.outer(ta, tb) - c2 * (ra @ rb.mT)) * scale
-            tra = torch.diagonal(tr) if self.shared else _sqnorms(ka)
-            self.hxx += (tra + c1 * ta * ta - c2 * (ra * ra).sum(1)) * scale
+            c1, c2 = scale / ((b - 1) * (b - 2)), scale * 2.0 / (b - 2)
+            h = self._half(b)
+            tr = self._pairs(ka, kb, h)  # <K~_i, L~_j> for every pair
+            self.hxy.add_(tr, alpha=scale).addr_(ta, tb, alpha=c1).addmm_(ra, rb.mT, alpha=-c2)
+            tra = torch.diagonal(tr) if self.shared else self._self(ka, h)
+            self.hxx.add_(tra, alpha=scale).addcmul_(ta, ta, value=c1).sub_(_sqnorms(ra), alpha=c2)
             if not self.shared:
-                trb = _sqnorms(kb)
-                self.hyy += (trb + c1 * tb * tb - c2 * (rb * rb).sum(1)) * scale
+                self.hyy.add_(self._self(kb, h), alpha=scale).addcmul_(tb, tb, value=c1).sub_(_sqnorms(rb), alpha=c2)
             ok = ok & okb
         else:
             def ucentred(feats):
