@@ -18,8 +18,8 @@ width 256 -> 12 layers; B: 5 of width 192 -> 10 layers) on n synthetic samples
 A peer that cannot be imported or fails is a recorded error. Every call gets freshly
 built models (same seeds, same weights): torch-cka and ckatorch never remove their hooks.
 
-Time: one process runs every implementation (and the minibatch estimator at batch sizes
-64 and 1024), once to warm up (its values are the ones recorded), then ``--rounds``
+Time: one process runs every implementation (and rcka minibatch and pytorch-cka at batch
+sizes 64 and 1024 too), once to warm up (its values are the ones recorded), then ``--rounds``
 rounds, each in a new random order, and reports the median (slow ones, over 5 s, run
 2 rounds): contenders interleaved in one process see the same machine, which on a
 shared machine matters more than anything else. The C library's default allocator.
@@ -33,7 +33,7 @@ recorded apart: pytorch-cka's imports matplotlib).
 Values: rcka exact against rk.cka of the concatenated features in float64 (the
 "oracle" process); every minibatch estimator against Nguyen's definition evaluated in
 float64 with the textbook U-centred Grams (rcka_kernels.reference); how far the
-minibatch value moves with the batch size (64, 256, 1024) from the exact one.
+minibatch values move with the batch size (64, 256, 1024) from the exact one.
 Memory case: the exact estimator on 200,000 samples (batches generated on the fly)
 with 4 + 4 layers of width 256.
 
@@ -239,6 +239,8 @@ def _peak(fn):
     return time.perf_counter() - t0, _status_kb("VmHWM") * 1024 - base, out
 
 
+#: the implementations also timed at batch sizes 64 and 1024
+SWEPT = ("rcka minibatch", "pytorch-cka 1.1.3")
 #: a case whose warm-up run took longer than this runs 2 timed rounds (its median is not in doubt)
 SLOW_S = 5.0
 
@@ -253,8 +255,10 @@ def _timing(spec):
     cases = {}  # label -> (provider, batch size)
     for prov in spec["providers"]:
         cases[prov] = (prov, spec["bs"])
-    for b in spec["sweep"]:
-        cases[f"rcka minibatch, batch {b}"] = ("rcka minibatch", b)
+    for prov in SWEPT:
+        if prov in spec["providers"]:
+            for b in spec["sweep"]:
+                cases[f"{prov}, batch {b}"] = (prov, b)
     loaders = {b: _loader(x, y, b) for _, b in cases.values()}
     out = {}
     for label, (prov, b) in cases.items():
@@ -369,13 +373,13 @@ def main(argv=None):
           f"({meta['cpu_count']} cores), load {meta['loadavg_start']}", flush=True)
     oracle = _run({"kind": "oracle", "n": n, "bs": bs}, 4 * timeout)
     provs = [p for p in PROVIDERS if not args.only or p in args.only.split(",")]
-    sweep_bs = [64, 1024] if "rcka minibatch" in provs else []
-    ncases = len(provs) + len(sweep_bs)
+    sweep_bs = [64, 1024]
+    ncases = len(provs) + len(sweep_bs) * len([p for p in SWEPT if p in provs])
     timing = _run({"kind": "timing", "n": n, "bs": bs, "providers": provs, "sweep": sweep_bs, "rounds": rounds},
                   timeout * (rounds + 1) * ncases)
     tcases = timing.get("cases", {})
     records, sweep = [], []
-    labels = {**{p: (p, bs) for p in provs}, **{f"rcka minibatch, batch {b}": ("rcka minibatch", b) for b in sweep_bs}}
+    labels = {**{p: (p, bs) for p in provs}, **{f"{p}, batch {b}": (p, b) for p in SWEPT if p in provs for b in sweep_bs}}
     for label, (prov, b) in labels.items():
         t = tcases.get(label) or {"status": timing.get("status", "error"), "error": timing.get("error", "")}
         r = {"provider": prov, "bs": b, **t}
@@ -449,11 +453,16 @@ def _markdown(out):
         lines.append(f"| {r['provider']} | ok | {r['time_s']:.2f} s{spread} | {mem} | {fmt_bytes(r.get('first_call_mem_bytes'))} | "
                      f"{'' if ex is None else f'{ex:.1e}'} | {ngs} | {imp} |")
     if out["batch_size_sweep"]:
-        lines += ["", "Minibatch estimator vs the exact full-data-set CKA, by batch size (rk.compare; times from the same "
-                  "interleaved rounds):", "", "| batch size | time (median) | max abs vs exact |", "|---|---|---|"]
-        base = next((r for r in out["records"] if r["provider"] == "rcka minibatch" and r["status"] == "ok"), None)
-        for r in sorted([x for x in out["batch_size_sweep"] if x["status"] == "ok"] + ([base] if base else []), key=lambda r: r["bs"]):
-            lines.append(f"| {r['bs']} | {r['time_s']:.2f} s | {r.get('max_abs_vs_exact', float('nan')):.3f} |")
+        runs = {(r["provider"], r["bs"]): r for r in out["records"] + out["batch_size_sweep"] if r["status"] == "ok"}
+        lines += ["", "By batch size (times from the same interleaved rounds; the value's distance from the exact "
+                  "full-data-set CKA):", "", "| batch size | " + " | ".join(f"{p} time | {p} max abs vs exact" for p in SWEPT) + " |",
+                  "|---|" + "---|---|" * len(SWEPT)]
+        for b in sorted({r["bs"] for r in out["batch_size_sweep"]} | {m["batch_size"]}):
+            cells = []
+            for p in SWEPT:
+                r = runs.get((p, b))
+                cells += [f"{r['time_s']:.2f} s", f"{r.get('max_abs_vs_exact', float('nan')):.3f}"] if r else ["", ""]
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
     mem = out["memory_case"]
     if mem.get("status") == "ok":
         lines += ["", f"Exact estimator on {m['memory_n']:,} samples (4 + 4 layers of width 256, batches of 1024 generated on the fly): "
