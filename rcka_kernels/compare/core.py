@@ -22,6 +22,32 @@ Estimators (``estimator=``):
                ``res.estimators[i][j]`` says what each pair used, ``res.estimator`` is
                "exact", "minibatch" or "mixed".
 
+Cost (linear kernel; n samples in batches of b; layers of widths p_i (A) and q_j (B),
+P_A = sum p_i, P_B = sum q_j; the forward passes come on top of either):
+  exact      n (P_A P_B + 3/4 sum p_i^2 + 3/4 sum q_j^2) multiply-adds, in float32 GEMMs (half
+             the P_A P_B part when A and B are the same layers of one model), and the
+             float64 statistics above;
+  minibatch  about n b (P_A + P_B) multiply-adds (each layer's b x b Gram per batch; 3/4 of
+             that from b = 512 on), and 4 b^2 (L_A + L_B) bytes of Grams besides one
+             batch's features.
+The exact estimator is the cheaper of the two only when P_A P_B < b (P_A + P_B):
+narrow layers, few layers, or large batches. Elsewhere it costs more than any minibatch
+estimator (ours or a peer's) by construction. "auto" still picks it within the memory
+budget, because what it returns is the data set's CKA, not a value that moves with the
+batch size (by up to 0.008 on the case below); a call that must cost no more than a
+minibatch estimator asks for ``estimator="minibatch"``. On benchmarks/bench_compare.py's
+case (two MLPs, 12 layers of width 256 and 10 of width 192, n = 10,000, b = 256) the
+default call therefore cannot meet "time and memory no more than pytorch-cka's":
+  - time: P_A P_B = 5.9 M multiply-adds per sample against 1.3 M for the Grams; the
+    cross GEMM alone (float32, on features already in memory) took 1.35 s where
+    pytorch-cka's whole run took 0.66 s (2 cores, interleaved in one process);
+  - memory: the float64 statistics alone are 8 P_A P_B bytes = 45 MiB (54 MiB with the
+    self products), against pytorch-cka's whole working memory of about 14 MiB.
+There ``estimator="minibatch"`` (Nguyen et al.'s estimator, as pytorch-cka computes it,
+but on centred features and summed in float64) is the one to hold to pytorch-cka: less
+working memory, time level at b = 256 (both are the same Gram GEMMs and forward passes),
+lower at b = 1024 (benchmarks/results/compare_cpu.md).
+
 Values are never clamped. A layer whose features do not vary (or, debiased, whose
 self-HSIC is not positive) gives CKA 0 with a warning that names it, as ``rk.cka``.
 """
