@@ -61,7 +61,7 @@ def _check(env, fn, ref, inputs, dtype, w):
 @pytest.mark.parametrize("kernel,sigma", KERNELS)
 @pytest.mark.parametrize("debiased", [False, True])
 def test_cka_hsic(kernel_env, n, p, q, dtype, kernel, sigma, debiased):
-    kernel_env.need(n, dtype, kernel, sigma)
+    kernel_env.need(n, dtype, kernel, sigma, p + q)
     if debiased and n < 4:
         pytest.skip("the debiased estimator needs n >= 4")
     if isinstance(sigma, float):  # a fixed bandwidth of the data's scale, not K = I
@@ -86,7 +86,7 @@ MMD_SHAPES = [(1, 1, 1), (5, 9, 3), (40, 23, 7), (100, 45, 20), (150, 90, 37)]
 @pytest.mark.parametrize("kernel,sigma", KERNELS)
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_mmd(kernel_env, n, m, d, dtype, kernel, sigma, unbiased):
-    kernel_env.need(n + m, dtype, kernel, sigma)
+    kernel_env.need(n + m, dtype, kernel, sigma, d)
     if unbiased and min(n, m) < 2:
         pytest.skip("the unbiased estimator needs two samples on each side")
     g = torch.Generator().manual_seed(1)
@@ -106,7 +106,7 @@ GRAM_SHAPES = [(1, 4, 1), (3, 5, 7), (3, 33, 7), (1, 33, 1), (3, 70, 1), (2, 150
 @pytest.mark.parametrize("kernel,sigma", KERNELS)
 @pytest.mark.parametrize("debiased", [False, True])
 def test_centered_gram(kernel_env, g, n, p, dtype, kernel, sigma, debiased):
-    kernel_env.need(n, dtype, kernel, sigma)
+    kernel_env.need(n, dtype, kernel, sigma, g * p)
     if debiased and n < 4:
         pytest.skip("U-centring needs n >= 4")
     x, _ = kernel_env.pair(n, p, 1, dtype, batch=(g,))
@@ -123,7 +123,7 @@ def test_centered_gram(kernel_env, g, n, p, dtype, kernel, sigma, debiased):
 def test_batched_groups_equal_each_group_alone(kernel_env, kernel, sigma, debiased):
     """A (2, 3) leading batch is six independent groups: each as the reference of that
     group alone (a bandwidth rule is applied per group)."""
-    kernel_env.need(19, f64, kernel, sigma)
+    kernel_env.need(19, f64, kernel, sigma, 6 * 10)
     x, y = kernel_env.pair(19, 4, 6, f64, batch=(2, 3))
     got = rk.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=kernel_env.backend)
     assert got.shape == (2, 3)
@@ -184,7 +184,7 @@ def _contract(env, n, dtype):
         pytest.skip("the torch backend in float64 is the contract's yardstick")
     if env.name == "torch-python":
         pytest.skip("the torch backend's contract is the torch environment's (the native op is above it)")
-    env.need(n, dtype)
+    env.need(n, dtype)  # every dtype up to MAX_N: no reference to evaluate
     return env.kernels()
 
 

@@ -72,12 +72,13 @@ KERNEL_ENVIRONMENTS = [e for e in ENVIRONMENTS if e.values[0][0] != "reference"]
 # interpreter is NumPy code, each CUDA thread of the emulation a std::thread, and the
 # float64 reference with its gradients is O(n^2) memory and O(n^3) time on the CPU):
 # larger n runs on GPUs only.
-MAX_N = {"triton-interpreter": 80, "cuda-emulated": 160, "torch": 320, "torch-python": 320, "reference": 320}
-# The emulators run every dtype and every bandwidth rule on the small shapes (n <= 33: one
-# to three 16-row tiles) and float32 with the linear kernel and the median RBF on every
-# shape up to their MAX_N: the rest of the cross is the same kernels with other inputs.
+MAX_N = {"triton-interpreter": 80, "cuda-emulated": 140, "torch": 320, "torch-python": 320, "reference": 320}
+# The emulators run every dtype and every bandwidth rule on the small shapes (n <= 33 and
+# n (p + q) <= SMALL: one to three 16-row tiles, one feature chunk) and float32 with the linear
+# kernel and the median RBF on every shape up to their MAX_N: the rest of the cross is
+# the same kernels with other inputs.
 EMULATORS = ("triton-interpreter", "cuda-emulated")
-SMALL_N = 33
+SMALL_N, SMALL = 33, 1000
 # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9): bf16 runs on GPUs only.
 NO_DTYPE = {"triton-interpreter": {torch.bfloat16: "the interpreter's bf16 tl.dot is wrong (triton 3.9); bf16 runs on GPUs"}}
 
@@ -115,7 +116,7 @@ class Env:
     def __repr__(self):
         return f"Env({self.name})"
 
-    def need(self, n: int = 0, dtype: Optional[torch.dtype] = None, kernel: str = "linear", sigma=None) -> None:
+    def need(self, n: int = 0, dtype: Optional[torch.dtype] = None, kernel: str = "linear", sigma=None, width: int = 0) -> None:
         """Skip what this environment cannot run in reasonable time or at all (see MAX_N,
         EMULATORS, NO_DTYPE); the torch backend without its native op runs the linear kernel only."""
         if n > MAX_N.get(self.name, n):
@@ -123,8 +124,8 @@ class Env:
         reason = NO_DTYPE.get(self.name, {}).get(dtype)
         if reason:
             pytest.skip(reason)
-        if self.name in EMULATORS and n > SMALL_N and (dtype not in (None, torch.float32) or sigma is not None):
-            pytest.skip(f"{self.name} runs {dtype} and the {sigma!r} bandwidth at n <= {SMALL_N}; GPUs run every n")
+        if self.name in EMULATORS and (n > SMALL_N or n * width > SMALL) and (dtype not in (None, torch.float32) or sigma is not None):
+            pytest.skip(f"{self.name} runs {dtype} and the {sigma!r} bandwidth on the small shapes; GPUs run every shape")
         if self.name == "torch-python" and kernel != "linear":
             pytest.skip("only the linear kernel runs the native op that this environment leaves out")
 
