@@ -39,8 +39,9 @@ minibatch estimator asks for ``estimator="minibatch"``. On benchmarks/bench_comp
 case (two MLPs, 12 layers of width 256 and 10 of width 192, n = 10,000, b = 256) the
 default call therefore cannot meet "time and memory no more than pytorch-cka's":
   - time: P_A P_B = 5.9 M multiply-adds per sample against 1.3 M for the Grams; the
-    cross GEMM alone (float32, on features already in memory) took 1.35 s where
-    pytorch-cka's whole run took 0.66 s (2 cores, interleaved in one process);
+    cross GEMM alone (float32, on features already in memory) took 0.92 s where
+    pytorch-cka's whole run took 0.77 s, forward passes (0.26 s) included (2 cores,
+    interleaved in one process);
   - memory: the float64 statistics alone are 8 P_A P_B bytes = 45 MiB (54 MiB with the
     self products), against pytorch-cka's whole working memory of about 14 MiB.
 There ``estimator="minibatch"`` (Nguyen et al.'s estimator, as pytorch-cka computes it,
