@@ -39,6 +39,7 @@ PEERS := $(VENV)/.peers
 $(PEERS): $(STAMP)
 	$(PY) -m pip install -q --no-deps torch-cka==0.21 ckatorch==1.0.3 cka-pytorch==1.1.3 geomloss==0.3.1 pykeops==2.3 keopscore==2.3 || echo "peer libraries unavailable: their benchmark rows record the import error"
 	$(PY) -m pip install -q --no-deps pytorch-cka==1.1.3 torchmetrics==1.9.0 lightning-utilities==0.15.3 pyyaml safetensors || echo "pytorch-cka (or a dependency) unavailable: bench_compare records the import error"
+	$(PY) -m pip install -q --no-deps seaborn==0.13.2 pandas==3.1.1 pytz tzdata lightning==2.6.6 || echo "ckatorch's or cka-pytorch's dependencies unavailable: bench_compare records the import error"
 	touch $(PEERS)
 
 bench: $(PEERS)
