@@ -25,7 +25,7 @@ from rcka_kernels.compare import CompareResult, default_layers  # noqa: E402
 from rcka_kernels.compare.__main__ import main as cli_main  # noqa: E402
 from rcka_kernels.compare.stats import ExactStats  # noqa: E402
 
-from .utils import spawn_ranks  # noqa: E402
+from .utils import join_group, spawn_ranks  # noqa: E402
 
 
 class Net(nn.Module):
@@ -398,7 +398,7 @@ DIST_CASES = [("exact", False, F64), ("exact", True, F64), ("exact", True, None)
 
 
 def _dist_worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    join_group(rank, port, WORLD)
     try:
         torch.set_num_threads(1)
         a, b = Net(12, 0, offset=40.0), Net(9, 1)

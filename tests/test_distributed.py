@@ -10,7 +10,7 @@ import torch.distributed as dist
 import rcka_kernels as rk
 from rcka_kernels import distributed as rkd
 
-from .utils import spawn_ranks
+from .utils import join_group, spawn_ranks
 
 WORLD = 2
 SPLIT = [7, 6]  # uneven shards
@@ -27,7 +27,7 @@ def _data():
 
 
 def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    join_group(rank, port, WORLD)
     try:
         x, y, w = _data()
         lo = sum(SPLIT[:rank])

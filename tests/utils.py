@@ -227,6 +227,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join_group(rank: int, port: int, world: int) -> None:
+    """In a spawned rank: join the gloo group on localhost. Its timeout bounds every
+    collective too, so a rank left waiting (another died or took another path) fails the
+    test in two minutes instead of hanging the suite."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+
+
 def spawn_ranks(worker, out_dir, world: int) -> list:
     """Run ``worker(rank, port, out_dir)`` in ``world`` gloo processes; each writes
     out_dir/rank{r}.pt, which comes back in rank order."""
