@@ -14,28 +14,21 @@ layouts): that checks the tile offsets and alignment, not the hardware (GPU runs
 import pytest
 import torch
 
-from .utils import gamma, pair
+from .utils import gamma, make_env, pair
 
 
 @pytest.fixture
-def emu(cuda_emulation):
-    return cuda_emulation
-
-
-@pytest.fixture
-def cb(emu, monkeypatch):
-    from rcka_kernels.ops import cuda_backend
-
-    monkeypatch.setattr(cuda_backend, "_lib", lambda: emu)
-    monkeypatch.setattr(cuda_backend, "_DEVICE_TYPES", ("cuda", "cpu"))
-    return cuda_backend
+def cb(request, monkeypatch):
+    """The cuda backend over the emulation: the cuda-emulated environment's set-up."""
+    return make_env(request, monkeypatch, ("cuda-emulated", "cuda", "cpu")).kernels()
 
 
 def _inputs(g, n, p, q, dtype):
     return pair(n, p, q, dtype, batch=(g,), centred=True, device="cpu")
 
 
-def test_emulated_module_checks_arguments(emu):
+def test_emulated_module_checks_arguments(cuda_emulation):
+    emu = cuda_emulation
     with pytest.raises(ValueError, match="unknown dtype"):
         emu.pair_forward(0, 9, 1, (256, 0, 4, 4, 2, 8, 0, 2, 1), (256, 0, 4, 4, 2, 8, 0, 2, 1), 256, 256, 256, 256, 256, 0, 0)
     assert emu.device_status()["device_count"] == 1

@@ -23,13 +23,10 @@ import rcka_kernels as rk
 from rcka_kernels import reference
 from rcka_kernels.ops import torch_backend as tb
 
-from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept, gamma
+from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept, cpu64, gamma
 
 f64 = torch.float64
-
-
-def _cpu64(t):
-    return t.detach().to("cpu", f64)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 
 
 def _value_and_grads(fn, inputs, w):
@@ -46,7 +43,7 @@ def _check(env, fn, ref, inputs, dtype, w):
     got = _value_and_grads(lambda *a: fn(*a, env.backend), inputs, w)
     cd = tb.compute_dtype(inputs[0].dtype)
     assert got[0].dtype == cd, f"value dtype {got[0].dtype} for {inputs[0].dtype} inputs, want {cd}"
-    want = _value_and_grads(ref, [_cpu64(t) for t in inputs], w.cpu())
+    want = _value_and_grads(ref, [cpu64(t) for t in inputs], w.cpu())
     base = _value_and_grads(lambda *a: fn(*a, "torch"), inputs, w) if env.backend != "torch" else [None] * len(got)
     for what, g, r, b, t in zip(["value"] + [f"d/d{i}" for i in range(len(inputs))], got, want, base, [None] + list(inputs)):
         assert t is None or g.dtype == t.dtype, f"{what}: gradient dtype {g.dtype}, input {t.dtype}"
@@ -57,7 +54,7 @@ def _check(env, fn, ref, inputs, dtype, w):
 
 
 @pytest.mark.parametrize("n,p,q", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@dtypes
 @pytest.mark.parametrize("kernel,sigma", KERNELS)
 @pytest.mark.parametrize("debiased", [False, True])
 def test_cka_hsic(kernel_env, n, p, q, dtype, kernel, sigma, debiased):
@@ -73,8 +70,16 @@ def test_cka_hsic(kernel_env, n, p, q, dtype, kernel, sigma, debiased):
            (x, y), dtype, w)
     # HSIC from the same statistics (its gradients are the contract's arbitrary cotangents below)
     base = rk.hsic(x, y, backend="torch", **kw) if kernel_env.backend != "torch" else None
-    accept(rk.hsic(x, y, backend=kernel_env.backend, **kw), reference.hsic(_cpu64(x), _cpu64(y), kernel, sigma, debiased),
+    accept(rk.hsic(x, y, backend=kernel_env.backend, **kw), reference.hsic(cpu64(x), cpu64(y), kernel, sigma, debiased),
            dtype, base, "hsic")
+
+
+def _mmd_pair(g, n, m, d, dtype, device, seed):
+    """x (g, n, d), z (g, m, d) from two distributions (z scaled and shifted)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(g, n, d, generator=gen, dtype=f64)
+    z = torch.randn(g, m, d, generator=gen, dtype=f64) * 1.3 + 0.4
+    return x.to(device, dtype), z.to(device, dtype)
 
 
 # (n, m, d): one sample each, small, Z = [X; Y] in one tile and over several
@@ -82,16 +87,14 @@ MMD_SHAPES = [(1, 1, 1), (5, 9, 3), (40, 23, 7), (100, 45, 20), (150, 90, 37)]
 
 
 @pytest.mark.parametrize("n,m,d", MMD_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@dtypes
 @pytest.mark.parametrize("kernel,sigma", KERNELS)
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_mmd(kernel_env, n, m, d, dtype, kernel, sigma, unbiased):
     kernel_env.need(n + m, dtype, kernel, sigma, d)
     if unbiased and min(n, m) < 2:
         pytest.skip("the unbiased estimator needs two samples on each side")
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, n, d, generator=g, dtype=f64).to(kernel_env.device, dtype)
-    z = (torch.randn(2, m, d, generator=g, dtype=f64) * 1.3 + 0.4).to(kernel_env.device, dtype)
+    x, z = _mmd_pair(2, n, m, d, dtype, kernel_env.device, seed=1)
     w = torch.randn(2, dtype=f64, device=kernel_env.device)
     _check(kernel_env, lambda a, b, be: rk.mmd(a, b, kernel=kernel, sigma=sigma, unbiased=unbiased, backend=be),
            lambda a, b: reference.mmd(a, b, kernel, sigma, unbiased), (x, z), dtype, w)
@@ -102,7 +105,7 @@ GRAM_SHAPES = [(1, 4, 1), (3, 5, 7), (3, 33, 7), (1, 33, 1), (3, 70, 1), (2, 150
 
 
 @pytest.mark.parametrize("g,n,p", GRAM_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@dtypes
 @pytest.mark.parametrize("kernel,sigma", KERNELS)
 @pytest.mark.parametrize("debiased", [False, True])
 def test_centered_gram(kernel_env, g, n, p, dtype, kernel, sigma, debiased):
@@ -129,7 +132,7 @@ def test_batched_groups_equal_each_group_alone(kernel_env, kernel, sigma, debias
     assert got.shape == (2, 3)
     for i in range(2):
         for j in range(3):
-            accept(got[i, j], reference.cka(_cpu64(x[i, j]), _cpu64(y[i, j]), kernel, sigma, debiased), f64, what=f"group {i, j}")
+            accept(got[i, j], reference.cka(cpu64(x[i, j]), cpu64(y[i, j]), kernel, sigma, debiased), f64, what=f"group {i, j}")
 
 
 # ----------------------------------------------------------------------------- gradcheck
@@ -185,12 +188,12 @@ def _contract(env, n, dtype):
     if env.name == "torch-python":
         pytest.skip("the torch backend's contract is the torch environment's (the native op is above it)")
     env.need(n, dtype)  # every dtype up to MAX_N: no reference to evaluate
-    return env.kernels()
 
 
-def _contract_check(env, dtype, name, args, cast):
+def _contract_check(env, dtype, name, args):
     """Contract function ``name`` of env's backend on args, held to the torch backend's on
-    the float64 inputs; ``cast(args, dtype)`` gives the arguments in a dtype."""
+    the same arguments in float64 (the inputs and gammas, in ``dtype`` or its compute
+    dtype; the float64 cotangents gS as they are)."""
     def call(mod, a):
         out = getattr(mod, name)(*a)
         if name == "linear_stats" and isinstance(out, tuple):
@@ -198,7 +201,7 @@ def _contract_check(env, dtype, name, args, cast):
         return out if isinstance(out, tuple) else (out,)
 
     got = call(env.kernels(), args)
-    want = call(tb, cast(args, f64))
+    want = call(tb, [a.to(f64) if a.dtype in (dtype, tb.compute_dtype(dtype)) else a for a in args])
     base = call(tb, args) if env.backend != "torch" else [None] * len(got)
     for i, (g, r, b) in enumerate(zip(got, want, base)):
         accept(g, r, dtype, b, f"{name} output {i}")
@@ -212,46 +215,37 @@ def _cotangents(g, n, dtype, device, seed=3):
     return gs, grx, gry
 
 
-def _as(dtype):
-    """Cast the floating inputs of a contract call (not the float64 cotangents gS)."""
-    def cast(args, want):
-        return [a.to(want) if a.dtype == dtype or a.dtype == tb.compute_dtype(dtype) else a for a in args]
-    return cast
-
-
 @pytest.mark.parametrize("g,n,p,q", CONTRACT_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@dtypes
 def test_contract_linear(kernel_env, g, n, p, q, dtype):
     _contract(kernel_env, n, dtype)
     x, y = kernel_env.pair(n, p, q, dtype, batch=(g,), centred=True)
     gs, _, _ = _cotangents(g, n, dtype, kernel_env.device)
-    _contract_check(kernel_env, dtype, "linear_stats", [x, y], _as(dtype))
-    _contract_check(kernel_env, dtype, "linear_stats_backward", [x, y, gs], _as(dtype))
+    _contract_check(kernel_env, dtype, "linear_stats", [x, y])
+    _contract_check(kernel_env, dtype, "linear_stats_backward", [x, y, gs])
 
 
 @pytest.mark.parametrize("g,n,p,q", CONTRACT_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@dtypes
 def test_contract_rbf(kernel_env, g, n, p, q, dtype):
     _contract(kernel_env, n, dtype)
     x, y = kernel_env.pair(n, p, q, dtype, batch=(g,), seed=1, centred=True)
     gx, gy = gamma(x), gamma(y)
     gs, grx, gry = _cotangents(g, n, dtype, kernel_env.device)
-    s, rx, ry = _contract_check(kernel_env, dtype, "rbf_stats", [x, y, gx, gy], _as(dtype))
+    s, rx, ry = _contract_check(kernel_env, dtype, "rbf_stats", [x, y, gx, gy])
     cd = tb.compute_dtype(dtype)
     assert s.dtype == f64 and rx.dtype == cd and ry.dtype == cd and rx.shape == (g, n)
-    dx, dy = _contract_check(kernel_env, dtype, "rbf_stats_backward", [x, y, gx, gy, gs, grx, gry], _as(dtype))
+    dx, dy = _contract_check(kernel_env, dtype, "rbf_stats_backward", [x, y, gx, gy, gs, grx, gry])
     assert dx.dtype == dtype and dy.dtype == dtype
 
 
 @pytest.mark.parametrize("g,n,m,p", CONTRACT_MMD_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@dtypes
 def test_contract_mmd(kernel_env, g, n, m, p, dtype):
     _contract(kernel_env, n + m, dtype)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(g, n, p, generator=gen, dtype=f64).to(kernel_env.device, dtype)
-    y = (torch.randn(g, m, p, generator=gen, dtype=f64) + 0.3).to(kernel_env.device, dtype)
+    x, y = _mmd_pair(g, n, m, p, dtype, kernel_env.device, seed=2)
     gz = gamma(torch.cat([x, y], 1))
     gs, _, _ = _cotangents(g, n, dtype, kernel_env.device)
-    _contract_check(kernel_env, dtype, "rbf_mmd_sums", [x, y, gz], _as(dtype))
-    dx, dy = _contract_check(kernel_env, dtype, "rbf_mmd_sums_backward", [x, y, gz, gs], _as(dtype))
+    _contract_check(kernel_env, dtype, "rbf_mmd_sums", [x, y, gz])
+    dx, dy = _contract_check(kernel_env, dtype, "rbf_mmd_sums_backward", [x, y, gz, gs])
     assert dx.dtype == dtype and dy.shape == y.shape

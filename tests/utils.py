@@ -102,8 +102,14 @@ def pair(n, p, q, dtype=torch.float64, batch=(), seed=0, offset=True, centred=Fa
 def gamma(x):
     """An RBF gamma per group of x (G, n, p) for the backend contract, about 1 / (2 x the
     mean squared distance) so that kernel values spread over (0, 1), in the compute dtype."""
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (1.0 / (2 * x.double().var(1).sum(-1).clamp_min(1e-6))).to(cd)
+    from rcka_kernels.ops.torch_backend import compute_dtype
+
+    return (1.0 / (2 * x.double().var(1).sum(-1).clamp_min(1e-6))).to(compute_dtype(x.dtype))
+
+
+def cpu64(t: torch.Tensor) -> torch.Tensor:
+    """t detached, in float64 on the CPU: what the reference is evaluated on."""
+    return t.detach().to("cpu", torch.float64)
 
 
 class Env:
@@ -177,7 +183,7 @@ def make_env(request, monkeypatch, param) -> Env:
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double().cpu() - b.detach().double().cpu()).abs().max()) if b.numel() else 0.0
+    return float((cpu64(a) - cpu64(b)).abs().max()) if b.numel() else 0.0
 
 
 def accept(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, base: Optional[torch.Tensor] = None,
@@ -191,7 +197,7 @@ def accept(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, base: Opti
     (atol, rtol) = TOL[dtype]: no backend need beat the torch backend by much on an
     ill-conditioned case, and none may be worse than twice it."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
-    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    g, w = cpu64(got), cpu64(want)
     assert torch.equal(torch.isfinite(g), torch.isfinite(w)), f"{what}: non-finite values where the reference has none"
     atol, rtol = TOL[dtype]
     scale = float(w.abs().max()) if w.numel() else 0.0

@@ -478,8 +478,8 @@ class MinibatchStats:
 
     @staticmethod
     def _half(b: int) -> int:
-        """Rows of the Grams formed in full (the rest from the diagonal on): b // 2 from
-        ``HALF_GRAM_MIN_B`` on, else b (all)."""
+        """Rows of the Grams formed in full, the rest from the diagonal on: b // 2 from
+        ``HALF_GRAM_MIN_B`` on; 0 below it, meaning the Grams are formed whole."""
         return b // 2 if b >= HALF_GRAM_MIN_B else 0
 
     def _pairs(self, ka: Tensor, kb: Tensor, h: int) -> Tensor:
