@@ -243,6 +243,48 @@ def test_auto_respects_memory_budget():
     assert rk.compare(a, b, _batches(x, 20), LAYERS, progress=False, memory_budget="100B").estimator == "minibatch"
 
 
+def _wide(seed):
+    """Three layers of width 100: exact products of 300 x 300 + 3/4 x 6 x 100^2 = 135,000 multiply-adds
+    per sample, against the minibatch estimator's 609 b on batches of b (six Grams and nine pairs)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 100), nn.Tanh(), nn.Linear(100, 100))
+
+
+def test_auto_weighs_the_exact_cost_against_the_minibatch_one():
+    a, b = _wide(0), _wide(1)
+    x = _data(256)
+    for bs, want in ((16, "minibatch"), (256, "exact")):
+        res = rk.compare(a, b, _batches(x, bs), progress=False)
+        assert res.estimator == want
+        assert res.meta["auto"] == {"batch_size": bs, "exact_madds_per_sample": 135_000, "minibatch_madds_per_sample": 609 * bs}
+        same = rk.compare(a, b, _batches(x, bs), estimator=want, progress=False)
+        torch.testing.assert_close(res.values, same.values, rtol=0, atol=0)
+    # small products stay exact whatever the batch size; the memory budget still applies first
+    assert rk.compare(Net(12, 0), Net(9, 1), _batches(x, 4), LAYERS, progress=False).estimator == "exact"
+    assert rk.compare(a, b, _batches(x, 256), progress=False, memory_budget="100KiB").estimator == "minibatch"
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_cost_model_counts_the_products(shared):
+    """ExactStats.madds and MinibatchStats.madds (what "auto" weighs) are the multiply-adds the updates run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rcka_kernels.compare.stats import MinibatchStats
+
+    wa, wb = [700, 3, 50], [40, 70]
+    if shared:
+        wb = wa
+    for b in (5, 64, 512):
+        fa = [torch.randn(b, w) for w in wa]
+        fb = fa if shared else [torch.randn(b, w) for w in wb]
+        for st, want in ((ExactStats(wa, wb, debiased=False, shared=shared, device="cpu"), b * ExactStats.madds(wa, wb, shared)),
+                         (MinibatchStats(wa, wb, kernel="linear", sigma=None, shared=shared, device="cpu"),
+                          MinibatchStats.madds(wa, wb, b, shared))):
+            with FlopCounterMode(display=False) as fc:
+                st.update(fa, fb)
+            assert fc.get_total_flops() == 2 * want, (type(st).__name__, b)
+
+
 def test_exact_statistics_do_not_grow_with_samples():
     st = ExactStats([256, 256], [256], debiased=True, shared=False, device="cpu")
 
@@ -336,6 +378,47 @@ def test_errors_are_clear():
     assert all(not m._forward_hooks for m in twice.modules()) and twice.training
 
 
+class Moody(nn.Module):
+    """Well behaved until ``mode`` says otherwise (set by the loader before each batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.flat, self.b = nn.Linear(6, 5), nn.Flatten(), nn.Linear(5, 4)
+        self.mode = "ok"
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.mode == "twice":
+            self.a(x)
+        g = self.flat(torch.cat([h, h], 1) if self.mode == "wide" else h[:-1] if self.mode == "rows" else h)
+        return g if self.mode == "skip" else self.b(g[:, :5])
+
+
+@pytest.mark.parametrize("estimator", ["exact", "minibatch"])
+@pytest.mark.parametrize("mode,match", [
+    ("nan", "batch 1: layer 'a' has NaN or Inf features"),
+    ("twice", "layer 'a' ran 2 times in one forward pass"),
+    ("wide", "batch 1: layer 'flat' has 10 features, 5 in the first batch"),
+    ("rows", "batch 1: layer 'flat' has 9 rows but 'a' has 10"),
+    ("skip", "layer 'b' did not run in the forward pass"),
+])
+def test_errors_after_the_first_batch(estimator, mode, match):
+    """From the second batch on the statistics take each layer's output during the forward pass:
+    the same checks, the batch and the layer named, the hooks gone afterwards."""
+    m = Moody()
+    x = _data(20)
+
+    def loader():
+        m.mode = "ok"
+        yield x[:10]
+        m.mode = mode
+        yield x[10:] * float("nan") if mode == "nan" else x[10:]
+
+    with pytest.raises(ValueError, match=match):
+        rk.compare(m, None, loader(), ["a", "flat", "b"], estimator=estimator, progress=False)
+    assert all(not mod._forward_hooks for mod in m.modules())
+
+
 def test_constant_layer_gives_zero_with_warning_and_no_clamp():
     class C(nn.Module):
         def __init__(self):
@@ -412,6 +495,13 @@ def _dist_worker(rank, port, out_dir):
                 r = rk.compare(a, b, _batches(shard, 10), LAYERS, LAYERS[2:], estimator=est, debiased=deb, product_dtype=pd,
                                progress=False)
                 res[(est, deb, pd)] = (r.values, r.n_samples)
+            # "auto" on first batches of different sizes: minibatch on rank 0's 4 samples, exact on rank 1's 230
+            xw = torch.randn(230, 6, generator=torch.Generator().manual_seed(5))
+            try:
+                rk.compare(_wide(0), _wide(1), [xw[:4] if rank == 0 else xw], progress=False)
+                res["auto"] = "no error"
+            except ValueError as e:
+                res["auto"] = str(e)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -441,6 +531,11 @@ def test_distributed_equals_single_process(dist_results, est, deb, pd):
         assert n == (N if est == "exact" else N - 3)
 
 
+def test_distributed_auto_must_agree(dist_results):
+    for r in range(WORLD):
+        assert "chose differently on different ranks" in dist_results[r]["auto"]
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -462,13 +557,14 @@ def test_cli_fake_cifar_and_imagefolder(tmp_path, capsys):
     torch.save({"model": M.build("resnet8", 100).state_dict()}, ck)
     out = tmp_path / "out_c"
     rc = cli_main(["--data", str(tmp_path / "c100"), "--model-a", "resnet8", "--ckpt-a", str(ck), "--model-b", "resnet14",
-                   "--layers-a", "layer1.0,avgpool,fc", "--layers-b", "layer3.1,fc", "--batch-size", "4", "--out", str(out),
+                   "--layers-a", "layer1.0,avgpool,fc", "--layers-b", "fc", "--batch-size", "4", "--out", str(out),
                    "--no-progress"])
     assert rc == 0
     res = CompareResult.load(out / "compare.json")
-    # layer1.0 is 16 x 32 x 32 = 16384 wide: 2 GiB of exact statistics, over the default budget
-    assert res.values.shape == (3, 2) and res.n_samples == 9 and res.estimator == "mixed"
-    assert res.estimators == [["minibatch"] * 2, ["exact"] * 2, ["exact"] * 2]
+    # layer1.0 is 16 x 32 x 32 = 16384 wide: 2 GiB of exact statistics, over the default budget; the
+    # other pairs' products are small (64 + 100 by 100 features), so they keep the exact estimator
+    assert res.values.shape == (3, 1) and res.n_samples == 9 and res.estimator == "mixed"
+    assert res.estimators == [["minibatch"], ["exact"], ["exact"]]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     _write_folder(str(tmp_path / "inet"), per_class=3)
     out = tmp_path / "out_i"

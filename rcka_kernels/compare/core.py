@@ -16,38 +16,37 @@ Estimators (``estimator=``):
                summed over batches, then CKA. Depends on the batch size; any kernel;
                batches of fewer than 4 samples are skipped with a warning. ``debiased``
                does not apply (the per-batch HSIC is always the unbiased one).
-  "auto"       exact for the pairs whose layers' statistics fit ``memory_budget``
-               (default 1 GiB; the widest layers are moved to minibatch first),
-               minibatch for the others; the RBF kernel is always minibatch.
+  "auto"       the exact estimator where it costs no more than the minibatch one, else
+               minibatch (the RBF kernel: always minibatch). On the first batch (b rows):
+               1. memory: the widest layers (of either model) move to minibatch until the
+                  exact statistics fit ``memory_budget`` (default 1 GiB);
+               2. time: the remaining layers keep the exact estimator if its products cost
+                  no more multiply-adds per sample than the minibatch estimator's on batches
+                  of b, or at most ``AUTO_SMALL_MADDS`` (65,536: one 256 x 256 pair, less
+                  time than the ops around it); otherwise every pair is minibatch.
                ``res.estimators[i][j]`` says what each pair used, ``res.estimator`` is
-               "exact", "minibatch" or "mixed".
+               "exact", "minibatch" or "mixed", ``res.meta["auto"]`` the two costs.
+               ``estimator="exact"`` gives the data set's CKA whatever it costs.
 
 Cost (linear kernel; n samples in batches of b; layers of widths p_i (A) and q_j (B),
-P_A = sum p_i, P_B = sum q_j; the forward passes come on top of either):
-  exact      n (P_A P_B + 3/4 sum p_i^2 + 3/4 sum q_j^2) multiply-adds, in float32 GEMMs (half
-             the P_A P_B part when A and B are the same layers of one model), and the
+P_A = sum p_i, P_B = sum q_j; the forward passes come on top of either; exactly:
+``ExactStats.madds`` and ``MinibatchStats.madds``, which count what the updates run):
+  exact      n (P_A P_B + 3/4 sum p_i^2 + 3/4 sum q_j^2) multiply-adds in float32 GEMMs
+             (about half of P_A^2 when A and B are the same layers of one model), and the
              float64 statistics above;
-  minibatch  about n b (P_A + P_B) multiply-adds (each layer's b x b Gram per batch; 3/4 of
-             that from b = 512 on), and 4 b^2 (L_A + L_B) bytes of Grams besides one
-             batch's features.
-The exact estimator is the cheaper of the two only when P_A P_B < b (P_A + P_B):
-narrow layers, few layers, or large batches. Elsewhere it costs more than any minibatch
-estimator (ours or a peer's) by construction. "auto" still picks it within the memory
-budget, because what it returns is the data set's CKA, not a value that moves with the
-batch size (by up to 0.008 on the case below); a call that must cost no more than a
-minibatch estimator asks for ``estimator="minibatch"``. On benchmarks/bench_compare.py's
-case (two MLPs, 12 layers of width 256 and 10 of width 192, n = 10,000, b = 256) the
-default call therefore cannot meet "time and memory no more than pytorch-cka's":
-  - time: P_A P_B = 5.9 M multiply-adds per sample against 1.3 M for the Grams; the
-    cross GEMM alone (float32, on features already in memory) took 0.92 s where
-    pytorch-cka's whole run took 0.77 s, forward passes (0.26 s) included (2 cores,
-    interleaved in one process);
-  - memory: the float64 statistics alone are 8 P_A P_B bytes = 45 MiB (54 MiB with the
-    self products), against pytorch-cka's whole working memory of about 14 MiB.
-There ``estimator="minibatch"`` (Nguyen et al.'s estimator, as pytorch-cka computes it,
-but on centred features and summed in float64) is the one to hold to pytorch-cka: less
-working memory, time level at b = 256 (both are the same Gram GEMMs and forward passes),
-lower at b = 1024 (benchmarks/results/compare_cpu.md).
+  minibatch  about n b (P_A + P_B + L_A L_B) multiply-adds (each layer's b x b Gram per batch,
+             3/4 of it from b = 512 on; every pair's <K, L>), and 4 b^2 (L_A + L_B) bytes of
+             Grams besides one batch's features.
+So the exact estimator is the cheaper one for narrow or few layers or large batches, and
+costs more (by construction, against any minibatch estimator, ours or a peer's) for many
+wide layers on small batches. On benchmarks/bench_compare.py's case (two MLPs, 12 layers of
+width 256 and 10 of width 192, n = 10,000, b = 256) it would be 6.8 M multiply-adds per
+sample against 1.3 M, and 54 MiB of float64 statistics against pytorch-cka's 14 MiB of
+working memory, so "auto" takes the minibatch estimator there: Nguyen et al.'s, as
+pytorch-cka computes it, but on centred features and summed in float64
+(benchmarks/results/compare_cpu.md); the exact one, asked for, took 2.5 s against
+pytorch-cka's 0.8 s, and its value is the data set's, where the minibatch ones move with
+the batch size (by up to 0.008 there).
 
 Values are never clamped. A layer whose features do not vary (or, debiased, whose
 self-HSIC is not positive) gives CKA 0 with a warning that names it, as ``rk.cka``.
@@ -57,6 +56,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -67,7 +67,7 @@ from torch import nn
 
 from .. import _validate
 from ..distributed import is_distributed
-from .stats import ExactStats, MinibatchStats, exact_bytes
+from .stats import ExactStats, MinibatchStats, exact_bytes, work_dtype
 
 __all__ = ["compare", "CompareResult", "default_layers", "INPUT_KEYS", "DEFAULT_MEMORY_BUDGET"]
 
@@ -78,6 +78,10 @@ INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "input_
 #: bytes of exact statistics that estimator="auto" allows before moving layers to minibatch
 DEFAULT_MEMORY_BUDGET = 1 << 30
 ESTIMATORS = ("auto", "exact", "minibatch")
+#: multiply-adds per sample up to which "auto" keeps the exact estimator whatever the minibatch
+#: one would cost (one 256 x 256 layer pair): products this small take less time than the ops
+#: around them
+AUTO_SMALL_MADDS = 1 << 16
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -154,36 +158,87 @@ def _as_features(name: str, out: Any) -> Tensor:
 
 
 class _Recorder:
-    """Forward hooks that keep each named layer's output of the current forward pass."""
+    """Forward hooks on the named layers: each output, as (n, features), goes to ``sink``
+    when one is set, else is kept in ``feats`` until ``drain``."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], tag: str):
         self.tag = tag
+        self.names = list(names)
+        self.sink: Optional[Callable[[str, Tensor], None]] = None
         self.feats: Dict[str, Tensor] = {}
         self.calls: Dict[str, int] = {}
         mods = dict(model.named_modules())
-        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            self.feats[name] = _as_features(f"{self.tag}{name}", output)
+            calls = self.calls[name] = self.calls.get(name, 0) + 1
+            if calls > 1:
+                raise ValueError(f"compare: layer {self.tag}{name!r} ran {calls} times in one forward pass, so its output is "
+                                 "ambiguous (a module reused inside the model); name a layer that runs once")
+            f = _as_features(f"{self.tag}{name}", output)
+            if self.sink is None:
+                self.feats[name] = f
+            else:
+                self.sink(name, f)
         return hook
 
-    def take(self, names: Sequence[str]) -> List[Tensor]:
-        twice = [n for n in names if self.calls.get(n, 0) > 1]
-        if twice:
-            raise ValueError(f"compare: layer {self.tag}{twice[0]!r} ran {self.calls[twice[0]]} times in one forward pass, so its "
-                             "output is ambiguous (a module reused inside the model); name a layer that runs once")
-        missing = [n for n in names if n not in self.feats]
+    def done(self) -> None:
+        """After a forward pass: every named layer ran; reset for the next one."""
+        missing = [n for n in self.names if n not in self.calls]
+        self.calls = {}
         if missing:
+            self.feats = {}
             raise ValueError(f"compare: layer {self.tag}{missing[0]!r} did not run in the forward pass")
-        out = [self.feats[n] for n in names]
-        self.feats, self.calls = {}, {}
-        return out
+
+    def drain(self):
+        """(name, features) of the kept outputs, each let go once handed out."""
+        for n in self.names:
+            yield n, self.feats.pop(n)
 
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+class _Feeder:
+    """Hands each layer's features to the statistics as the forward pass produces them, so
+    that a batch's features are not all alive at once (only the Grams, or the packed rows of
+    the exact estimator, are), after checking that every layer has the batch's rows and its
+    first-batch width. ``routes[(model, name)]``: the (side, index, label) the output of
+    ``name`` in model 0 (A) or 1 (B) stands for (a layer of a model compared with itself can
+    be on both sides)."""
+
+    def __init__(self, routes, widths, exact: Optional[ExactStats], exact_index, mini: Optional[MinibatchStats]):
+        self.routes, self.widths = routes, widths
+        self.exact, self.exact_index, self.mini = exact, exact_index, mini
+        self.batch_no, self.rows = 0, None
+
+    def begin(self, batch_no: int) -> None:
+        self.batch_no, self.rows = batch_no, None
+
+    def __call__(self, model: int, name: str, f: Tensor) -> None:
+        for side, i, label in self.routes[(model, name)]:
+            if self.rows is None:
+                self.rows = (f.shape[0], label)
+            elif f.shape[0] != self.rows[0]:
+                raise ValueError(f"compare: batch {self.batch_no}: layer {label!r} has {f.shape[0]} rows but {self.rows[1]!r} has "
+                                 f"{self.rows[0]}; every layer's output must lead with the batch dimension")
+            w = self.widths[side][i]
+            if f.shape[1] != w:
+                raise ValueError(f"compare: batch {self.batch_no}: layer {label!r} has {f.shape[1]} features, {w} in the first "
+                                 "batch; the widths must not change")
+            if self.mini is not None:
+                self.mini.feed(side, i, f)
+            j = self.exact_index[side][i]
+            if j is not None:
+                self.exact.feed(side, j, f)
+
+    def end(self) -> Optional[Tensor]:
+        """Add the batch to the statistics: a 0-dim probe, finite iff every feature was (or None)."""
+        probes = [p for p in (self.exact.end_batch() if self.exact is not None else None,
+                              self.mini.end_batch() if self.mini is not None else None) if p is not None]
+        return sum(probes) if probes else None
 
 
 def _batch_input(batch: Any, inputs: Optional[Callable]) -> Any:
@@ -221,14 +276,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
-
-
-def _check_rows(names: List[str], feats: List[Tensor], batch_no: int) -> None:
-    n = feats[0].shape[0]
-    for name, f in zip(names, feats):
-        if f.shape[0] != n:
-            raise ValueError(f"compare: batch {batch_no}: layer {name!r} has {f.shape[0]} rows but {names[0]!r} has {n}; "
-                             "every layer's output must lead with the batch dimension")
 
 
 def _raise_nonfinite(names: List[str], feats: List[Tensor], batch_no: int) -> None:
@@ -428,6 +475,30 @@ def _choose_exact(widths_a, widths_b, debiased, shared, budget):
     return ea, eb
 
 
+def _auto(widths_a, widths_b, b, debiased, shared, budget, itemsize):
+    """estimator="auto": (masks of A's and B's layers for the exact estimator, what the choice
+    was made on). The layers whose statistics fit ``budget`` (``_choose_exact``) keep it if
+    its products cost no more multiply-adds per sample than the minibatch estimator's on
+    batches of b (or at most ``AUTO_SMALL_MADDS``); otherwise every pair is minibatch."""
+    ea, eb = _choose_exact(widths_a, widths_b, debiased, shared, budget)
+    wa, wb = _pick(widths_a, ea), _pick(widths_b, eb)
+    exact = ExactStats.madds(wa, wb, shared, itemsize) if wa and wb else 0
+    mini = MinibatchStats.madds(widths_a, widths_b, b, shared) // b
+    info = {"batch_size": b, "exact_madds_per_sample": exact, "minibatch_madds_per_sample": mini}
+    if exact > max(mini, AUTO_SMALL_MADDS):
+        ea, eb = [False] * len(widths_a), [False] * len(widths_b)
+    return ea, eb, info
+
+
+def _index(mask):
+    """Position of each True entry among the True ones (None for the others)."""
+    out, k = [], 0
+    for m in mask:
+        out.append(k if m else None)
+        k += bool(m)
+    return out
+
+
 def _pick(xs, mask):
     return [x for x, m in zip(xs, mask) if m]
 
@@ -523,10 +594,28 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
     modes = (ma.training, mb.training)
     rec_a = _Recorder(ma, list(dict.fromkeys(names_a + (names_b if same else []))), "")
     rec_b = None if same else _Recorder(mb, names_b, "model_b.")
+    recs = [(0, rec_a)] + ([] if same else [(1, rec_b)])
+    routes: Dict[Any, List[Any]] = {}
+    for i, n in enumerate(names_a):
+        routes.setdefault((0, n), []).append((0, i, n))
+    if not shared:
+        for j, n in enumerate(names_b):
+            routes.setdefault((0 if same else 1, n), []).append((1, j, n if same else f"model_b.{n}"))
+
+    def forward(x):
+        for m, rec in recs:
+            rec.sink = None if feeder is None else (lambda name, f, m=m: feeder(m, name, f))
+        ma(x)
+        rec_a.done()
+        if not same:
+            mb(x)
+            rec_b.done()
+
     rank0 = not is_distributed(group) or torch.distributed.get_rank(group) == 0
     it, bar = _progress(loader, progress and rank0, "compare")
-    exact = mini = None
+    exact = mini = feeder = None
     ea = eb = None
+    auto_info = None
     widths_a = widths_b = None
     batch_no = 0
     try:
@@ -537,46 +626,44 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
                 if max_batches is not None and batch_no >= max_batches:
                     break
                 x = _to(_batch_input(batch, inputs), dev)
-                ma(x)
-                if not same:
-                    mb(x)
-                if same:
-                    union = list(dict.fromkeys(names_a + names_b))
-                    fmap = dict(zip(union, rec_a.take(union)))
-                    fa, fb = [fmap[n] for n in names_a], [fmap[n] for n in names_b]
-                else:
-                    fa, fb = rec_a.take(names_a), rec_b.take(names_b)
-                all_names = names_a + [f"model_b.{n}" if not same else n for n in names_b]
-                _check_rows(all_names, fa + fb, batch_no)
-                if widths_a is None:
+                if feeder is not None:  # the statistics take each layer's output as it comes
+                    feeder.begin(batch_no)
+                    forward(x)
+                else:  # the first batch: the outputs are kept until the widths are known
+                    forward(x)
+                    first = {(m, n): f for m, rec in recs for n, f in rec.feats.items()}
+                    fa = [first[(0, n)] for n in names_a]
+                    fb = [first[(0 if same else 1, n)] for n in names_b]
                     widths_a, widths_b = [f.shape[1] for f in fa], [f.shape[1] for f in fb]
-                    if estimator == "exact" or (estimator == "auto" and kernel == "linear"):
-                        big = budget if estimator == "auto" else float("inf")
-                        ea, eb = _choose_exact(widths_a, widths_b, debiased, shared, big)
+                    wd = work_dtype(fa + fb, product_dtype)
+                    if estimator == "exact":
+                        ea, eb = [True] * len(names_a), [True] * len(names_b)
+                    elif estimator == "auto" and kernel == "linear":
+                        ea, eb, auto_info = _auto(widths_a, widths_b, fa[0].shape[0], debiased, shared, budget, wd.itemsize)
                     else:
                         ea, eb = [False] * len(names_a), [False] * len(names_b)
                     if any(ea) and any(eb):
                         exact = ExactStats(_pick(widths_a, ea), _pick(widths_b, eb), debiased=debiased, shared=shared, device=dev,
-                                           product_dtype=product_dtype)
+                                           product_dtype=wd)
                     if not (all(ea) and all(eb)):
                         mini = MinibatchStats(widths_a, widths_b, kernel=kernel, sigma=sigma, shared=shared, device=dev,
-                                              product_dtype=product_dtype)
-                else:
-                    wa, wb = [f.shape[1] for f in fa], [f.shape[1] for f in fb]
-                    if wa != widths_a or wb != widths_b:
-                        i = next((k for k, (u, v) in enumerate(zip(wa + wb, widths_a + widths_b)) if u != v), 0)
-                        name = (names_a + names_b)[i]
-                        raise ValueError(f"compare: batch {batch_no}: layer {name!r} has {(wa + wb)[i]} features, "
-                                         f"{(widths_a + widths_b)[i]} in the first batch; the widths must not change")
-                flags = []
-                if exact is not None:
-                    flags.append(exact.update(_pick(fa, ea), _pick(fb, eb)))
-                if mini is not None:
-                    flags.append(mini.update(fa, fb))
-                flags = [f for f in flags if f is not None]
-                if flags and not bool(flags[0] if len(flags) == 1 else flags[0] & flags[1]):  # one host read per batch
-                    _raise_nonfinite(all_names, fa + fb, batch_no)
-                fa = fb = fmap = x = None  # this batch's features must not stay alive through the next forward pass
+                                              product_dtype=wd)
+                    exact_index = [_index(ea) if exact else [None] * len(ea), _index(eb) if exact else [None] * len(eb)]
+                    feeder = _Feeder(routes, (widths_a, widths_b), exact, exact_index, mini)
+                    feeder.begin(batch_no)
+                    first = fa = fb = None
+                    for m, rec in recs:
+                        for n, f in rec.drain():
+                            feeder(m, n, f)
+                        f = None
+                probe = feeder.end()
+                if probe is not None and not math.isfinite(float(probe)):  # one host read per batch
+                    feeder, keep = None, feeder
+                    forward(x)  # again, keeping the outputs, to name the layer (the slow path, only on failure)
+                    labels = {(m, n): lab for m, n in keep.routes for _, _, lab in keep.routes[(m, n)][:1]}
+                    kept = [(labels[(m, n)], f) for m, rec in recs for n, f in rec.feats.items()]
+                    _raise_nonfinite([k for k, _ in kept], [f for _, f in kept], batch_no)
+                x = None
                 batch_no += 1
     finally:
         rec_a.remove()
@@ -587,11 +674,17 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
         if bar is not None:
             bar.close()
     dist_on = is_distributed(group)
-    if dist_on:  # every rank must have run: shapes of the statistics are set by the first batch
-        flag = torch.tensor([0.0 if widths_a is None else 1.0], device=dev)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
-        if float(flag) == 0.0:
+    if dist_on:  # every rank must have run (shapes of the statistics are set by the first batch), with the same estimators
+        code = 0.0 if ea is None else float(sum(ea) + sum(eb))  # layers on the exact estimator
+        flags = torch.tensor([0.0 if widths_a is None else 1.0, code, -code], device=dev)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=group)
+        ran, lo, hi = flags.tolist()
+        if ran == 0.0:
             raise ValueError("compare: a rank's loader yielded no batches; under torch.distributed every rank needs at least one")
+        if lo != -hi:
+            raise ValueError("compare: estimator='auto' chose differently on different ranks (it weighs the exact estimator's "
+                             "cost against the minibatch one's on each rank's first batch, and their sizes differ); pass "
+                             "estimator='exact' or 'minibatch'")
     elif widths_a is None:
         raise ValueError("compare: the loader yielded no batches")
 
@@ -637,6 +730,8 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": str(dev), "world_size": torch.distributed.get_world_size(group) if dist_on else 1,
             "memory_budget": budget, "estimator_requested": estimator}
+    if auto_info is not None:
+        meta["auto"] = auto_info
     return CompareResult(values=values, layers_a=names_a, layers_b=names_b, estimators=kinds, n_samples=int(n_samples),
                          kernel=kernel, sigma=sigma, debiased=debiased, model_a=type(ma).__name__,
                          model_b=type(mb).__name__ if not same else type(ma).__name__,

@@ -7,8 +7,9 @@ features, float64 for float64 ones) or ``product_dtype`` when given; everything 
 is summed over batches is accumulated in float64. Memory beyond the statistics is a
 few buffers of the size of one batch's features, reused from batch to batch.
 
-Exact (linear kernel; ``ExactStats``): the features packed side by side into one
-reused buffer per model, ``xa`` (b, P_A) and ``xb`` (b, P_B); the full-data-set CKA
+Exact (linear kernel; ``ExactStats``): the features packed side by side, as the forward
+pass produces them (``feed``), into one reused buffer per model, ``xa`` (b, P_A) and
+``xb`` (b, P_B); the full-data-set CKA
 from statistics whose size does not depend on the number of samples, accumulated in
 float64:
   - n and the column sums s_A, s_B of the rows shifted by a fixed vector c (the
@@ -40,10 +41,11 @@ invariant to a translation of either input).
 
 Minibatch (``MinibatchStats``): Nguyen et al. (2021): per batch of b >= 4 samples the
 unbiased HSIC of every pair, summed over batches in float64; CKA = sum HSIC_xy /
-sqrt(sum HSIC_xx sum HSIC_yy). Linear kernel: each layer's columns are centred (the
-estimator is translation invariant), a few layers of one width at a time stacked in a
-reused scratch; their Grams K formed once per batch by one batched product into a
-reused (L, b, b) buffer (from ``HALF_GRAM_MIN_B`` on only the first b/2 rows and the last
+sqrt(sum HSIC_xx sum HSIC_yy). The statistics take each layer's output as the forward
+pass produces it (``feed``), so a batch's features are never all alive at once: only the
+Grams are kept. Linear kernel: consecutive layers of one width are copied into a reused
+scratch as they come, then centred (the estimator is translation invariant) and their
+Grams K formed by one batched product into a reused (L, b, b) buffer (from ``HALF_GRAM_MIN_B`` on only the first b/2 rows and the last
 diagonal block: 3/4 of the product, the block below the diagonal kept as zeros and
 accounted for where it enters), the diagonal zeroed (K~), and Song et al.'s estimator
 evaluated from
@@ -91,14 +93,9 @@ TRACE_ROWS = 8
 #: first b/2 rows and last diagonal block): measured on 2 cores, 9% less time at b = 1024, none at
 #: 256 (smaller products run slower), a loss at 64 (more ops)
 HALF_GRAM_MIN_B = 512
-#: bytes of the scratch in which the minibatch estimator centres a few layers at a time
+#: bytes of the scratch into which the minibatch estimator copies consecutive layers of one width as
+#: they come, to centre them and form their Grams in one batched product (fewer ops per batch)
 CENTRE_BYTES = 1 << 20
-
-
-def c_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def work_dtype(feats: Sequence[Tensor], product_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype of the per-batch products: ``product_dtype``, else float64 when a
     feature is float64, else float32 (half/bfloat16 features are upcast)."""
@@ -149,6 +146,41 @@ def exact_bytes(widths_a: Sequence[int], widths_b: Sequence[int], debiased: bool
     return 8 * elems
 
 
+def _strips(m: int, n: int, itemsize: int, col_start=None, rows: Optional[int] = None):
+    """The row strips (s, e, c) in which ``ExactStats`` computes dst (m, n) += a^T b with
+    a, b of ``itemsize``-byte elements: rows s:e of dst, columns from c on. Float64 without
+    ``col_start``: one product; otherwise strips whose work-dtype result fits
+    ``SCRATCH_BYTES``, of at most ``rows`` rows, from ``col_start(s)`` on (0 without it)."""
+    if itemsize == 8 and col_start is None:
+        yield 0, m, 0
+        return
+    rows = min(rows or m, max(16, SCRATCH_BYTES // (n * itemsize)))
+    for s in range(0, m, rows):
+        yield s, min(s + rows, m), col_start(s) if col_start is not None else 0
+
+
+def _offsets(widths: Sequence[int]) -> List[int]:
+    out = [0]
+    for w in widths:
+        out.append(out[-1] + w)
+    return out
+
+
+def _layer_start(offsets: Sequence[int], s: int) -> int:
+    """The first column of the layer that holds column s (the blocks on and above the diagonal)."""
+    return offsets[bisect.bisect_right(offsets, s) - 1]
+
+
+def _half(w: int) -> int:
+    """Rows of the first of the two strips in which a (w, w) self product is computed."""
+    return (w + 1) // 2
+
+
+def _strip_madds(m: int, n: int, itemsize: int, col_start=None, rows: Optional[int] = None) -> int:
+    """Multiply-adds per row of a and b of the product ``_strips`` plans."""
+    return sum((e - s) * (n - c) for s, e, c in _strips(m, n, itemsize, col_start, rows))
+
+
 class _Layout:
     """Where each layer's features sit in the packed (b, P) buffer."""
 
@@ -157,27 +189,21 @@ class _Layout:
         self.L, self.P = len(self.widths), sum(self.widths)
         self.device = device
         self.seg = _segments(self.widths, device)
-        self.offsets = [0]
-        for w in self.widths:
-            self.offsets.append(self.offsets[-1] + w)
+        self.offsets = _offsets(self.widths)
         self.buf: Optional[Tensor] = None
 
     def cols(self, x: Tensor, i: int) -> Tensor:
         """Layer i's columns of x (..., P): a strided view (no copy)."""
         return x[..., self.offsets[i]:self.offsets[i + 1]]
 
-    def pack(self, feats: List[Tensor], dtype: torch.dtype) -> Tensor:
-        """The features side by side, (b, P) in ``dtype``, in a buffer reused across batches."""
-        b = feats[0].shape[0]
+    def put(self, i: int, f: Tensor, dtype: torch.dtype) -> None:
+        """Layer i's (b, w) features into its columns of the packed (b, P) buffer, in ``dtype``
+        (the buffer is reused across batches)."""
+        b = f.shape[0]
         if self.buf is None or self.buf.shape[0] < b or self.buf.dtype != dtype:
             self.buf = torch.empty(b, self.P, dtype=dtype, device=self.device)
-        x = self.buf[:b]
-        if all(f.dtype == dtype for f in feats):
-            torch.cat(feats, 1, out=x)
-        else:
-            for i, f in enumerate(feats):
-                self.cols(x, i).copy_(f)
-        return x
+        self.rows = b
+        self.cols(self.buf[:b], i).copy_(f)
 
 
 class _Side(_Layout):
@@ -194,17 +220,12 @@ class _Side(_Layout):
             self.a_self = torch.zeros(self.L, dtype=f64, device=device)  # sum_k |x_k|^4 per layer
             self.u_self = torch.zeros(self.P, dtype=f64, device=device)  # X_i^T d_i, concatenated
 
-    def prepare(self, feats: List[Tensor], dtype: torch.dtype) -> Tensor:
-        """(b, P) rows in the work dtype minus the shift (set from the first batch)."""
-        x = self.pack(feats, dtype)
+    def prepare(self) -> Tensor:
+        """The batch's packed (b, P) rows in the work dtype minus the shift (set from the first batch)."""
+        x = self.buf[:self.rows]
         if self.c is None:
-            self.c = x.mean(0, dtype=f64).to(dtype)
+            self.c = x.mean(0, dtype=f64).to(x.dtype)
         return x.sub_(self.c)
-
-    @staticmethod
-    def half(w: int) -> int:
-        """Rows of the first of the two strips in which a (w, w) self product is computed."""
-        return (w + 1) // 2
 
     def norms(self, x: Tensor) -> Tensor:
         """Per-layer squared row norms (b, L) float64."""
@@ -215,7 +236,7 @@ class _Side(_Layout):
         if self.self_ is not None:
             for i, m in enumerate(self.self_):
                 xi = self.cols(x, i)  # symmetric: the two row halves from the diagonal on (3/4 of the product)
-                add_at_b(m, xi, xi, col_start=lambda r: r, rows=self.half(m.shape[0]))
+                add_at_b(m, xi, xi, col_start=lambda r: r, rows=_half(m.shape[0]))
         if d is not None:
             self.D += d.sum(0)
             self.a_self += (d * d).sum(0)
@@ -260,19 +281,14 @@ class ExactStats:
         at most this many rows per strip.
         """
         m, n = dst.shape
-        if a.dtype == f64 and col_start is None:
-            dst.addmm_(a.mT, b)
-            return
+        plan = list(_strips(m, n, a.element_size(), col_start, rows))
         step = a.shape[0] if a.dtype == f64 else PRODUCT_ROWS
-        rows = min(rows or m, max(16, SCRATCH_BYTES // (n * a.element_size())))
         if a.dtype != f64:
-            need = min(rows, m) * n
+            need = max((e - s) * (n - c) for s, e, c in plan)
             if self._work is None or self._work.numel() < need or self._work.dtype != a.dtype:
                 self._work = torch.empty(need, dtype=a.dtype, device=a.device)
                 self._wide = torch.empty(need, dtype=f64, device=a.device)
-        for s in range(0, m, rows):
-            e = min(s + rows, m)
-            c = col_start(s) if col_start is not None else 0
+        for s, e, c in plan:
             d = dst[s:e, c:]
             for k in range(0, a.shape[0], step):
                 ak, bk = a[k:k + step, s:e].mT, b[k:k + step, c:]
@@ -286,7 +302,18 @@ class ExactStats:
 
     def _upper(self, s: int) -> int:
         """First column of M that row s needs when A and B are the same layers: its layer's first."""
-        return self.a.offsets[bisect.bisect_right(self.a.offsets, s) - 1]
+        return _layer_start(self.a.offsets, s)
+
+    @staticmethod
+    def madds(widths_a: Sequence[int], widths_b: Sequence[int], shared: bool, itemsize: int = 4) -> int:
+        """Multiply-adds per sample of ``update``'s products (``itemsize``: of the work dtype),
+        from the same strip plan: P_A P_B plus about 3/4 of each layer's p^2, or M's blocks on
+        and above the diagonal when A and B are the same layers."""
+        if shared:
+            offs = _offsets(widths_a)
+            return _strip_madds(offs[-1], offs[-1], itemsize, lambda s: _layer_start(offs, s))
+        return (_strip_madds(sum(widths_a), sum(widths_b), itemsize)
+                + sum(_strip_madds(w, w, itemsize, lambda r: r, _half(w)) for w in list(widths_a) + list(widths_b)))
 
     def _mirror(self) -> None:
         """Fill the blocks below the block diagonal of the symmetric products from those above:
@@ -295,14 +322,22 @@ class ExactStats:
             _mirror_blocks(self.M, self.a.offsets)
         for s in self._sides():
             for m in s.self_ or []:
-                _mirror_blocks(m, [0, s.half(m.shape[0]), m.shape[0]])
+                _mirror_blocks(m, [0, _half(m.shape[0]), m.shape[0]])
 
-    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Tensor:
-        """Add a batch; returns a 0-dim bool tensor: every feature finite (read by the caller, once per batch)."""
+    def feed(self, side: int, i: int, f: Tensor) -> None:
+        """Layer i of model A (side 0) or B (side 1): the batch's (b, w) features, copied into
+        the side's packed buffer as the forward pass produces them (B's are A's when shared)."""
+        if self.shared and side == 1:
+            return
         if self.dtype is None:
-            self.dtype = work_dtype(fa + fb, self.product_dtype)
-        xa = self.a.prepare(fa, self.dtype)
-        xb = xa if self.shared else self.b.prepare(fb, self.dtype)
+            self.dtype = work_dtype([f], self.product_dtype)
+        (self.a if side == 0 else self.b).put(i, f, self.dtype)
+
+    def end_batch(self) -> Tensor:
+        """Add the batch fed so far; returns a 0-dim float64 probe, finite iff every feature is
+        (see ``MinibatchStats.end_batch``)."""
+        xa = self.a.prepare()
+        xb = xa if self.shared else self.b.prepare()
         sa = xa.sum(0).to(f64)   # of at most a batch of shifted rows: the work dtype suffices
         sb = sa if self.shared else xb.sum(0).to(f64)
         self.n += xa.shape[0]
@@ -318,7 +353,16 @@ class ExactStats:
         self.a.update(xa, sa, da, self._add_at_b)
         if not self.shared:
             self.b.update(xb, sb, db, self._add_at_b)
-        return torch.isfinite(sa).all() & torch.isfinite(sb).all()
+        return sa.sum() if self.shared else sa.sum() + sb.sum()
+
+    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Tensor:
+        """``feed`` every layer of a batch, then ``end_batch``."""
+        if self.dtype is None:
+            self.dtype = work_dtype(fa + fb, self.product_dtype)
+        for side, feats in ((0, fa), (1, fb)):
+            for i, f in enumerate(feats):
+                self.feed(side, i, f)
+        return self.end_batch()
 
     # ------------------------------------------------------------------ finalize
 
@@ -417,7 +461,11 @@ class ExactStats:
 
 
 class MinibatchStats:
-    """Nguyen et al.'s minibatch HSIC sums for the given A and B layers (any kernel)."""
+    """Nguyen et al.'s minibatch HSIC sums for the given A and B layers (any kernel).
+
+    Per batch: ``feed`` each layer's features as the forward pass produces them (its Gram is
+    formed then, so the batch's features need not all stay alive), then ``end_batch``.
+    """
 
     MIN_BATCH = 4
 
@@ -425,8 +473,13 @@ class MinibatchStats:
                  product_dtype: Optional[torch.dtype] = None):
         self.kernel, self.sigma, self.shared = kernel, sigma, shared
         self.product_dtype = product_dtype
-        self.grams = {}
-        n_a, n_b = len(widths_a), len(widths_b)
+        self.dtype: Optional[torch.dtype] = None
+        self.L = (len(widths_a), len(widths_b))
+        self.grams: List[Optional[Tensor]] = [None, None]  # per side: (L, b, b) K~ (linear) or (L, b^2) U-centred Grams
+        self.scratch: Optional[Tensor] = None
+        self.pending = None  # (side, first layer, count, width) of the layers waiting in the scratch
+        self.rows: Optional[int] = None  # the batch's b, set by its first feed
+        n_a, n_b = self.L
         self.hxy = torch.zeros(n_a, n_b, dtype=f64, device=device)
         self.hxx = torch.zeros(n_a, dtype=f64, device=device)
         self.hyy = self.hxx if shared else torch.zeros(n_b, dtype=f64, device=device)
@@ -434,53 +487,88 @@ class MinibatchStats:
         self.batches = 0
         self.skipped = 0
 
-    def _linear_terms(self, feats: List[Tensor], dtype: torch.dtype, key: str):
-        """(K~ (L, b, b) in the work dtype, row sums K~1 (L, b) float64, totals (L,) float64, finite flag)."""
-        b = feats[0].shape[0]
+    def _buffer(self, side: int, shape, dtype: torch.dtype, device) -> Tensor:
+        g = self.grams[side]
+        if g is None or g.shape != shape or g.dtype != dtype:
+            g = self.grams[side] = torch.empty(shape, dtype=dtype, device=device)
+            if len(shape) == 3 and self._half(shape[1]):
+                h = self._half(shape[1])
+                g[:, h:, :h] = 0  # never written: the block under the diagonal, stored as zeros
+        return g
+
+    def feed(self, side: int, i: int, f: Tensor) -> None:
+        """Layer i of model A (side 0) or B (side 1): the batch's (b, w) features. Linear: copied
+        into a reused scratch after the layers before it when they are the previous layers of the
+        same side and width (and fit ``CENTRE_BYTES``), else after forming the Grams of those
+        (``_flush``); the features themselves are not kept. Other kernels: the U-centred Gram."""
+        if self.shared and side == 1:
+            return
+        b = self.rows = f.shape[0]
+        if b < self.MIN_BATCH:
+            return
+        if self.kernel != "linear":
+            g = F.centered_gram(f, kernel=self.kernel, sigma=self.sigma, debiased=True).reshape(-1)
+            self._buffer(side, (self.L[side], b * b), f64, f.device)[i].copy_(g)
+            return
+        if self.dtype is None:
+            self.dtype = work_dtype([f], self.product_dtype)
+        w = f.shape[1]
+        p = self.pending
+        if p is not None and not (p[0] == side and p[1] + p[2] == i and p[3] == w and (p[2] + 1) * b * w <= self.scratch.numel()):
+            self._flush()
+            p = None
+        if p is None:
+            need = max(CENTRE_BYTES // self.dtype.itemsize, b * w)
+            if self.scratch is None or self.scratch.numel() < b * w or self.scratch.dtype != self.dtype:
+                self.scratch = torch.empty(need, dtype=self.dtype, device=f.device)
+            p = (side, i, 0, w)
+        k = p[2]
+        self.scratch[k * b * w:(k + 1) * b * w].view(b, w).copy_(f)
+        self.pending = (side, p[1], k + 1, w)
+
+    def _flush(self) -> None:
+        """The pending layers (consecutive, of one side and width, in the scratch): centred (the
+        estimator is translation invariant, and centred rows keep the work-dtype Gram precise)
+        and times their transposes, in one batched product, into the side's (L, b, b) buffer
+        (from ``HALF_GRAM_MIN_B`` on their first b/2 rows and last diagonal block only: 3/4 of
+        the product)."""
+        side, i, k, w = self.pending
+        self.pending = None
+        b = self.rows
+        xs = self.scratch[:k * b * w].view(k, b, w)
+        xs.sub_(xs.mean(1, keepdim=True))
+        g = self._buffer(side, (self.L[side], b, b), self.dtype, xs.device)[i:i + k]
         h = self._half(b)
-        k = self.grams.get(key)
-        if k is None or k.shape[1] != b or k.dtype != dtype:
-            k = self.grams[key] = torch.empty(len(feats), b, b, dtype=dtype, device=feats[0].device)
-            k[:, h:, :h] = 0  # never written below: the block under the diagonal, stored as zeros
-        # Song et al.'s estimator is translation invariant: centre each layer (for precision). Few ops
-        # per batch (their count, not their arithmetic, is what a small batch costs): the layers of one
-        # width, as many as fit one reused scratch, stacked, centred and multiplied together
-        c = self.grams.get("scratch")  # one scratch for both sides
-        if c is None or c.dtype != dtype:
-            c = self.grams["scratch"] = torch.empty(max(CENTRE_BYTES // c_size(dtype), b * max(f.shape[1] for f in feats)),
-                                                    dtype=dtype, device=feats[0].device)
-        i = 0
-        while i < len(feats):
-            w = feats[i].shape[1]
-            j = i + 1
-            while j < len(feats) and feats[j].shape[1] == w and (j - i + 1) * b * w <= c.numel():
-                j += 1
-            xs = c[:(j - i) * b * w].view(j - i, b, w)
-            if all(f.dtype == dtype for f in feats[i:j]):
-                torch.stack(feats[i:j], out=xs)
-            else:
-                for t, f in enumerate(feats[i:j]):
-                    xs[t].copy_(f)
-            xs.sub_(xs.mean(1, keepdim=True))
-            g = k[i:j]
-            if h:  # symmetric: the first h rows and the last diagonal block only (3/4 of the product)
-                torch.bmm(xs[:, :h], xs.mT, out=g[:, :h])
-                torch.bmm(xs[:, h:], xs[:, h:].mT, out=g[:, h:, h:])
-            else:
-                torch.bmm(xs, xs.mT, out=g)
-            i = j
+        if h:
+            torch.bmm(xs[:, :h], xs.mT, out=g[:, :h])
+            torch.bmm(xs[:, h:], xs[:, h:].mT, out=g[:, h:, h:])
+        else:
+            torch.bmm(xs, xs.mT, out=g)
+
+    @staticmethod
+    def _row_sums(k: Tensor, h: int):
+        """Zero the diagonals of the Grams k (L, b, b) as stored (K~); (row sums K~1 (L, b), totals (L,)) float64."""
         k.diagonal(dim1=1, dim2=2).zero_()
         r = k.sum(2)
         if h:  # the rows below h also hold the transpose of the block right of the diagonal
             r[:, h:] += k[:, :h, h:].sum(1)
         r = r.to(f64)  # (a dtype= reduction would widen a copy of k first)
-        return k, r, r.sum(1), torch.isfinite(r).all()
+        return r, r.sum(1)
 
     @staticmethod
     def _half(b: int) -> int:
         """Rows of the Grams formed in full, the rest from the diagonal on: b // 2 from
         ``HALF_GRAM_MIN_B`` on; 0 below it, meaning the Grams are formed whole."""
         return b // 2 if b >= HALF_GRAM_MIN_B else 0
+
+    @classmethod
+    def madds(cls, widths_a: Sequence[int], widths_b: Sequence[int], b: int, shared: bool) -> int:
+        """Multiply-adds of ``update``'s products on a batch of b samples (linear kernel): each
+        layer's Gram (b^2 p, 3/4 of it from ``HALF_GRAM_MIN_B`` on) and every pair's <K~, L~>."""
+        h = cls._half(b)
+        gram = h * b + (b - h) ** 2 if h else b * b
+        widths = list(widths_a) + ([] if shared else list(widths_b))
+        return gram * sum(widths) + (b * b + h * (b - h)) * len(widths_a) * len(widths_b)
 
     def _pairs(self, ka: Tensor, kb: Tensor, h: int) -> Tensor:
         """<K~_i, L~_j> (La, Lb) float64 from the Grams as stored: per ``TRACE_ROWS`` rows a
@@ -498,42 +586,51 @@ class MinibatchStats:
         """|K~_i|_F^2 (L,) float64 from the Grams as stored."""
         return _sqnorms(k) + _sqnorms(k[:, :h, h:]) if h else _sqnorms(k)
 
-    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Optional[Tensor]:
-        """Add a batch (skipped when b < 4); returns a 0-dim bool tensor: every feature
-        finite (read by the caller, once per batch), or None for a skipped batch."""
-        b = fa[0].shape[0] if fa else fb[0].shape[0]
+    def end_batch(self) -> Optional[Tensor]:
+        """Add the batch fed so far (skipped when b < 4); returns a 0-dim float64 probe that is
+        finite iff every feature (and product) is: a sum of what the batch added, NaN or Inf
+        when any of it was (the caller reads it once per batch; no separate isfinite pass), or
+        None for a skipped batch."""
+        if self.pending is not None:
+            self._flush()
+        b, self.rows = self.rows, None
         if b < self.MIN_BATCH:
             self.skipped += 1
             return None
         scale = 1.0 / (b * (b - 3))
+        ka = self.grams[0]
+        kb = ka if self.shared else self.grams[1]
         if self.kernel == "linear":
-            dtype = work_dtype(fa + fb, self.product_dtype)
-            ka, ra, ta, ok = self._linear_terms(fa, dtype, "a")
-            kb, rb, tb, okb = (ka, ra, ta, ok) if self.shared else self._linear_terms(fb, dtype, "b")
-            c1, c2 = scale / ((b - 1) * (b - 2)), scale * 2.0 / (b - 2)
             h = self._half(b)
+            ra, ta = self._row_sums(ka, h)
+            rb, tb = (ra, ta) if self.shared else self._row_sums(kb, h)
+            c1, c2 = scale / ((b - 1) * (b - 2)), scale * 2.0 / (b - 2)
             tr = self._pairs(ka, kb, h)  # <K~_i, L~_j> for every pair
             self.hxy.add_(tr, alpha=scale).addr_(ta, tb, alpha=c1).addmm_(ra, rb.mT, alpha=-c2)
             tra = torch.diagonal(tr) if self.shared else self._self(ka, h)
             self.hxx.add_(tra, alpha=scale).addcmul_(ta, ta, value=c1).sub_(_sqnorms(ra), alpha=c2)
             if not self.shared:
                 self.hyy.add_(self._self(kb, h), alpha=scale).addcmul_(tb, tb, value=c1).sub_(_sqnorms(rb), alpha=c2)
-            ok = ok & okb
+            probe = ta.sum() if self.shared else ta.sum() + tb.sum()
         else:
-            def ucentred(feats):
-                return torch.stack([F.centered_gram(f, kernel=self.kernel, sigma=self.sigma, debiased=True).reshape(-1)
-                                    for f in feats]).to(f64)
-            ka = ucentred(fa)
-            kb = ka if self.shared else ucentred(fb)
             hxy = ka @ kb.mT * scale
             self.hxy += hxy
             self.hxx.add_((ka * ka).sum(1), alpha=scale)
             if not self.shared:
                 self.hyy.add_((kb * kb).sum(1), alpha=scale)
-            ok = torch.isfinite(hxy).all()
+            probe = hxy.sum()
         self.n += b
         self.batches += 1
-        return ok
+        return probe
+
+    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Optional[Tensor]:
+        """``feed`` every layer of a batch, then ``end_batch``."""
+        if self.dtype is None:
+            self.dtype = work_dtype(fa + fb, self.product_dtype)
+        for side, feats in ((0, fa), (1, fb)):
+            for i, f in enumerate(feats):
+                self.feed(side, i, f)
+        return self.end_batch()
 
     def hsic_terms(self, group=None):
         """(n used, batches used, batches skipped, hxy, hxx, hyy), all-reduced under torch.distributed."""
