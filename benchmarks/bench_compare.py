@@ -4,6 +4,8 @@ Same models, same data, same layers, one run: two MLPs (A: 6 hidden Linear+ReLU 
 width 256 -> 12 layers; B: 5 of width 192 -> 10 layers) on n synthetic samples
 (64 inputs), batches of 256, CPU.
 
+  rcka default     rk.compare(...) as called by default (estimator="auto"; which estimator it
+                   took is recorded)
   rcka exact       rk.compare(estimator="exact"): the full-data-set CKA
   rcka minibatch   rk.compare(estimator="minibatch"): Nguyen et al.
   pytorch-cka      cka.compute_cka (1.1.3): Nguyen et al., float32, clamped to [0, 1]
@@ -59,6 +61,8 @@ from pathlib import Path  # noqa: E402
 from benchmarks._harness import RESULTS, _malloc_setup, _malloc_trim, _status_kb, env_info, fmt_bytes  # noqa: E402
 
 IN = 64
+#: where the models run (set per worker process from its spec: "cpu" or "cuda")
+DEVICE = "cpu"
 A_WIDTHS = [256] * 6
 B_WIDTHS = [192] * 5
 
@@ -97,7 +101,8 @@ def _rcka(est):
     def run(ma, mb, loader, la, lb):
         import rcka_kernels as rk
 
-        return rk.compare(ma, mb, loader, la, lb, estimator=est, progress=False).values.tolist(), {}
+        res = rk.compare(ma, mb, loader, la, lb, estimator=est, progress=False)
+        return res.values.tolist(), {"estimator": res.estimator}
     return run
 
 
@@ -114,7 +119,7 @@ def _pytorch_cka(ma, mb, loader, la, lb):
 
     CKA._compute_cka_matrix = keep
     try:
-        out = compute_cka(ma, mb, loader, layers=la, model2_layers=lb, device="cpu", progress=False)[0]
+        out = compute_cka(ma, mb, loader, layers=la, model2_layers=lb, device=DEVICE, progress=False)[0]
     finally:
         CKA._compute_cka_matrix = orig
     return out.double().tolist(), {"values_unclamped": raw.get("v")}
@@ -123,7 +128,7 @@ def _pytorch_cka(ma, mb, loader, la, lb):
 def _torch_cka(ma, mb, loader, la, lb):
     from torch_cka import CKA
 
-    c = CKA(ma, mb, model1_layers=la, model2_layers=lb, device="cpu")
+    c = CKA(ma, mb, model1_layers=la, model2_layers=lb, device=DEVICE)
     c.compare(loader)
     return c.export()["CKA"].double().tolist(), {}
 
@@ -140,7 +145,7 @@ def _ckatorch(ma, mb, loader, la, lb):
 
     ck.cka_batch = batch_of_one
     try:
-        c = ck.CKA(ma, mb, layers=la, second_layers=lb, device="cpu")
+        c = ck.CKA(ma, mb, layers=la, second_layers=lb, device=DEVICE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "we suggest shuffle=True"; tqdm
             v = c(loader, epochs=1, f_extract=lambda b: {"input": b[0]}, f_args={})
@@ -152,17 +157,18 @@ def _ckatorch(ma, mb, loader, la, lb):
 def _cka_pytorch(ma, mb, loader, la, lb):
     from cka_pytorch.cka import CKACalculator
 
-    c = CKACalculator(ma, mb, model1_layers=la, model2_layers=lb, device="cpu", verbose=False)
+    c = CKACalculator(ma, mb, model1_layers=la, model2_layers=lb, device=DEVICE, verbose=False)
     return c.calculate_cka_matrix(loader, num_epochs=1).double().tolist(), {}
 
 
 #: the module each provider imports: imported (and its time and memory recorded as import_s /
 #: import_mem_bytes) before the measurement starts, so that the comparison times the work, not a
 #: one-off import (pytorch-cka's imports matplotlib: ~0.5 s and ~30 MiB)
-MODULES = {"rcka exact": "rcka_kernels", "rcka minibatch": "rcka_kernels", "pytorch-cka 1.1.3": "cka",
+MODULES = {"rcka default": "rcka_kernels", "rcka exact": "rcka_kernels", "rcka minibatch": "rcka_kernels", "pytorch-cka 1.1.3": "cka",
            "torch-cka 0.21": "torch_cka", "ckatorch 1.0.3": "ckatorch", "cka-pytorch 1.1.3": "cka_pytorch.cka"}
 
-PROVIDERS = {"rcka exact": _rcka("exact"), "rcka minibatch": _rcka("minibatch"), "pytorch-cka 1.1.3": _pytorch_cka,
+PROVIDERS = {"rcka default": _rcka("auto"), "rcka exact": _rcka("exact"), "rcka minibatch": _rcka("minibatch"),
+             "pytorch-cka 1.1.3": _pytorch_cka,
              "torch-cka 0.21": _torch_cka, "ckatorch 1.0.3": _ckatorch, "cka-pytorch 1.1.3": _cka_pytorch}
 
 
@@ -211,7 +217,7 @@ def _memory_case(n, bs):
 
     import rcka_kernels as rk
 
-    ma, mb = _mlp([256] * 2, 1), _mlp([256] * 2, 2)
+    ma, mb = _mlp([256] * 2, 1).to(DEVICE), _mlp([256] * 2, 2).to(DEVICE)
     la, lb = _layers([256] * 2), _layers([256] * 2)
 
     def batches():
@@ -225,11 +231,22 @@ def _memory_case(n, bs):
 
 def _models():
     """Fresh models for every call (same seeds, same weights): some peers never remove their hooks."""
-    return _mlp(A_WIDTHS, 1), _mlp(B_WIDTHS, 2)
+    return _mlp(A_WIDTHS, 1).to(DEVICE), _mlp(B_WIDTHS, 2).to(DEVICE)
 
 
 def _peak(fn):
-    """(seconds, peak RSS increase in bytes, fn's result) of one call."""
+    """(seconds, peak memory increase in bytes, fn's result) of one call: the RSS on the CPU,
+    ``max_memory_allocated`` on a GPU."""
+    import torch
+
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base, out
     _malloc_trim()
     base = _status_kb("VmRSS") * 1024
     with open("/proc/self/clear_refs", "w") as f:
@@ -288,12 +305,15 @@ def _timing(spec):
 def _worker(spec):
     import torch
 
+    global DEVICE
+    DEVICE = spec.get("device", "cpu")
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     if spec["kind"] == "oracle":
         return _oracle(spec["n"], spec["bs"])
     if spec["kind"] == "timing":
         return _timing(spec)
-    _malloc_setup()  # memory: allocations >= 64 KiB are mmap-backed, so the RSS follows what is live
+    if DEVICE == "cpu":
+        _malloc_setup()  # memory: allocations >= 64 KiB are mmap-backed, so the RSS follows what is live
     imported = {}
     try:
         import importlib
@@ -353,6 +373,9 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, help="per case and run (default 120 s, 60 s quick)")
     ap.add_argument("--only", help="comma-separated providers")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the models run (cuda: memory is max_memory_allocated; the oracle stays on the CPU)")
+    ap.add_argument("--out", help="folder for the results (default benchmarks/results)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -364,7 +387,8 @@ def main(argv=None):
     timeout = args.timeout or (60.0 if args.quick else 120.0)
     rounds = args.rounds or (3 if args.quick else 7)
     bs = args.batch_size
-    meta = env_info("cpu")
+    dev = args.device
+    meta = env_info(dev)
     meta["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
     meta.update({"n": n, "batch_size": bs, "models": {"a": f"MLP {IN}->{A_WIDTHS}->10", "b": f"MLP {IN}->{B_WIDTHS}->10"},
                  "layers_a": len(_layers(A_WIDTHS)), "layers_b": len(_layers(B_WIDTHS)), "memory_n": mem_n, "rounds": rounds,
@@ -375,7 +399,7 @@ def main(argv=None):
     provs = [p for p in PROVIDERS if not args.only or p in args.only.split(",")]
     sweep_bs = [64, 1024]
     ncases = len(provs) + len(sweep_bs) * len([p for p in SWEPT if p in provs])
-    timing = _run({"kind": "timing", "n": n, "bs": bs, "providers": provs, "sweep": sweep_bs, "rounds": rounds},
+    timing = _run({"kind": "timing", "n": n, "bs": bs, "providers": provs, "sweep": sweep_bs, "rounds": rounds, "device": dev},
                   timeout * (rounds + 1) * ncases)
     tcases = timing.get("cases", {})
     records, sweep = [], []
@@ -384,7 +408,7 @@ def main(argv=None):
         t = tcases.get(label) or {"status": timing.get("status", "error"), "error": timing.get("error", "")}
         r = {"provider": prov, "bs": b, **t}
         if label in provs:
-            mem = _run({"kind": "memory", "provider": prov, "n": n, "bs": bs}, 3 * timeout)
+            mem = _run({"kind": "memory", "provider": prov, "n": n, "bs": bs, "device": dev}, 3 * timeout)
             if r["status"] == "ok" and mem.get("status") == "ok":
                 r.update({k: mem[k] for k in ("peak_mem_bytes", "first_call_mem_bytes", "memory_pass_s", "import_s", "import_mem_bytes")})
             elif r["status"] == "ok":
@@ -395,7 +419,7 @@ def main(argv=None):
         print(f"  {label:<28} {r['status']:<8} " + (f"{r['time_s']:.2f} s (median of {len(r['times'])}), +"
                                                     f"{fmt_bytes(r.get('peak_mem_bytes'))}" if r["status"] == "ok"
                                                     else r.get("error", "")[:160]), flush=True)
-    mem = _run({"kind": "memory_case", "n": mem_n, "bs": 1024}, 4 * timeout)
+    mem = _run({"kind": "memory_case", "n": mem_n, "bs": 1024, "device": dev}, 4 * timeout)
     print(f"  exact estimator, n={mem_n}, 4 x 4 layers of width 256: "
           + (f"{mem['time_s']:.1f} s, +{fmt_bytes(mem['peak_mem_bytes'])}" if mem["status"] == "ok" else mem.get("error", "")), flush=True)
     # values
@@ -404,7 +428,7 @@ def main(argv=None):
             if r.get("status") != "ok":
                 continue
             r["max_abs_vs_exact"] = _maxdiff(r["values"], oracle["exact"])
-            if r["provider"] != "rcka exact" and r["bs"] == bs:
+            if r["provider"] != "rcka exact" and r.get("estimator") != "exact" and r["bs"] == bs:
                 r["max_abs_vs_nguyen"] = _maxdiff(r["values"], oracle["nguyen"])
                 if r.get("values_unclamped"):
                     r["max_abs_unclamped_vs_nguyen"] = _maxdiff(r["values_unclamped"], oracle["nguyen"])
@@ -412,13 +436,14 @@ def main(argv=None):
     out = {"meta": meta, "oracle_status": oracle.get("status"), "oracle_error": oracle.get("error"), "records": records,
            "batch_size_sweep": sweep, "memory_case": mem}
     tag = ("_" + args.tag if args.tag else "") + ("_quick" if args.quick else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"compare{tag}_cpu.json"
+    out_dir = Path(args.out) if args.out else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"compare{tag}_{dev}.json"
     for r in records + sweep + [mem]:
         r.pop("values_unclamped", None) if r.get("provider") != "pytorch-cka 1.1.3" else None
     path.write_text(json.dumps(out, indent=1))
     md = _markdown(out)
-    (RESULTS / f"compare{tag}_cpu.md").write_text(md)
+    path.with_suffix(".md").write_text(md)
     print("\n" + md)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return out
@@ -426,13 +451,17 @@ def main(argv=None):
 
 def _markdown(out):
     m = out["meta"]
-    lines = [f"# rk.compare vs peers ({m['date']}, {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, commit {m['git_commit'][:10]}"
+    gpu = m.get("device", "cpu") != "cpu"
+    where = f"{m['device_name']}, CUDA {m.get('cuda')}" if gpu else f"{m['cpu']}, {m['cpu_count']} cores"
+    mem_what = "peak max_memory_allocated increase" if gpu else "peak RSS increase"
+    lines = [f"# rk.compare vs peers ({m['date']}, {where}, torch {m['torch']}, commit {m['git_commit'][:10]}"
              + (", uncommitted changes" if m.get("git_dirty") else "") + ")",
-             "", f"`{' '.join(m['argv'])}`; load average {m['loadavg_start']} before, {m['loadavg_end']} after.", "",
+             "", f"`{' '.join(m['argv'])}`; load average {m['loadavg_start']} before, {m['loadavg_end']} after; "
+             f"OMP_WAIT_POLICY={m.get('OMP_WAIT_POLICY')!r}.", "",
              f"{m['models']['a']} ({m['layers_a']} layers) vs {m['models']['b']} ({m['layers_b']} layers), n={m['n']}, "
              f"batch {m['batch_size']}. Time: every implementation in one process, interleaved: a warm-up run, then "
              f"{m['rounds']} rounds in random orders (2 for those over {m['slow_s']:.0f} s), median, forward passes included. "
-             "Memory: one fresh process each, peak RSS increase of a second identical call (working memory) and of the "
+             f"Memory: one fresh process each, {mem_what} of a second identical call (working memory) and of the "
              "first call (which also touches code and runtime pages for the first time). Each library is imported before "
              "anything is measured (its import is the last column).", "",
              "| implementation | status | time (median) | extra memory | first call | max abs vs exact CKA | "
@@ -450,7 +479,8 @@ def _markdown(out):
         imp = f"{r['import_s']:.2f} s, {fmt_bytes(r['import_mem_bytes'])}" if "import_s" in r else ""
         spread = f" ({min(r['times']):.2f}-{max(r['times']):.2f})" if len(r["times"]) > 1 else ""
         mem = fmt_bytes(r["peak_mem_bytes"]) if "peak_mem_bytes" in r else f"error: {r.get('memory_error', '')}"[:80]
-        lines.append(f"| {r['provider']} | ok | {r['time_s']:.2f} s{spread} | {mem} | {fmt_bytes(r.get('first_call_mem_bytes'))} | "
+        status = f"ok ({r['estimator']})" if r["provider"] == "rcka default" else "ok"
+        lines.append(f"| {r['provider']} | {status} | {r['time_s']:.2f} s{spread} | {mem} | {fmt_bytes(r.get('first_call_mem_bytes'))} | "
                      f"{'' if ex is None else f'{ex:.1e}'} | {ngs} | {imp} |")
     if out["batch_size_sweep"]:
         runs = {(r["provider"], r["bs"]): r for r in out["records"] + out["batch_size_sweep"] if r["status"] == "ok"}
@@ -466,7 +496,7 @@ def _markdown(out):
     mem = out["memory_case"]
     if mem.get("status") == "ok":
         lines += ["", f"Exact estimator on {m['memory_n']:,} samples (4 + 4 layers of width 256, batches of 1024 generated on the fly): "
-                  f"{mem['time_s']:.1f} s, +{fmt_bytes(mem['peak_mem_bytes'])} peak RSS (first call in a fresh process)."]
+                  f"{mem['time_s']:.1f} s, +{fmt_bytes(mem['peak_mem_bytes'])} ({mem_what}; first call in a fresh process)."]
     else:
         lines += ["", f"Memory case: {mem.get('status')}: {mem.get('error')}"]
     return "\n".join(lines) + "\n"

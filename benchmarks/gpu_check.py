@@ -11,13 +11,17 @@ Each stage fits one 10-minute command on an H100 and runs only what needs a GPU
 environments, tests/utils.py, and what only a GPU shows), in parallel where pytest-xdist is installed; the sanitizers with
 PyTorch's caching allocator off (it would hide out-of-bounds accesses inside
 pooled blocks) and without stopping at the first error; the efficient-formula
-comparison (benchmarks/bench_efficient.py) under a time budget. Nothing is
-fetched: pip runs with no index, no version check, no build isolation.
+comparison (benchmarks/bench_efficient.py) under a time budget and the quick
+rk.compare benchmark (benchmarks/bench_compare.py --quick; the peer libraries
+installed there are compared, the others recorded as import errors: the machine
+has no index, so they come as wheels carried along, e.g. ``pip download --no-deps
+-d wheels pytorch-cka==1.1.3`` here, ``pip install --no-deps wheels/*`` there). Nothing
+is fetched: pip runs with no index, no version check, no build isolation.
 
 Everything a stage produces goes into ``--out`` (for a remote machine, the folder
-whose files come back), at most 8 files for ``all``: per stage a summary JSON
+whose files come back), at most 10 files for ``all``: per stage a summary JSON
 (device, versions, date, commit, exit codes, passed/failed/skipped per backend)
-and a log; the benchmark's JSON and markdown. A stage that fails is recorded and
+and a log; the benchmarks' JSON and markdown. A stage that fails is recorded and
 the next still runs; the exit code is 1 if any failed, 2 without a GPU.
 """
 
@@ -91,7 +95,9 @@ def plan(stage: str, py: str, out: Path, tmp: Path, tag: str):
     if stage == "bench":
         return [("vs efficient plain PyTorch, launch counts",
                  [py, "-m", "benchmarks.bench_efficient", "--device", "cuda", "--backends", "torch,triton,cuda",
-                  "--time-budget", "2", "--out", str(out), "--tag", tag], {})]
+                  "--time-budget", "2", "--out", str(out), "--tag", tag], {}),
+                ("rk.compare vs peers (those installed)",
+                 [py, "-m", "benchmarks.bench_compare", "--device", "cuda", "--quick", "--out", str(out), "--tag", tag], {})]
     raise ValueError(stage)
 
 

@@ -15,7 +15,9 @@ import argparse
 import importlib
 import time
 
-SCRIPTS = ["bench_efficient", "bench_vs_naive", "bench_peers", "bench_scaling", "bench_mmd", "bench_losses"]
+SCRIPTS = ["bench_efficient", "bench_vs_naive", "bench_peers", "bench_scaling", "bench_mmd", "bench_losses", "bench_compare"]
+#: the --quick options of each script (default: the harness's)
+QUICK = {"bench_compare": ["--quick"]}
 
 
 def main(argv=None):
@@ -26,9 +28,10 @@ def main(argv=None):
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- options passed to every script")
     args = ap.parse_args(argv)
     rest = [a for a in args.rest if a != "--"]
-    common = ["--device", args.device] + (["--quick", "--repeats", "3", "--time-budget", "3"] if args.quick else []) + rest
     t0 = time.perf_counter()
     for name in args.only.split(","):
+        quick = QUICK.get(name, ["--quick", "--repeats", "3", "--time-budget", "3"]) if args.quick else []
+        common = ["--device", args.device] + quick + rest
         print(f"\n=== {name} {' '.join(common)}", flush=True)
         importlib.import_module(f"benchmarks.{name}").main(common)
     print(f"\nall benchmarks done in {time.perf_counter() - t0:.0f} s")

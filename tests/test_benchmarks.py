@@ -233,3 +233,23 @@ def test_gpu_check_counts_tests_per_environment(tmp_path):
         "triton-cuda": {"passed": 1, "failed": 0, "skipped": 1},
         "other": {"passed": 1, "failed": 0, "skipped": 0},
     }
+
+
+def test_compare_benchmark_records_time_memory_and_values(tmp_path):
+    """bench_compare on a small case, rcka only: the default call's estimator, time, both memory
+    figures, values against the oracle, the batch-size sweep and the memory case (no time asserted)."""
+    from benchmarks import bench_compare
+
+    bench_compare.main(["--n", "300", "--memory-n", "2000", "--rounds", "1", "--only", "rcka default,rcka minibatch",
+                        "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "compare_cpu.json").read_text())
+    recs = {r["provider"]: r for r in data["records"]}
+    assert set(recs) == {"rcka default", "rcka minibatch"}
+    # 12 x 256 and 10 x 192 features on batches of 256: exact would cost 6.8 M multiply-adds per sample, minibatch 1.3 M
+    assert recs["rcka default"]["estimator"] == "minibatch"
+    for r in recs.values():
+        assert r["status"] == "ok" and r["time_s"] > 0 and r["max_abs_vs_nguyen"] < 1e-5
+        assert r["peak_mem_bytes"] > 0 and r["first_call_mem_bytes"] > 0
+    assert {(r["provider"], r["bs"]) for r in data["batch_size_sweep"]} == {("rcka minibatch", 64), ("rcka minibatch", 1024)}
+    assert data["memory_case"]["status"] == "ok"
+    assert data["meta"]["OMP_WAIT_POLICY"] and "| rcka default | ok (minibatch) |" in (tmp_path / "compare_cpu.md").read_text()
