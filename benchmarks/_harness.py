@@ -80,7 +80,7 @@ def env_info(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "rcka_kernels", "csrc", "benchmarks")),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "rcka_kernels", "csrc", "benchmarks", ":!benchmarks/results")),
         "argv": sys.argv,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],
