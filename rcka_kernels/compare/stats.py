@@ -42,10 +42,11 @@ invariant to a translation of either input).
 Minibatch (``MinibatchStats``): Nguyen et al. (2021): per batch of b >= 4 samples the
 unbiased HSIC of every pair, summed over batches in float64; CKA = sum HSIC_xy /
 sqrt(sum HSIC_xx sum HSIC_yy). The statistics take each layer's output as the forward
-pass produces it (``feed``), so a batch's features are never all alive at once: only the
-Grams are kept. Linear kernel: consecutive layers of one width are copied into a reused
-scratch as they come, then centred (the estimator is translation invariant) and their
-Grams K formed by one batched product into a reused (L, b, b) buffer (from ``HALF_GRAM_MIN_B`` on only the first b/2 rows and the last
+pass produces it (``feed``), so a batch's features are never all alive at once: the
+Grams are kept, and at most about ``CENTRE_BYTES`` of features. Linear kernel: consecutive
+layers of one width are held as they come, up to that size, then stacked into a reused
+scratch, centred (the estimator is translation invariant) and their Grams K formed by
+one batched product into a reused (L, b, b) buffer (from ``HALF_GRAM_MIN_B`` on only the first b/2 rows and the last
 diagonal block: 3/4 of the product, the block below the diagonal kept as zeros and
 accounted for where it enters), the diagonal zeroed (K~), and Song et al.'s estimator
 evaluated from
@@ -93,8 +94,8 @@ TRACE_ROWS = 8
 #: first b/2 rows and last diagonal block): measured on 2 cores, 9% less time at b = 1024, none at
 #: 256 (smaller products run slower), a loss at 64 (more ops)
 HALF_GRAM_MIN_B = 512
-#: bytes of the scratch into which the minibatch estimator copies consecutive layers of one width as
-#: they come, to centre them and form their Grams in one batched product (fewer ops per batch)
+#: bytes of features (of consecutive layers of one width, as they come) that the minibatch estimator
+#: holds to centre them and form their Grams in one batched product (fewer ops per batch)
 CENTRE_BYTES = 1 << 20
 def work_dtype(feats: Sequence[Tensor], product_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype of the per-batch products: ``product_dtype``, else float64 when a
@@ -244,7 +245,24 @@ class _Side(_Layout):
             self.u_self += torch.cat([self.cols(x, i).mT @ dw[:, i] for i in range(self.L)]).to(f64)
 
 
-class ExactStats:
+class _LayerFed:
+    """Statistics that take a batch layer by layer (``feed(side, i, features)``, as the forward
+    pass produces them) and add it with ``end_batch`` (which returns the batch's probe)."""
+
+    dtype: Optional[torch.dtype]
+    product_dtype: Optional[torch.dtype]
+
+    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Optional[Tensor]:
+        """``feed`` every layer of a batch (A's, then B's), then ``end_batch``."""
+        if self.dtype is None:
+            self.dtype = work_dtype(fa + fb, self.product_dtype)
+        for side, feats in ((0, fa), (1, fb)):
+            for i, f in enumerate(feats):
+                self.feed(side, i, f)
+        return self.end_batch()
+
+
+class ExactStats(_LayerFed):
     """Exact linear-kernel statistics for layers A x layers B (see the module docstring).
 
     ``shared``: the B layers are the A layers of the same model (one set of
@@ -355,15 +373,6 @@ class ExactStats:
             self.b.update(xb, sb, db, self._add_at_b)
         return sa.sum() if self.shared else sa.sum() + sb.sum()
 
-    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Tensor:
-        """``feed`` every layer of a batch, then ``end_batch``."""
-        if self.dtype is None:
-            self.dtype = work_dtype(fa + fb, self.product_dtype)
-        for side, feats in ((0, fa), (1, fb)):
-            for i, f in enumerate(feats):
-                self.feed(side, i, f)
-        return self.end_batch()
-
     # ------------------------------------------------------------------ finalize
 
     def _sides(self):
@@ -460,7 +469,7 @@ class ExactStats:
         return n, hxy, hxx, hyy
 
 
-class MinibatchStats:
+class MinibatchStats(_LayerFed):
     """Nguyen et al.'s minibatch HSIC sums for the given A and B layers (any kernel).
 
     Per batch: ``feed`` each layer's features as the forward pass produces them (its Gram is
@@ -477,7 +486,8 @@ class MinibatchStats:
         self.L = (len(widths_a), len(widths_b))
         self.grams: List[Optional[Tensor]] = [None, None]  # per side: (L, b, b) K~ (linear) or (L, b^2) U-centred Grams
         self.scratch: Optional[Tensor] = None
-        self.pending = None  # (side, first layer, count, width) of the layers waiting in the scratch
+        self.pending: List[Tensor] = []  # features of consecutive layers of one side and width, waiting for _flush
+        self.pending_at = (0, 0)  # (side, first layer) of those
         self.rows: Optional[int] = None  # the batch's b, set by its first feed
         n_a, n_b = self.L
         self.hxy = torch.zeros(n_a, n_b, dtype=f64, device=device)
@@ -497,10 +507,10 @@ class MinibatchStats:
         return g
 
     def feed(self, side: int, i: int, f: Tensor) -> None:
-        """Layer i of model A (side 0) or B (side 1): the batch's (b, w) features. Linear: copied
-        into a reused scratch after the layers before it when they are the previous layers of the
-        same side and width (and fit ``CENTRE_BYTES``), else after forming the Grams of those
-        (``_flush``); the features themselves are not kept. Other kernels: the U-centred Gram."""
+        """Layer i of model A (side 0) or B (side 1): the batch's (b, w) features. Linear: held
+        with the layers before it while they are the previous layers of the same side and width
+        and all fit ``CENTRE_BYTES``, else after forming the Grams of those (``_flush``), so at
+        most about that many bytes of features are alive. Other kernels: the U-centred Gram."""
         if self.shared and side == 1:
             return
         b = self.rows = f.shape[0]
@@ -510,32 +520,33 @@ class MinibatchStats:
             g = F.centered_gram(f, kernel=self.kernel, sigma=self.sigma, debiased=True).reshape(-1)
             self._buffer(side, (self.L[side], b * b), f64, f.device)[i].copy_(g)
             return
-        if self.dtype is None:
-            self.dtype = work_dtype([f], self.product_dtype)
-        w = f.shape[1]
         p = self.pending
-        if p is not None and not (p[0] == side and p[1] + p[2] == i and p[3] == w and (p[2] + 1) * b * w <= self.scratch.numel()):
+        if p and (side != self.pending_at[0] or i != self.pending_at[1] + len(p) or f.shape != p[0].shape
+                  or f.dtype != p[0].dtype or (len(p) + 1) * f.numel() * 4 > CENTRE_BYTES):
             self._flush()
-            p = None
-        if p is None:
-            need = max(CENTRE_BYTES // self.dtype.itemsize, b * w)
-            if self.scratch is None or self.scratch.numel() < b * w or self.scratch.dtype != self.dtype:
-                self.scratch = torch.empty(need, dtype=self.dtype, device=f.device)
-            p = (side, i, 0, w)
-        k = p[2]
-        self.scratch[k * b * w:(k + 1) * b * w].view(b, w).copy_(f)
-        self.pending = (side, p[1], k + 1, w)
+        if not p:
+            self.pending_at = (side, i)
+        p.append(f)
 
     def _flush(self) -> None:
-        """The pending layers (consecutive, of one side and width, in the scratch): centred (the
-        estimator is translation invariant, and centred rows keep the work-dtype Gram precise)
-        and times their transposes, in one batched product, into the side's (L, b, b) buffer
-        (from ``HALF_GRAM_MIN_B`` on their first b/2 rows and last diagonal block only: 3/4 of
-        the product)."""
-        side, i, k, w = self.pending
-        self.pending = None
-        b = self.rows
+        """The pending layers (consecutive, of one side and width): stacked into a reused scratch
+        in the work dtype, centred (the estimator is translation invariant, and centred rows
+        keep the work-dtype Gram precise) and times their transposes, in one batched product,
+        into the side's (L, b, b) buffer (from ``HALF_GRAM_MIN_B`` on their first b/2 rows and
+        last diagonal block only: 3/4 of the product)."""
+        p, (side, i) = self.pending, self.pending_at
+        if self.dtype is None:
+            self.dtype = work_dtype(p, self.product_dtype)
+        k, (b, w) = len(p), p[0].shape
+        if self.scratch is None or self.scratch.numel() < k * b * w or self.scratch.dtype != self.dtype:
+            self.scratch = torch.empty(k * b * w, dtype=self.dtype, device=p[0].device)
         xs = self.scratch[:k * b * w].view(k, b, w)
+        if p[0].dtype == self.dtype:
+            torch.stack(p, out=xs)
+        else:
+            for t, f in enumerate(p):
+                xs[t].copy_(f)
+        p.clear()
         xs.sub_(xs.mean(1, keepdim=True))
         g = self._buffer(side, (self.L[side], b, b), self.dtype, xs.device)[i:i + k]
         h = self._half(b)
@@ -591,7 +602,7 @@ class MinibatchStats:
         finite iff every feature (and product) is: a sum of what the batch added, NaN or Inf
         when any of it was (the caller reads it once per batch; no separate isfinite pass), or
         None for a skipped batch."""
-        if self.pending is not None:
+        if self.pending:
             self._flush()
         b, self.rows = self.rows, None
         if b < self.MIN_BATCH:
@@ -622,15 +633,6 @@ class MinibatchStats:
         self.n += b
         self.batches += 1
         return probe
-
-    def update(self, fa: List[Tensor], fb: List[Tensor]) -> Optional[Tensor]:
-        """``feed`` every layer of a batch, then ``end_batch``."""
-        if self.dtype is None:
-            self.dtype = work_dtype(fa + fb, self.product_dtype)
-        for side, feats in ((0, fa), (1, fb)):
-            for i, f in enumerate(feats):
-                self.feed(side, i, f)
-        return self.end_batch()
 
     def hsic_terms(self, group=None):
         """(n used, batches used, batches skipped, hxy, hxx, hyy), all-reduced under torch.distributed."""
