@@ -208,7 +208,13 @@ def _oracle(n, bs):
         hxx += (ka * ka).sum(1) / (b * (b - 3))
         hyy += (kb * kb).sum(1) / (b * (b - 3))
     nguyen = (hxy / torch.sqrt(hxx[:, None] * hyy[None])).tolist()
-    return {"status": "ok", "exact": exact, "nguyen": nguyen}
+    out = {"status": "ok", "exact": exact, "nguyen": nguyen}
+    try:  # pytorch-cka's own code on float64 models and data: its definition without its float32 rounding
+        x64 = x.double()
+        out["pytorch_cka_float64"] = _pytorch_cka(ma.double(), mb.double(), _loader(x64, x64[:, 0], bs), la, lb)[1]["values_unclamped"]
+    except Exception as e:  # not installed, or failed: recorded
+        out["pytorch_cka_float64_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
 
 
 def _memory_case(n, bs):
@@ -432,6 +438,11 @@ def main(argv=None):
                 r["max_abs_vs_nguyen"] = _maxdiff(r["values"], oracle["nguyen"])
                 if r.get("values_unclamped"):
                     r["max_abs_unclamped_vs_nguyen"] = _maxdiff(r["values_unclamped"], oracle["nguyen"])
+                if oracle.get("pytorch_cka_float64") and r["provider"].startswith("rcka"):
+                    r["max_abs_vs_pytorch_cka_float64"] = _maxdiff(r["values"], oracle["pytorch_cka_float64"])
+        if oracle.get("pytorch_cka_float64"):
+            meta["pytorch_cka_float64_vs_nguyen"] = _maxdiff(oracle["pytorch_cka_float64"], oracle["nguyen"])
+        meta["pytorch_cka_float64_error"] = oracle.get("pytorch_cka_float64_error")
     meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     out = {"meta": meta, "oracle_status": oracle.get("status"), "oracle_error": oracle.get("error"), "records": records,
            "batch_size_sweep": sweep, "memory_case": mem}
@@ -482,6 +493,13 @@ def _markdown(out):
         status = f"ok ({r['estimator']})" if r["provider"] == "rcka default" else "ok"
         lines.append(f"| {r['provider']} | {status} | {r['time_s']:.2f} s{spread} | {mem} | {fmt_bytes(r.get('first_call_mem_bytes'))} | "
                      f"{'' if ex is None else f'{ex:.1e}'} | {ngs} | {imp} |")
+    if m.get("pytorch_cka_float64_vs_nguyen") is not None:
+        ours = [r for r in out["records"] if r.get("max_abs_vs_pytorch_cka_float64") is not None]
+        lines += ["", "pytorch-cka's own code run on float64 copies of the models and data (its unclamped values): "
+                  f"{m['pytorch_cka_float64_vs_nguyen']:.1e} max abs from Nguyen's definition evaluated in float64 on the "
+                  "float32 models' features (the float64 models' features differ from those by float32 rounding); "
+                  + "; ".join(f"{r['provider']} {r['max_abs_vs_pytorch_cka_float64']:.1e} from it" for r in ours)
+                  + ". So its float32 values' distance from the definition (above) is its own float32 rounding."]
     if out["batch_size_sweep"]:
         runs = {(r["provider"], r["bs"]): r for r in out["records"] + out["batch_size_sweep"] if r["status"] == "ok"}
         lines += ["", "By batch size (times from the same interleaved rounds; the value's distance from the exact "
