@@ -285,6 +285,34 @@ def test_cost_model_counts_the_products(shared):
             assert fc.get_total_flops() == 2 * want, (type(st).__name__, b)
 
 
+@pytest.mark.parametrize("b", [16, 512])
+def test_minibatch_ops_per_batch_do_not_grow_with_layers(b):
+    """Few ops per batch (at small b their count, not their arithmetic, is the cost): layers of one
+    width that fit the centring scratch share each op, so 2 + 2 and 6 + 6 layers take as many."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rcka_kernels.compare.stats import MinibatchStats
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not func.is_view and func._schema.name != "aten::detach"
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for la, lb in ((2, 2), (6, 6)):
+        fa, fb = [torch.randn(b, 8) for _ in range(la)], [torch.randn(b, 5) for _ in range(lb)]
+        st = MinibatchStats([8] * la, [5] * lb, kernel="linear", sigma=None, shared=False, device="cpu")
+        st.update(fa, fb)  # buffers allocated
+        with Count() as c:
+            st.update(fa, fb)
+        counts.append(c.ops)
+    assert counts[0] == counts[1], counts
+
+
 def test_exact_statistics_do_not_grow_with_samples():
     st = ExactStats([256, 256], [256], debiased=True, shared=False, device="cpu")
 

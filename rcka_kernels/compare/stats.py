@@ -473,7 +473,9 @@ class MinibatchStats(_LayerFed):
     """Nguyen et al.'s minibatch HSIC sums for the given A and B layers (any kernel).
 
     Per batch: ``feed`` each layer's features as the forward pass produces them (its Gram is
-    formed then, so the batch's features need not all stay alive), then ``end_batch``.
+    formed then, so the batch's features need not all stay alive), then ``end_batch``. The
+    Grams of both sides share one buffer (A's layers, then B's), so that the per-layer terms
+    of both come from the same few ops.
     """
 
     MIN_BATCH = 4
@@ -483,24 +485,26 @@ class MinibatchStats(_LayerFed):
         self.kernel, self.sigma, self.shared = kernel, sigma, shared
         self.product_dtype = product_dtype
         self.dtype: Optional[torch.dtype] = None
-        self.L = (len(widths_a), len(widths_b))
-        self.grams: List[Optional[Tensor]] = [None, None]  # per side: (L, b, b) K~ (linear) or (L, b^2) U-centred Grams
+        n_a, n_b = len(widths_a), len(widths_b)
+        self.La = n_a
+        self.L = n_a if shared else n_a + n_b  # Grams in the buffer
+        self.grams: Optional[Tensor] = None  # (L, b, b) K~ (linear) or (L, b^2) U-centred Grams (other kernels)
         self.scratch: Optional[Tensor] = None
         self.pending: List[Tensor] = []  # features of consecutive layers of one side and width, waiting for _flush
-        self.pending_at = (0, 0)  # (side, first layer) of those
+        self.pending_at = 0  # buffer index of the first of those
         self.rows: Optional[int] = None  # the batch's b, set by its first feed
-        n_a, n_b = self.L
         self.hxy = torch.zeros(n_a, n_b, dtype=f64, device=device)
-        self.hxx = torch.zeros(n_a, dtype=f64, device=device)
-        self.hyy = self.hxx if shared else torch.zeros(n_b, dtype=f64, device=device)
+        self.h_self = torch.zeros(self.L, dtype=f64, device=device)  # HSIC(K, K) of every Gram in the buffer
+        self.hxx = self.h_self[:n_a]
+        self.hyy = self.hxx if shared else self.h_self[n_a:]
         self.n = 0
         self.batches = 0
         self.skipped = 0
 
-    def _buffer(self, side: int, shape, dtype: torch.dtype, device) -> Tensor:
-        g = self.grams[side]
+    def _buffer(self, shape, dtype: torch.dtype, device) -> Tensor:
+        g = self.grams
         if g is None or g.shape != shape or g.dtype != dtype:
-            g = self.grams[side] = torch.empty(shape, dtype=dtype, device=device)
+            g = self.grams = torch.empty(shape, dtype=dtype, device=device)
             if len(shape) == 3 and self._half(shape[1]):
                 h = self._half(shape[1])
                 g[:, h:, :h] = 0  # never written: the block under the diagonal, stored as zeros
@@ -511,30 +515,32 @@ class MinibatchStats(_LayerFed):
         with the layers before it while they are the previous layers of the same side and width
         and all fit ``CENTRE_BYTES``, else after forming the Grams of those (``_flush``), so at
         most about that many bytes of features are alive. Other kernels: the U-centred Gram."""
-        if self.shared and side == 1:
-            return
+        if side == 1:
+            if self.shared:
+                return
+            i += self.La
         b = self.rows = f.shape[0]
         if b < self.MIN_BATCH:
             return
         if self.kernel != "linear":
             g = F.centered_gram(f, kernel=self.kernel, sigma=self.sigma, debiased=True).reshape(-1)
-            self._buffer(side, (self.L[side], b * b), f64, f.device)[i].copy_(g)
+            self._buffer((self.L, b * b), f64, f.device)[i].copy_(g)
             return
         p = self.pending
-        if p and (side != self.pending_at[0] or i != self.pending_at[1] + len(p) or f.shape != p[0].shape
-                  or f.dtype != p[0].dtype or (len(p) + 1) * f.numel() * 4 > CENTRE_BYTES):
+        if p and (i != self.pending_at + len(p) or f.shape != p[0].shape or f.dtype != p[0].dtype
+                  or (len(p) + 1) * f.numel() * 4 > CENTRE_BYTES):
             self._flush()
         if not p:
-            self.pending_at = (side, i)
+            self.pending_at = i
         p.append(f)
 
     def _flush(self) -> None:
-        """The pending layers (consecutive, of one side and width): stacked into a reused scratch
-        in the work dtype, centred (the estimator is translation invariant, and centred rows
-        keep the work-dtype Gram precise) and times their transposes, in one batched product,
-        into the side's (L, b, b) buffer (from ``HALF_GRAM_MIN_B`` on their first b/2 rows and
-        last diagonal block only: 3/4 of the product)."""
-        p, (side, i) = self.pending, self.pending_at
+        """The pending layers (consecutive in the buffer, of one width): stacked into a reused
+        scratch in the work dtype, centred (the estimator is translation invariant, and centred
+        rows keep the work-dtype Gram precise) and times their transposes, in one batched
+        product, into the (L, b, b) buffer (from ``HALF_GRAM_MIN_B`` on their first b/2 rows
+        and last diagonal block only: 3/4 of the product)."""
+        p, i = self.pending, self.pending_at
         if self.dtype is None:
             self.dtype = work_dtype(p, self.product_dtype)
         k, (b, w) = len(p), p[0].shape
@@ -548,7 +554,7 @@ class MinibatchStats(_LayerFed):
                 xs[t].copy_(f)
         p.clear()
         xs.sub_(xs.mean(1, keepdim=True))
-        g = self._buffer(side, (self.L[side], b, b), self.dtype, xs.device)[i:i + k]
+        g = self._buffer((self.L, b, b), self.dtype, xs.device)[i:i + k]
         h = self._half(b)
         if h:
             torch.bmm(xs[:, :h], xs.mT, out=g[:, :h])
@@ -609,26 +615,23 @@ class MinibatchStats(_LayerFed):
             self.skipped += 1
             return None
         scale = 1.0 / (b * (b - 3))
-        ka = self.grams[0]
-        kb = ka if self.shared else self.grams[1]
+        k = self.grams
+        ka, kb = (k, k) if self.shared else (k[:self.La], k[self.La:])
         if self.kernel == "linear":
             h = self._half(b)
-            ra, ta = self._row_sums(ka, h)
-            rb, tb = (ra, ta) if self.shared else self._row_sums(kb, h)
+            r, t = self._row_sums(k, h)  # every Gram's K~1 and 1^T K~ 1
+            ra, ta = r[:self.La], t[:self.La]
+            rb, tb = (ra, ta) if self.shared else (r[self.La:], t[self.La:])
             c1, c2 = scale / ((b - 1) * (b - 2)), scale * 2.0 / (b - 2)
             tr = self._pairs(ka, kb, h)  # <K~_i, L~_j> for every pair
             self.hxy.add_(tr, alpha=scale).addr_(ta, tb, alpha=c1).addmm_(ra, rb.mT, alpha=-c2)
-            tra = torch.diagonal(tr) if self.shared else self._self(ka, h)
-            self.hxx.add_(tra, alpha=scale).addcmul_(ta, ta, value=c1).sub_(_sqnorms(ra), alpha=c2)
-            if not self.shared:
-                self.hyy.add_(self._self(kb, h), alpha=scale).addcmul_(tb, tb, value=c1).sub_(_sqnorms(rb), alpha=c2)
-            probe = ta.sum() if self.shared else ta.sum() + tb.sum()
+            trk = torch.diagonal(tr) if self.shared else self._self(k, h)
+            self.h_self.add_(trk, alpha=scale).addcmul_(t, t, value=c1).sub_(_sqnorms(r), alpha=c2)
+            probe = t.sum()
         else:
             hxy = ka @ kb.mT * scale
             self.hxy += hxy
-            self.hxx.add_((ka * ka).sum(1), alpha=scale)
-            if not self.shared:
-                self.hyy.add_((kb * kb).sum(1), alpha=scale)
+            self.h_self.add_((k * k).sum(1), alpha=scale)
             probe = hxy.sum()
         self.n += b
         self.batches += 1
@@ -638,6 +641,6 @@ class MinibatchStats(_LayerFed):
         """(n used, batches used, batches skipped, hxy, hxx, hyy), all-reduced under torch.distributed."""
         counts = torch.tensor([self.n, self.batches, self.skipped], dtype=f64, device=self.hxy.device)
         if is_distributed(group):
-            _all_reduce([counts, self.hxy, self.hxx] + ([] if self.shared else [self.hyy]), group)
+            _all_reduce([counts, self.hxy, self.h_self], group)
         n, used, skipped = (int(v) for v in counts.tolist())
         return n, used, skipped, self.hxy, self.hxx, self.hyy
