@@ -44,8 +44,8 @@ width 256 and 10 of width 192, n = 10,000, b = 256) it would be 6.8 M multiply-a
 sample against 1.3 M, and 54 MiB of float64 statistics against pytorch-cka's 14 MiB of
 working memory, so "auto" takes the minibatch estimator there: Nguyen et al.'s, as
 pytorch-cka computes it, but on centred features and summed in float64
-(benchmarks/results/compare_cpu.md: 0.65 s and 8.3 MiB of working memory against
-pytorch-cka's 0.72 s and 14.1 MiB); the exact one, asked for, took 2.15 s, and its value
+(benchmarks/results/compare_cpu.md: 0.58 s and 8.4 MiB of working memory against
+pytorch-cka's 0.59 s and 13.9 MiB); the exact one, asked for, took 1.78 s, and its value
 is the data set's, where the minibatch ones move with the batch size (by up to 0.008 there).
 
 Values are never clamped. A layer whose features do not vary (or, debiased, whose
