@@ -135,6 +135,30 @@ def _malloc_trim() -> None:
         libc.malloc_trim(0)
 
 
+def measure_peak(fn, device: str = "cpu"):
+    """(seconds, peak memory above what was live before, fn's result) of one call of ``fn``:
+    on a GPU the ``max_memory_allocated`` increase, on the CPU the peak RSS increase (VmHWM
+    reset to VmRSS first, freed heap trimmed; see ``_malloc_setup`` for RSS that follows what
+    is live)."""
+    import torch
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base, out
+    _malloc_trim()
+    base = _status_kb("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, _status_kb("VmHWM") * 1024 - base, out
+
+
 def _worker(spec: dict) -> dict:
     import torch
 
@@ -174,22 +198,11 @@ def _worker(spec: dict) -> dict:
         value = providers.provider_value(prov, cfg, out)
         del out
     # memory: one measured run in a process that has run only this case
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _malloc_trim()
-        base = _status_kb("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    t0 = time.perf_counter()
-    out = once()
-    times = [time.perf_counter() - t0]
+    dt, peak, out = measure_peak(once, "cuda" if cuda else "cpu")
+    times = [dt]
     if value is None:  # no warm-up: the measured run gives the value
         value = providers.provider_value(prov, cfg, out)
     del out
-    peak = (torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024) - base
     budget = spec.get("time_budget_s", 20.0)
     while len(times) < spec.get("repeats", 5) and sum(times) + first < budget:
         t0 = time.perf_counter()

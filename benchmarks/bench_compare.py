@@ -58,7 +58,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks._harness import RESULTS, _malloc_setup, _malloc_trim, _status_kb, env_info, fmt_bytes  # noqa: E402
+from benchmarks._harness import RESULTS, _malloc_setup, _malloc_trim, _status_kb, env_info, fmt_bytes, measure_peak  # noqa: E402
 
 IN = 64
 #: where the models run (set per worker process from its spec: "cpu" or "cuda")
@@ -241,25 +241,8 @@ def _models():
 
 
 def _peak(fn):
-    """(seconds, peak memory increase in bytes, fn's result) of one call: the RSS on the CPU,
-    ``max_memory_allocated`` on a GPU."""
-    import torch
-
-    if DEVICE != "cpu":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base, out
-    _malloc_trim()
-    base = _status_kb("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, _status_kb("VmHWM") * 1024 - base, out
+    """(seconds, peak memory increase in bytes, fn's result) of one call where the models run."""
+    return measure_peak(fn, DEVICE)
 
 
 #: the implementations also timed at batch sizes 64 and 1024

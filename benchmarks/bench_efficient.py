@@ -94,19 +94,7 @@ def _step(fn, x, y) -> None:
 
 def _peak_extra_bytes(fn, x, y, device: str) -> int:
     """Peak memory of one forward + backward above what was live before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        _step(fn, x, y)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    _harness._malloc_trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _harness._status_kb("VmRSS")
-    _step(fn, x, y)
-    return (_harness._status_kb("VmHWM") - base) * 1024
+    return _harness.measure_peak(lambda: _step(fn, x, y), device)[1]
 
 
 def _inputs(shape, q: int, device: str):

@@ -603,9 +603,12 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
         for j, n in enumerate(names_b):
             routes.setdefault((0 if same else 1, n), []).append((1, j, n if same else f"model_b.{n}"))
 
-    def forward(x):
+    def attach(fd: Optional[_Feeder]) -> None:
+        """Outputs go to ``fd`` as they come (None: kept by the recorders)."""
         for m, rec in recs:
-            rec.sink = None if feeder is None else (lambda name, f, m=m: feeder(m, name, f))
+            rec.sink = None if fd is None else (lambda name, f, m=m: fd(m, name, f))
+
+    def forward(x):
         ma(x)
         rec_a.done()
         if not same:
@@ -629,9 +632,8 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
                 x = _to(_batch_input(batch, inputs), dev)
                 if feeder is not None:  # the statistics take each layer's output as it comes
                     feeder.begin(batch_no)
-                    forward(x)
-                else:  # the first batch: the outputs are kept until the widths are known
-                    forward(x)
+                forward(x)
+                if feeder is None:  # the first batch: the outputs were kept until the widths are known
                     first = {(m, n): f for m, rec in recs for n, f in rec.feats.items()}
                     fa = [first[(0, n)] for n in names_a]
                     fb = [first[(0 if same else 1, n)] for n in names_b]
@@ -657,11 +659,12 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
                         for n, f in rec.drain():
                             feeder(m, n, f)
                         f = None
+                    attach(feeder)
                 probe = feeder.end()
                 if probe is not None and not math.isfinite(float(probe)):  # one host read per batch
-                    feeder, keep = None, feeder
+                    attach(None)
                     forward(x)  # again, keeping the outputs, to name the layer (the slow path, only on failure)
-                    labels = {key: r[0][2] for key, r in keep.routes.items()}
+                    labels = {key: r[0][2] for key, r in feeder.routes.items()}
                     kept = [(labels[(m, n)], f) for m, rec in recs for n, f in rec.feats.items()]
                     _raise_nonfinite([k for k, _ in kept], [f for _, f in kept], batch_no)
                 x = None

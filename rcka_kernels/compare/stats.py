@@ -97,6 +97,8 @@ HALF_GRAM_MIN_B = 512
 #: bytes of features (of consecutive layers of one width, as they come) that the minibatch estimator
 #: holds to centre them and form their Grams in one batched product (fewer ops per batch)
 CENTRE_BYTES = 1 << 20
+
+
 def work_dtype(feats: Sequence[Tensor], product_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype of the per-batch products: ``product_dtype``, else float64 when a
     feature is float64, else float32 (half/bfloat16 features are upcast)."""
@@ -192,6 +194,7 @@ class _Layout:
         self.seg = _segments(self.widths, device)
         self.offsets = _offsets(self.widths)
         self.buf: Optional[Tensor] = None
+        self.rows = 0  # rows of the batch in buf, set by put
 
     def cols(self, x: Tensor, i: int) -> Tensor:
         """Layer i's columns of x (..., P): a strided view (no copy)."""
