@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup demo test bench bench-quick gpu-check clean
 
 # pip builds the optional CUDA library (csrc/) when nvcc is found; a change there rebuilds it.
-# The native op (csrc/native/) compiles against the torch installed here, so the package
+# The native op (rcka_kernels/csrc/) compiles against the torch installed here, so the package
 # is built without isolation (an isolated build environment has no torch); here a failed
 # native build is an error (a user's pip install only warns and keeps the Python path).
-$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*) $(wildcard csrc/native/*)
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*) $(wildcard rcka_kernels/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

@@ -2,7 +2,7 @@
 compiled parts are built when their tools are there:
 - the CUDA library in csrc/ (rcka_kernels._rcka_cuda), by CMake when nvcc is
   found (see CMakeLists.txt);
-- the native linear op in csrc/native/ (rcka_kernels._rcka_native, C++ on ATen, any
+- the native linear op in rcka_kernels/csrc/ (rcka_kernels._rcka_native, C++ on ATen, any
   device), with PyTorch's extension flags when torch is importable while building:
   install with ``pip install --no-build-isolation`` (an isolated build has no torch).
 
@@ -46,7 +46,7 @@ def _torch_extension():
         return None, f"PyTorch is not importable in the build environment ({type(e).__name__}); use pip install --no-build-isolation"
     ext = CppExtension(
         "rcka_kernels._rcka_native",
-        ["csrc/native/linear_alignment.cpp"],
+        ["rcka_kernels/csrc/linear_alignment.cpp"],
         extra_compile_args=["-O3"],
         optional=not _flag("RCKA_FORCE_NATIVE"),
     )

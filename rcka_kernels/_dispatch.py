@@ -138,7 +138,7 @@ def resolve(backend: str, device: torch.device, kernel: str = "rbf") -> str:
 
 
 def native_status() -> BackendStatus:
-    """Whether the torch backend's native linear op (csrc/native/) is built and loads,
+    """Whether the torch backend's native linear op (rcka_kernels/csrc/) is built and loads,
     and why not; without it the same arithmetic runs in Python (slower per call)."""
     from . import _native
 

@@ -1,6 +1,6 @@
 """Guarded access to the native (C++, ATen) linear-alignment op ``rcka_kernels._rcka_native``.
 
-The ops (csrc/native/linear_alignment.cpp) are the torch backend's linear CKA, HSIC
+The ops (rcka_kernels/csrc/linear_alignment.cpp) are the torch backend's linear CKA, HSIC
 and alignment, and RCKA's two axes in one op, with forward and closed-form backward in C++: the arithmetic of
 ops/linear.py without its per-call Python, which costs more than the arithmetic
 at the paper's batch sizes. It is built at install time when PyTorch is importable

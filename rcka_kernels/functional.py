@@ -20,11 +20,11 @@ into [-1, 1] before any product); HSIC scales as the product of the squared scal
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Union
 
 import torch
 
-from . import _bandwidth, _dispatch, _validate, reference
+from . import _bandwidth, _dispatch, _validate, estimators, reference
 from .ops import stats as _ops
 from .ops.linear import linear_alignment
 from .ops.torch_backend import center_columns, compute_dtype, gram_matrix
@@ -83,20 +83,12 @@ def _linear(fn, x, y, statistic, centered, debiased, backend, min_rows, why, ref
 
 def _hsic_from_stats(s: Tensor, ra: Tensor, rb: Tensor, da: Tensor, db: Tensor, n: int, debiased: bool) -> Tensor:
     """HSIC of two Grams A, B from off-diagonal statistics (all float64):
-    s = sum_{i != j} A_ij B_ij, row sums r_i = sum_{j != i} A_ij, diagonals d.
-
-    Biased:  with S = s + da.db, r = r + d, t = 1^T r:
-             [S - (2/n) ra.rb + ta tb / n^2] / (n-1)^2      (tr(AHBH), H never built)
-    Debiased (Song et al. 2012) works on the zero-diagonal Grams directly:
-             [s + ta tb / ((n-1)(n-2)) - 2/(n-2) ra.rb] / (n(n-3))
-    """
+    s = sum_{i != j} A_ij B_ij, row sums r_i = sum_{j != i} A_ij, diagonals d
+    (the diagonals are added back for the biased estimator; see ``estimators``)."""
     if not debiased:
         s = s + (da * db).sum(-1)
         ra, rb = ra + da, rb + db
-        ta, tb = ra.sum(-1), rb.sum(-1)
-        return (s - (2.0 / n) * (ra * rb).sum(-1) + ta * tb / (n * n)) / ((n - 1) ** 2)
-    ta, tb = ra.sum(-1), rb.sum(-1)
-    return (s + ta * tb / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * (ra * rb).sum(-1)) / (n * (n - 3))
+    return estimators.hsic(s, (ra * rb).sum(-1), ra.sum(-1), rb.sum(-1), n, debiased)
 
 
 def _rbf_hsic_terms(x3: Tensor, y3: Tensor, sigma: Sigma, debiased: bool, backend: str):
@@ -115,26 +107,7 @@ def _rbf_cka(x3, y3, sigma, debiased, backend, fn):
     """RBF CKA per group (G,), from the statistics combined here."""
     cx, cy = _validate.scan_groups(fn, x3, y3)
     hxy, hxx, hyy = _rbf_hsic_terms(x3, y3, sigma, debiased, backend)
-    return _cka_from_terms(hxy, hxx, hyy, cx | cy, compute_dtype(x3.dtype))
-
-
-def _cka_from_terms(hxy, hxx, hyy, degenerate, dtype=torch.float64):
-    """CKA from the three HSIC terms; 0 where an input is degenerate or a self-term
-    is too small for its gradient to be represented in ``dtype`` (the backends'
-    compute dtype): d CKA / d S grows like HSIC(K,K)^(-3/2), which overflows
-    float32 when K is numerically the identity (e.g. an RBF bandwidth far below
-    the distances) although CKA itself is then meaningless."""
-    tiny = torch.finfo(dtype).tiny
-    ok = (hxx > tiny) & (hyy > tiny) & ~degenerate
-    safe = torch.where(ok, hxx * hyy, torch.ones_like(hxx))
-    # NaN in any term (unchecked non-finite input) stays NaN instead of becoming 0
-    return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy)) + 0.0 * (hxy + hxx + hyy)
-
-
-def _min_rows(debiased: bool) -> Tuple[int, str]:
-    if debiased:
-        return 4, " for the debiased (unbiased HSIC) estimator, which divides by n(n-3)"
-    return 2, " (HSIC divides by (n-1)^2)"
+    return estimators.cka(hxy, hxx, hyy, cx | cy, compute_dtype(x3.dtype))
 
 
 def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
@@ -145,7 +118,7 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     float, a tensor (one per group), "median" (default) or "mean".
     Returns shape ``x.shape[:-2]``.
     """
-    m, why = _min_rows(debiased)
+    m, why = estimators.min_rows(debiased)
     if kernel == "linear" and sigma is None:
         return _linear("hsic", x, y, "hsic", True, debiased, backend, m, why, lambda: reference.hsic(x, y, kernel, sigma, debiased))
     name = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
@@ -166,7 +139,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, de
     O(n (p + q)^2) in feature space or O(n^2 (p + q)) in sample space, whichever
     is cheaper; RBF CKA streams over blocks of the Gram matrices.
     """
-    m, why = _min_rows(debiased)
+    m, why = estimators.min_rows(debiased)
     if kernel == "linear" and sigma is None:
         return _linear("cka", x, y, "cka", True, debiased, backend, m, why, lambda: reference.cka(x, y, kernel, sigma, debiased))
     name = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)

@@ -30,7 +30,7 @@ GRADS = [(True, False), (False, True), (True, True), (False, False)]
 @pytest.fixture(autouse=True, params=["native", "native-aten", "python"])
 def impl(request, monkeypatch):
     """Every test here runs on each implementation of the torch backend's op: the
-    native C++ op (csrc/native/), with its CPU loops for the small stacked inputs and
+    native C++ op (rcka_kernels/csrc/), with its CPU loops for the small stacked inputs and
     with the ATen calls it makes on other devices ("native-aten"), and the Python
     Function (ops/linear.py), which runs where the native op is not built and while
     torch.compile traces."""

@@ -26,7 +26,7 @@ projection (debiased only: the diagonal terms' columns do not sum to 0) -> times
 1/s (the value is homogeneous in each input's scale, so this is exact). An input
 that does not require grad gets no gradient work.
 
-On the torch backend the same arithmetic runs natively (csrc/native/, a C++ autograd
+On the torch backend the same arithmetic runs natively (rcka_kernels/csrc/, a C++ autograd
 function registered as rcka_native::linear_alignment) when it is built; the Python
 version here runs otherwise, for the compiled backends and under torch.compile.
 It is a ``torch.autograd.Function`` rather than a Python ``torch.library`` custom op:
@@ -253,7 +253,7 @@ def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debia
     ``check``: the caller's name, to raise ValueError in its name when the value is
     NaN (exactly when the input holds NaN or Inf); None: NaN is returned.
 
-    The torch backend runs the native op (csrc/native/: this arithmetic in C++)
+    The torch backend runs the native op (rcka_kernels/csrc/: this arithmetic in C++)
     when it is built, except while torch.compile traces (it traces the Function);
     ``compiling``: whether it does, if the caller knows."""
     if compiling is None:

@@ -1,0 +1,68 @@
+"""From sufficient statistics to HSIC and CKA: the one home of these formulas.
+
+Every caller (the functional API, the linear op, the distributed statistics and
+``rk.compare``) turns its own sums into HSIC and CKA here, so the biased and
+debiased normalisations and the degenerate/NaN rules are written once.
+
+For two n x n Gram matrices A, B the four sums are
+    ab = <A, B> = sum_ij A_ij B_ij,   rr = (A 1).(B 1),   ta = 1'A1,   tb = 1'B1,
+taken over the full Grams for the biased estimator and over the Grams with their
+diagonals set to 0 for the debiased one (Song et al. 2012). Then
+
+    biased    HSIC = [ab - (2/n) rr + ta tb / n^2] / (n-1)^2          (= tr(AHBH) / (n-1)^2)
+    debiased  HSIC = [ab + ta tb / ((n-1)(n-2)) - (2/(n-2)) rr] / (n (n-3))
+
+    CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)),
+
+and CKA is 0 where an input is degenerate (no variation) or a self-term is not
+positive (possible for the debiased estimator at tiny n); NaN in any term (an
+unchecked non-finite input) stays NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+Tensor = torch.Tensor
+Number = Union[float, Tensor]
+
+
+def min_rows(debiased: bool) -> Tuple[int, str]:
+    """The fewest samples each estimator takes, and why (for error messages)."""
+    if debiased:
+        return 4, " for the debiased (unbiased HSIC) estimator, which divides by n(n-3)"
+    return 2, " (HSIC divides by (n-1)^2)"
+
+
+def normaliser(n: int, debiased: bool) -> float:
+    """The HSIC estimators' denominators: (n-1)^2 (biased) or n (n-3) (debiased)."""
+    return float(n * (n - 3)) if debiased else float((n - 1) ** 2)
+
+
+def hsic(ab: Number, rr: Number, ta: Number, tb: Number, n: int, debiased: bool) -> Number:
+    """HSIC of two Grams from the sums of the module docstring (full Grams when biased,
+    zero-diagonal Grams when debiased). Works on tensors of any shape and on floats."""
+    if debiased:
+        return (ab + ta * tb / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * rr) / normaliser(n, True)
+    return (ab - (2.0 / n) * rr + ta * tb / (n * n)) / normaliser(n, False)
+
+
+def self_term_ok(h: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Where a self-term HSIC(K, K) is large enough to divide by in ``dtype``: the gradient
+    of CKA grows like HSIC(K, K)^(-3/2), which overflows when K is numerically the identity
+    (e.g. an RBF bandwidth far below the distances), where CKA means nothing anyway."""
+    return h > torch.finfo(dtype).tiny
+
+
+def cka(hxy: Tensor, hxx: Tensor, hyy: Tensor, degenerate: Optional[Tensor] = None,
+        dtype: torch.dtype = torch.float64) -> Tensor:
+    """CKA from the three HSIC terms (broadcasting: hxx may be (La, 1) and hyy (1, Lb)),
+    0 where ``degenerate`` or a self-term is not ``self_term_ok`` in ``dtype`` (the
+    dtype the value is computed in); NaN in any term stays NaN."""
+    ok = self_term_ok(hxx, dtype) & self_term_ok(hyy, dtype)
+    if degenerate is not None:
+        ok = ok & ~degenerate
+    safe = torch.where(ok, hxx * hyy, torch.ones_like(hxx * hyy))
+    return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy)) + 0.0 * (hxy + hxx + hyy)
