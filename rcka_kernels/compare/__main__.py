@@ -64,11 +64,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--kernel", choices=("linear", "rbf"), default="linear")
     p.add_argument("--sigma", type=_sigma, help="RBF bandwidth: a float, median or mean")
-    p.add_argument("--estimator", choices=ESTIMATORS, default="auto",
-                   help="exact: the data set's CKA; minibatch: Nguyen et al.'s; auto (default): exact where it costs no more "
-                        "than minibatch or is small (and fits --memory-budget)")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="minibatch",
+                   help="minibatch (default): Nguyen et al.'s, as the peer libraries; exact: the data set's CKA")
     p.add_argument("--debiased", action="store_true", help="unbiased HSIC in the exact estimator")
-    p.add_argument("--memory-budget", default="1GiB", help="exact statistics allowed before auto moves layers to minibatch")
+    p.add_argument("--memory-budget", default="1GiB", help="memory the exact estimator's statistics may take (more is an error)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default: runs/compare, or <run>/compare)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
