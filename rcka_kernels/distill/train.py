@@ -278,10 +278,12 @@ def _save_epoch(spec: RunSpec, model, opt, history: List[Dict], best: Dict, mark
     ck = {"format": 1, "fingerprint": spec.fingerprint, "role": spec.role, "method": spec.method, "seed": spec.seed,
           "epoch": history[-1]["epoch"], "epochs": spec.epochs, "model": model.state_dict(), "optimizer": opt.state_dict(),
           "schedule": {"lr": cfg.lr, "milestones": marks, "gamma": 0.1}, "history": history, "best": best, "rng": states}
-    C.save(ck, os.path.join(spec.dir, "last.pt"))
+    # last.pt is written last: it is what --resume continues from, so a kill before it repeats the
+    # epoch (and rewrites best.pt and the metrics) rather than leaving them behind last.pt
     if best["epoch"] == ck["epoch"]:
         C.save(ck, os.path.join(spec.dir, "best.pt"))
     write_logs(history, spec.dir, spec.meta, plot=False)
+    C.save(ck, os.path.join(spec.dir, "last.pt"))
 
 
 def _progress(cfg: Config):
