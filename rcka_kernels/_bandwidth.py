@@ -6,7 +6,9 @@ backward pass treats as a constant (as Kornblith et al. and most CKA code do).
 
 - "median": the exact median of all n^2 squared distances (diagonal zeros
   included, NumPy's convention: the mean of the two middle values when n^2 is
-  even), found by a radix select over the bit patterns of the strictly-upper
+  even). When a group batch's n x n distances fit one block (``block_elems``) they
+  are formed once and the median is a k-th value selection over their strictly-upper
+  entries; otherwise it is found by a radix select over the bit patterns of those
   distances (16 bits per pass, 2 passes for float32 and 4 for float64), each pass
   recomputing the distances block by block: memory O(block), no sort of n^2 values. If the median
   is 0 (more than half of all pairs coincide) the "mean" value is used instead.
@@ -14,6 +16,8 @@ backward pass treats as a constant (as Kornblith et al. and most CKA code do).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -114,19 +118,34 @@ def _select_upper(xc: Tensor, ranks: Tensor) -> Tensor:
     return torch.stack([_from_key(p, xc.dtype) for p in prefix])
 
 
-def median_sq_distance(x: Tensor) -> Tensor:
-    """NumPy's median of the n^2 squared distances of each group of x (G, n, p).
+def _select_dense(d: Tensor, ranks) -> Tensor:
+    """The ranks[t]-th smallest (0-based) strictly-upper entry of each (n, n) matrix of d (G, n, n)."""
+    n = d.shape[1]
+    iu = torch.triu_indices(n, n, 1, device=d.device)
+    upper = d[:, iu[0], iu[1]]
+    return torch.stack([upper.kthvalue(r + 1, dim=1).values for r in ranks])
+
+
+def median_sq_distance(x: Tensor, d: Optional[Tensor] = None) -> Tensor:
+    """NumPy's median of the n^2 squared distances of each group of x (G, n, p);
+    ``d``: those distances (G, n, n) in the compute dtype, if the caller has them.
 
     Sorted, the n^2 values are the n diagonal zeros followed by every strictly
     upper value twice, so the k-th of them (k >= n) is the ((k - n) // 2)-th
-    upper value: only the upper triangle is computed and searched."""
-    xc = _center(x)
-    g, n = xc.shape[0], xc.shape[1]
+    upper value: only the upper triangle is searched."""
+    g, n = x.shape[0], x.shape[1]
     ks = [(n * n - 1) // 2, (n * n) // 2]
     if n < 2:
-        return torch.zeros(g, dtype=xc.dtype, device=xc.device)
-    ranks = torch.tensor([max(0, (k - n) // 2) for k in ks], dtype=torch.int64, device=xc.device)[:, None].repeat(1, g)
-    vals = _select_upper(xc, ranks)
+        return torch.zeros(g, dtype=compute_dtype(x.dtype), device=x.device)
+    ranks = [max(0, (k - n) // 2) for k in ks]
+    if d is None and g * n * n <= block_elems():  # one block holds them all
+        xc = _center(x)
+        nx = (xc * xc).sum(-1)
+        d = sq_dist_block(xc, xc, nx, nx)
+    if d is not None:
+        vals = _select_dense(d, ranks)
+    else:
+        vals = _select_upper(_center(x), torch.tensor(ranks, dtype=torch.int64, device=x.device)[:, None].repeat(1, g))
     for t, k in enumerate(ks):
         if k < n:
             vals[t] = 0.0  # a diagonal zero
@@ -134,8 +153,9 @@ def median_sq_distance(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sigma2(x: Tensor, sigma) -> Tensor:
-    """sigma^2 per group for x (G, n, p); sigma is a float, a tensor of G values, "median" or "mean"."""
+def sigma2(x: Tensor, sigma, d: Optional[Tensor] = None) -> Tensor:
+    """sigma^2 per group for x (G, n, p); sigma is a float, a tensor of G values, "median" or "mean".
+    ``d``: the squared distances (G, n, n) of x's rows in the compute dtype, if the caller has them."""
     g = x.shape[0]
     cd = compute_dtype(x.dtype)
     if isinstance(sigma, torch.Tensor):
@@ -145,9 +165,9 @@ def sigma2(x: Tensor, sigma) -> Tensor:
         return torch.full((g,), float(sigma) ** 2, dtype=cd, device=x.device)
     # every squared distance 0 (all rows equal): K = 1 whatever the bandwidth, so 1 is
     # used (0 would make gamma = 1 / (2 sigma^2) infinite and K NaN)
-    mean = mean_sq_distance(x)
+    mean = mean_sq_distance(x) if d is None else d.mean((1, 2))
     mean = torch.where(mean > 0, mean, torch.ones_like(mean))
     if sigma == "mean":
         return mean
-    med = median_sq_distance(x)
+    med = median_sq_distance(x, d)
     return torch.where(med > 0, med, mean)

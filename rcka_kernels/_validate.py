@@ -1,16 +1,25 @@
-"""Argument checks shared by every public function.
+"""Argument checks and the precision policy shared by every public function.
 
 Shape, dtype and device checks read only metadata. NaN/Inf inputs: see
 ``Config.check_finite``; the check is skipped while torch.compile traces.
+
+Precision policy: two floating inputs of different dtypes are computed as if both
+were their common (wider) dtype (``promote``), and inside ``torch.autocast`` every
+public function and loss runs with autocast off on its inputs' device
+(``autocast_off``): the inputs are used as they come and the library's own rules
+(half-precision inputs, float32 accumulation) set the dtype of every product.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ._dispatch import BACKENDS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNELS = ("linear", "rbf")
@@ -40,6 +49,48 @@ def _is_compiling() -> bool:
     return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
 
 
+def autocast_off(fn):
+    """``fn`` run with autocast off on the device of its first tensor argument, when any
+    autocast is on: autocast would lower the products inside (matrix products, distances)
+    to its half dtype, which the library's statistics do not expect. When autocast is off
+    (the common case) the cost is one C call. torch.compile traces both branches."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not torch._C._is_any_autocast_enabled():
+            return fn(*args, **kwargs)
+        device = "cpu"
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                device = a.device.type
+                break
+        if not torch.amp.is_autocast_available(device):  # e.g. meta tensors: nothing to turn off
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def promote(x, y):
+    """(x, y) in their common dtype when both are floating tensors of different dtypes: a
+    float16/bfloat16 input with a float32 (or float64) one is computed as if both were the
+    wider type (autograd hands each gradient back in its input's own dtype). Anything else
+    comes back as it is, for the checks to name."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.dtype == y.dtype:
+        return x, y
+    if x.dtype not in FLOAT_DTYPES or y.dtype not in FLOAT_DTYPES:
+        return x, y
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dtype), y.to(dtype)
+
+
+def check_flag(fn: str, name: str, value) -> None:
+    """A True/False option (``debiased``, ``centered``, ...) that is neither."""
+    if value is not True and value is not False:
+        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
+
+
 def check_tensor(fn: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -58,7 +109,7 @@ def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int
     check_tensor(fn, "y", y)
     if x.device != y.device:
         raise ValueError(f"{fn}: x is on {x.device} and y is on {y.device}; move both to one device")
-    if x.dtype != y.dtype:
+    if x.dtype != y.dtype:  # the public functions ``promote`` first; a caller that does not must match
         raise TypeError(f"{fn}: x is {x.dtype} and y is {y.dtype}; cast both to one dtype")
     if x.shape[:-2] != y.shape[:-2]:
         raise ValueError(
@@ -156,3 +207,15 @@ def check_sigma_tensor(fn: str, sigma, batch: torch.Size, device: torch.device) 
         return
     if not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
         raise ValueError(f"{fn}: sigma must be positive and finite")
+
+
+def check_options(fn: str, kernel: str, sigma, debiased, backend: str) -> None:
+    """The options a loss module passes to the functions, checked when it is built (a
+    mistake in a config then fails at once, not at the first forward pass)."""
+    check_kernel(fn, kernel, sigma)
+    check_flag(fn, "debiased", debiased)
+    if isinstance(sigma, torch.Tensor) and sigma.device.type != "meta":
+        if sigma.numel() == 0 or not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+            raise ValueError(f"{fn}: sigma must be positive and finite")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{fn}: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")

@@ -6,6 +6,10 @@ Shapes: ``x`` is ``(n, p)`` or ``(..., n, p)`` and ``y`` is ``(n, q)`` or
 group, so batch dims ``(G,)`` give a ``(G,)`` result in one call. The result is
 in the input dtype for float32/float64 inputs and float32 for float16/bfloat16
 inputs (statistics are accumulated in float32, float64 for float64 inputs).
+Inputs of two floating dtypes are computed as if both were the wider one, and
+inside ``torch.autocast`` the functions run with autocast off (``_validate``:
+the precision policy), so a call inside an autocast region gives the value of
+the same call outside it.
 
 Degenerate inputs: if every row of ``x`` (or ``y``) is the same, there is no
 variation to align and ``hsic`` and ``cka`` return 0 (with zero gradient); CKA is
@@ -27,7 +31,7 @@ import torch
 from . import _bandwidth, _dispatch, _validate, estimators, reference
 from .ops import stats as _ops
 from .ops.linear import linear_alignment
-from .ops.torch_backend import center_columns, compute_dtype, gram_matrix
+from .ops.torch_backend import block_elems, center_columns, compute_dtype, gram_matrix
 
 Tensor = torch.Tensor
 Sigma = Union[None, float, str, Tensor]
@@ -53,26 +57,29 @@ def _gamma(x3: Tensor, sigma: Sigma) -> Tensor:
 
 
 def _prepare(fn, x, y, kernel, sigma, backend, *, same_rows, same_cols, min_rows, why="", finite=True):
+    """(backend name, x, y): the checks, with x and y promoted to their common dtype."""
+    x, y = _validate.promote(x, y)
     _validate.check_pair(fn, x, y, same_rows=same_rows, same_cols=same_cols, min_rows=min_rows, why=why, finite=finite)
     _validate.check_kernel(fn, kernel, sigma)
     _validate.check_sigma_tensor(fn, sigma, x.shape[:-2], x.device)
     name = _dispatch.resolve(backend, x.device, kernel)
     if name == "reference" and not finite:  # the other backends' statistics report NaN/Inf themselves
         _validate.check_finite(fn, x, y)
-    return name
+    return name, x, y
 
 
 def _linear(fn, x, y, statistic, centered, debiased, backend, min_rows, why, ref):
     """The linear kernel's path of hsic, cka, official_alignment and gram_discrepancy:
     the checks, dispatch and one op (ops/linear.py), with as little Python as it
     takes (at the paper's batch sizes each call's interpreter time is a visible
-    share of the loss); ``ref()`` computes the value on the reference backend."""
-    if not _validate.plain_pair(x, y, min_rows):  # anything unusual: the full checks, which name the problem
+    share of the loss); ``ref(x, y)`` computes the value on the reference backend."""
+    if not _validate.plain_pair(x, y, min_rows):  # anything unusual (mixed dtypes too): the full checks
+        x, y = _validate.promote(x, y)
         _validate.check_pair(fn, x, y, same_rows=True, same_cols=False, min_rows=min_rows, why=why, finite=False)
     name = _dispatch.resolve(backend, x.device, "linear")
     if name == "reference":
         _validate.check_finite(fn, x, y)
-        return ref().to(compute_dtype(x.dtype))
+        return ref(x, y).to(compute_dtype(x.dtype))
     compiling = _validate._is_compiling()
     check = fn if _validate.wants_finite_check(x.device, compiling) else None
     return linear_alignment(x, y, statistic, centered, debiased, name, check, compiling)
@@ -91,10 +98,45 @@ def _hsic_from_stats(s: Tensor, ra: Tensor, rb: Tensor, da: Tensor, db: Tensor, 
     return estimators.hsic(s, (ra * rb).sum(-1), ra.sum(-1), rb.sum(-1), n, debiased)
 
 
+def _dense_fits(x3: Tensor, backend: str) -> bool:
+    """Whether the torch backend forms the whole n x n RBF Grams of the groups x3 (G, n, p):
+    when they are no larger than one tile of its streamed path (``block_elems``), streaming
+    would hold as much at once and add only work (the bandwidth's selection passes, a
+    backward that recomputes the tiles)."""
+    return backend == "torch" and x3.shape[0] * x3.shape[1] * x3.shape[1] <= block_elems()
+
+
+def _dense_rbf(x3: Tensor, sigma: Sigma) -> Tensor:
+    """exp(-gamma |x_i - x_j|^2) (G, n, n) in the compute dtype with a zero diagonal (the
+    contract's sums leave it out), from the Gram matrix of the centred rows, with plain
+    torch ops: autograd differentiates it to any order. The bandwidth is taken from the
+    same distances (a constant for autograd, as everywhere)."""
+    n = x3.shape[1]
+    xc = center_columns(x3.to(compute_dtype(x3.dtype)))
+    gm = xc @ xc.mT
+    sq = gm.diagonal(dim1=-2, dim2=-1)
+    eye = torch.eye(n, dtype=torch.bool, device=x3.device)
+    d = (sq[:, :, None] + sq[:, None, :] - 2.0 * gm).clamp_min(0.0).masked_fill(eye, 0.0)
+    gamma = 0.5 / _bandwidth.sigma2(x3, "median" if sigma is None else sigma, d.detach())
+    return torch.exp(d * -gamma[:, None, None]).masked_fill(eye, 0.0)
+
+
+def _rbf_stats(x3: Tensor, y3: Tensor, sigma: Sigma, backend: str):
+    """The contract's RBF statistics of groups x3 (G, n, p), y3 (G, n, q), diagonals left out:
+    (S (G, 3) float64 = sums of K o L, K o K, L o L; K 1 and L 1 (G, n) in the compute dtype),
+    from the whole Grams (``_dense_fits``) or streamed by the backend."""
+    if _dense_fits(x3, backend):
+        k, l = _dense_rbf(x3, sigma), _dense_rbf(y3, sigma)
+        # row dot products in the compute dtype, their sum in float64 (as the streamed path)
+        s = torch.stack([torch.linalg.vecdot(a, b).double().sum(-1) for a, b in ((k, l), (k, k), (l, l))], -1)
+        return s, k.sum(-1), l.sum(-1)
+    return _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+
+
 def _rbf_hsic_terms(x3: Tensor, y3: Tensor, sigma: Sigma, debiased: bool, backend: str):
     """(hxy, hxx, hyy) float64, each (G,), of RBF Grams for groups x3 (G, n, p), y3 (G, n, q)."""
     n = x3.shape[1]
-    s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+    s, rx, ry = _rbf_stats(x3, y3, sigma, backend)
     rx, ry = rx.double(), ry.double()
     dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
     hxy = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
@@ -110,6 +152,7 @@ def _rbf_cka(x3, y3, sigma, debiased, backend, fn):
     return estimators.cka(hxy, hxx, hyy, cx | cy, compute_dtype(x3.dtype))
 
 
+@_validate.autocast_off
 def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
     """Hilbert-Schmidt independence criterion of x (..., n, p) and y (..., n, q).
 
@@ -118,10 +161,11 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     float, a tensor (one per group), "median" (default) or "mean".
     Returns shape ``x.shape[:-2]``.
     """
+    _validate.check_flag("hsic", "debiased", debiased)
     m, why = estimators.min_rows(debiased)
     if kernel == "linear" and sigma is None:
-        return _linear("hsic", x, y, "hsic", True, debiased, backend, m, why, lambda: reference.hsic(x, y, kernel, sigma, debiased))
-    name = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
+        return _linear("hsic", x, y, "hsic", True, debiased, backend, m, why, lambda a, b: reference.hsic(a, b, kernel, sigma, debiased))
+    name, x, y = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
     if name == "reference":
         return reference.hsic(x, y, kernel, sigma, debiased).to(compute_dtype(x.dtype))
     x3, y3 = _as_groups(x), _as_groups(y)
@@ -131,18 +175,21 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     return hxy.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 
+@_validate.autocast_off
 def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
     """Centered kernel alignment HSIC(K,L) / sqrt(HSIC(K,K) HSIC(L,L)).
 
     x (..., n, p), y (..., n, q) -> x.shape[:-2]. ``debiased=True`` uses the
     unbiased HSIC (Kornblith et al.'s debiased CKA). Linear CKA costs
     O(n (p + q)^2) in feature space or O(n^2 (p + q)) in sample space, whichever
-    is cheaper; RBF CKA streams over blocks of the Gram matrices.
+    is cheaper; RBF CKA streams over blocks of the Gram matrices, or forms them
+    whole (with plain autograd) where they are no larger than one block.
     """
+    _validate.check_flag("cka", "debiased", debiased)
     m, why = estimators.min_rows(debiased)
     if kernel == "linear" and sigma is None:
-        return _linear("cka", x, y, "cka", True, debiased, backend, m, why, lambda: reference.cka(x, y, kernel, sigma, debiased))
-    name = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
+        return _linear("cka", x, y, "cka", True, debiased, backend, m, why, lambda a, b: reference.cka(a, b, kernel, sigma, debiased))
+    name, x, y = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
     if name == "reference":
         return reference.cka(x, y, kernel, sigma, debiased).to(compute_dtype(x.dtype))
     out = _rbf_cka(_as_groups(x), _as_groups(y), sigma, debiased, name, "cka")
@@ -157,11 +204,12 @@ def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:
 # ----------------------------------------------------------------------------- Theorem 2
 
 
+@_validate.autocast_off
 def official_alignment(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:
     """The official RCKA code's alignment without row scaling (see ``losses.official_alignment``):
     |X^T Y|_F^2 / (|X^T X|_F |Y^T Y|_F) = tr(K L) / (|K|_F |L|_F) of the uncentred linear
     Grams, x (..., n, p), y (..., n, q) -> x.shape[:-2]; 0 where an input is 0; any n >= 1."""
-    return _linear("official_alignment", x, y, "cka", False, False, backend, 1, "", lambda: reference.official_alignment(x, y, False))
+    return _linear("official_alignment", x, y, "cka", False, False, backend, 1, "", lambda a, b: reference.official_alignment(a, b, False))
 
 
 def _raw_stats(x3, y3, kernel, sigma, backend):
@@ -170,12 +218,12 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
         xd, yd = x3.double(), y3.double()
         sq = [(m * m).sum((1, 2)) for m in (xd.mT @ yd, xd.mT @ xd, yd.mT @ yd)]
         return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
-    # RBF Grams do not change under a translation of the inputs
-    s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+    s, rx, ry = _rbf_stats(x3, y3, sigma, backend)
     n = x3.shape[1]
     return s + n, rx.double().sum(-1) + n, ry.double().sum(-1) + n  # add the unit diagonal back
 
 
+@_validate.autocast_off
 def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True,
                      backend: str = "auto") -> Tensor:
     """1/2 |K^ - L^|_F^2 with K^ = K~ / |K~|_F, the Frobenius-normalised Gram.
@@ -185,11 +233,12 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     1 - tr(K L) / (|K|_F |L|_F), the uncentred alignment of the official RCKA code.
     It bounds ``mmd_upper_bound`` from above. Shapes as ``cka``.
     """
+    _validate.check_flag("gram_discrepancy", "centered", centered)
     if kernel == "linear" and sigma is None:
-        ref = lambda: reference.gram_discrepancy(x, y, kernel, sigma, centered)  # noqa: E731
+        ref = lambda a, b: reference.gram_discrepancy(a, b, kernel, sigma, centered)  # noqa: E731
         v = _linear("gram_discrepancy", x, y, "cka", centered, False, backend, 2, "", ref)
         return v if backend == "reference" else 1.0 - v
-    name = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2, finite=False)
+    name, x, y = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2, finite=False)
     if name == "reference":
         return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(compute_dtype(x.dtype))
     x3, y3 = _as_groups(x), _as_groups(y)
@@ -204,6 +253,7 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 
+@_validate.autocast_off
 def mmd_upper_bound(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, centered: bool = True,
                     backend: str = "auto") -> Tensor:
     """(n^2 / 2) (mean K^ - mean L^)^2: the MMD-type term between the two relation
@@ -212,7 +262,8 @@ def mmd_upper_bound(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigm
     centred Grams the means are exactly 0 (H 1 = 0), so the term is 0; with
     ``centered=False`` (the official code's Grams) it is informative.
     """
-    name = _prepare("mmd_upper_bound", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2)
+    _validate.check_flag("mmd_upper_bound", "centered", centered)
+    name, x, y = _prepare("mmd_upper_bound", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2)
     if name == "reference":
         return reference.mmd_upper_bound(x, y, kernel, sigma, centered).to(compute_dtype(x.dtype))
     x3, y3 = _as_groups(x), _as_groups(y)
@@ -231,6 +282,7 @@ def mmd_upper_bound(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigm
 # ----------------------------------------------------------------------------- MMD
 
 
+@_validate.autocast_off
 def mmd(x: Tensor, y: Tensor, *, kernel: str = "rbf", sigma: Sigma = None, unbiased: bool = False, backend: str = "auto") -> Tensor:
     """Squared maximum mean discrepancy between the rows of x (..., n, d) and y (..., m, d).
 
@@ -239,9 +291,10 @@ def mmd(x: Tensor, y: Tensor, *, kernel: str = "rbf", sigma: Sigma = None, unbia
     bandwidth is computed on the pooled sample. The linear kernel reduces to
     |mean x - mean y|^2 (biased) and is computed in O((n + m) d) on every backend.
     """
+    _validate.check_flag("mmd", "unbiased", unbiased)
     m = 2 if unbiased else 1
     why = " for the unbiased estimator" if unbiased else ""
-    name = _prepare("mmd", x, y, kernel, sigma, backend, same_rows=False, same_cols=True, min_rows=m, why=why)
+    name, x, y = _prepare("mmd", x, y, kernel, sigma, backend, same_rows=False, same_cols=True, min_rows=m, why=why)
     if name == "reference":
         return reference.mmd(x, y, kernel, sigma, unbiased).to(compute_dtype(x.dtype))
     x3, y3 = _as_groups(x), _as_groups(y)
@@ -286,6 +339,7 @@ def _gamma_or_zero(x3: Tensor, kernel: str, sigma: Sigma) -> Tensor:
     return torch.zeros(x3.shape[0], dtype=compute_dtype(x3.dtype), device=x3.device)
 
 
+@_validate.autocast_off
 def gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, backend: str = "auto") -> Tensor:
     """The Gram matrix K (..., n, n) of the rows of x (..., n, p). It is n x n: for small n."""
     name = _check_single("gram", x, kernel, sigma, backend, 1)
@@ -295,10 +349,12 @@ def gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, backend: str
     return gram_matrix(x3, kernel, _gamma_or_zero(x3, kernel, sigma)).reshape(*x.shape[:-1], x.shape[-2])
 
 
+@_validate.autocast_off
 def centered_gram(x: Tensor, *, kernel: str = "linear", sigma: Sigma = None, debiased: bool = False, backend: str = "auto") -> Tensor:
     """H K H (..., n, n) from row and column means (H is never built); with
     ``debiased=True`` the U-centred K (zero diagonal, n >= 4) whose inner
     products give the unbiased HSIC: hsic = <K_u, L_u> / (n (n-3))."""
+    _validate.check_flag("centered_gram", "debiased", debiased)
     name = _check_single("centered_gram", x, kernel, sigma, backend, 4 if debiased else 1)
     if name == "reference":
         return reference.centered_gram(x, kernel, sigma, debiased).to(compute_dtype(x.dtype))

@@ -62,6 +62,8 @@ class CKALoss(nn.Module):
                  flatten: bool = True, reduction: str = "mean"):
         super().__init__()
         _reduce(torch.zeros(1), reduction)  # validate early
+        _validate.check_options("CKALoss", kernel, sigma, debiased, backend)
+        _validate.check_flag("CKALoss", "flatten", flatten)
         self.kernel, self.sigma, self.debiased = kernel, sigma, debiased
         self.backend, self.flatten, self.reduction = backend, flatten, reduction
 
@@ -112,6 +114,7 @@ def _official_l2(x: Tensor, y: Tensor) -> Tensor:
     return torch.where(ok, kl / torch.sqrt(torch.where(ok, kk * ll, torch.ones_like(kk))), torch.zeros_like(kl))
 
 
+@_validate.autocast_off
 def official_alignment(x: Tensor, y: Tensor, l2_norm: bool = False, backend: str = "auto") -> Tensor:
     """The official RCKA code's alignment tr(K L^T) / sqrt(tr(K K^T) tr(L L^T)).
 
@@ -128,6 +131,7 @@ def official_alignment(x: Tensor, y: Tensor, l2_norm: bool = False, backend: str
         )
     if not l2_norm:
         return F.official_alignment(x, y, backend=backend)
+    x, y = _validate.promote(x, y)
     cd = compute_dtype(x.dtype)
     if backend == "reference":
         return reference.official_alignment(x, y, l2_norm).to(cd)
@@ -142,6 +146,10 @@ class _AlignmentTerms(nn.Module):
 
     def __init__(self, intra_weight, inter_weight, official, l2_norm, debiased, kernel, sigma, backend):
         super().__init__()
+        fn = type(self).__name__
+        _validate.check_options(fn, kernel, sigma, debiased, backend)
+        _validate.check_flag(fn, "official", official)
+        _validate.check_flag(fn, "l2_norm", l2_norm)
         if l2_norm and not official:
             raise ValueError("l2_norm=True is the official code's Gram row scaling; it needs official=True")
         if official and (kernel != "linear" or debiased):
@@ -227,6 +235,7 @@ class RCKALoss(_AlignmentTerms):
         offset = 0.0 if self.official else ws + wc  # official: -w A; true CKA: w (1 - CKA)
         return axis_pair_alignment(ss, ts, s, t, -ws, -wc, offset, not self.official, name, check)
 
+    @_validate.autocast_off
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 student_features: Optional[Tensor] = None, teacher_features: Optional[Tensor] = None) -> Tensor:
         s, t = student_logits, teacher_logits
@@ -234,7 +243,9 @@ class RCKALoss(_AlignmentTerms):
             raise ValueError(
                 f"RCKALoss: student and teacher logits must both be (N, P) with the same shape, got {tuple(s.shape)} and {tuple(t.shape)}"
             )
-        t = t.to(s.dtype)
+        _validate.check_tensor("RCKALoss", "student_logits", s)
+        _validate.check_tensor("RCKALoss", "teacher_logits", t)
+        s, t = _validate.promote(s, t)
         if self.temperature is not None:
             ss, ts = (s / self.temperature).softmax(-1), (t / self.temperature).softmax(-1)
         else:
@@ -252,7 +263,10 @@ class RCKALoss(_AlignmentTerms):
                 raise ValueError(
                     f"RCKALoss: features must have the logits' batch size {s.shape[0]}, got {tuple(fs.shape)} and {tuple(ft.shape)}"
                 )
-            loss = loss + self._term(fs.reshape(fs.shape[0], -1), ft.reshape(ft.shape[0], -1).to(fs.dtype), float(self.feature_weight))
+            _validate.check_tensor("RCKALoss", "student_features", fs)
+            _validate.check_tensor("RCKALoss", "teacher_features", ft)
+            fs, ft = _validate.promote(fs.reshape(fs.shape[0], -1), ft.reshape(ft.shape[0], -1))
+            loss = loss + self._term(fs, ft, float(self.feature_weight))
         return loss
 
 
@@ -302,6 +316,7 @@ class PCKALoss(_AlignmentTerms):
             raise ValueError(f"PCKALoss: patch_size must be >= 1, got {patch_size}")
         self.patch_size = int(patch_size)
 
+    @_validate.autocast_off
     def forward(self, student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         s, t = student_feat, teacher_feat
         ps = self.patch_size
@@ -309,13 +324,16 @@ class PCKALoss(_AlignmentTerms):
             raise ValueError(
                 f"PCKALoss: student and teacher maps must be (B, C, H, W) with the same B and C, got {tuple(s.shape)} and {tuple(t.shape)}"
             )
+        _validate.check_tensor("PCKALoss", "student_feat", s)
+        _validate.check_tensor("PCKALoss", "teacher_feat", t)
+        s, t = _validate.promote(s, t)
         size = (_round_up(s.shape[2], ps), _round_up(s.shape[3], ps))
         if size != (_round_up(t.shape[2], ps), _round_up(t.shape[3], ps)):
             raise ValueError(
                 f"PCKALoss: student {tuple(s.shape[2:])} and teacher {tuple(t.shape[2:])} spatial sizes round up to "
                 f"different multiples of patch_size={ps}"
             )
-        sp, tp = patchify(s, ps, size), patchify(t.to(s.dtype), ps, size)
+        sp, tp = patchify(s, ps, size), patchify(t, ps, size)
         loss = self._term(sp, tp, self.intra_weight)
         if self._class_axis_on:
             w = self.intra_weight if self.official else float(self.inter_weight)

@@ -106,14 +106,22 @@ def test_empty_input(shape):
         rk.cka(torch.randn(shape), torch.randn(shape))
 
 
-def test_mixed_dtypes():
-    with pytest.raises(TypeError, match="cast both"):
-        rk.cka(torch.randn(5, 3), torch.randn(5, 3, dtype=torch.float64))
+def test_mixed_float_dtypes_promote():
+    """float32 with float64 computes in float64 (tests/test_autocast.py: every function, half dtypes)."""
+    x, y = torch.randn(5, 3), torch.randn(5, 3, dtype=torch.float64)
+    got = rk.cka(x, y)
+    assert got.dtype == torch.float64
+    assert got.item() == rk.cka(x.double(), y).item()
 
 
-def test_integer_input():
+@pytest.mark.parametrize("other", [torch.int64, torch.complex64])
+def test_integer_and_complex_input(other):
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
-        rk.cka(torch.ones(5, 3, dtype=torch.int64), torch.ones(5, 3, dtype=torch.int64))
+        rk.cka(torch.ones(5, 3, dtype=other), torch.ones(5, 3, dtype=other))
+    with pytest.raises(TypeError, match="y must be float16, bfloat16, float32 or float64"):
+        rk.cka(torch.randn(5, 3), torch.ones(5, 3, dtype=other))
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64"):
+        rk.mmd(torch.ones(5, 3, dtype=other), torch.randn(5, 3, dtype=torch.bfloat16))
 
 
 def test_mixed_devices():
