@@ -418,9 +418,10 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def _prepare_out(cfg: Config, fp: Dict, write: bool) -> None:
+def _prepare_out(cfg: Config, fp: Dict) -> None:
     """Refuse an --out that holds a run unless resuming it; with --resume, refuse a folder that
-    holds no run or a run started with other arguments. A new run records its arguments in run.json."""
+    holds no run or a run started with other arguments. (A new run records its arguments in
+    run.json once its input is checked.)"""
     runfile, summ = os.path.join(cfg.out, "run.json"), os.path.join(cfg.out, "summary.json")
     saved = C.read_json(runfile, "run file")
     if cfg.resume:
@@ -437,8 +438,6 @@ def _prepare_out(cfg: Config, fp: Dict, write: bool) -> None:
         state = "a finished run" if os.path.exists(summ) else "an unfinished run"
         raise DistillError(f"--out {cfg.out!r} holds {state}; --resume continues it (a finished run is not retrained), "
                            "or choose another --out (or delete that folder) to start over")
-    if write:
-        C.save_json({"fingerprint": fp, "config": asdict(cfg)}, runfile)
 
 
 def run(cfg: Config) -> Dict[str, Dict]:
@@ -458,13 +457,19 @@ def run(cfg: Config) -> Dict[str, Dict]:
         torch.set_num_threads(before)
 
 
-def _teacher(cfg: Config, k: int, fp: Dict, meta: Dict, train_ds, test_ds, device) -> Tuple[Optional[nn.Module], Dict]:
-    """The teacher (loaded, trained, or resumed) and its summary row; None when only CE students run."""
-    if cfg.teacher_ckpt:
-        teacher = M.build(cfg.teacher, k).to(device)
-        load_checkpoint(teacher, cfg.teacher_ckpt)
-        teacher.to(device)
-        return teacher, {"model": cfg.teacher, "checkpoint": cfg.teacher_ckpt, **evaluate(teacher, _loader(test_ds, cfg, False), device)}
+def _given_teacher(cfg: Config, k: int, device) -> Optional[nn.Module]:
+    if not cfg.teacher_ckpt:
+        return None
+    teacher = M.build(cfg.teacher, k).to(device)
+    load_checkpoint(teacher, cfg.teacher_ckpt)
+    return teacher.to(device)
+
+
+def _teacher(cfg: Config, given: Optional[nn.Module], k: int, fp: Dict, meta: Dict, train_ds, test_ds,
+             device) -> Tuple[Optional[nn.Module], Dict]:
+    """The teacher (given, trained, or resumed) and its summary row; None when only CE students run."""
+    if given is not None:
+        return given, {"model": cfg.teacher, "checkpoint": cfg.teacher_ckpt, **evaluate(given, _loader(test_ds, cfg, False), device)}
     if not trains_teacher(cfg):
         return None, {}
     _seed_everything(cfg.seed, _rank())
@@ -499,11 +504,14 @@ def _run(cfg: Config) -> Dict[str, Dict]:
     k = train_ds.num_classes
     world = dist.get_world_size() if rkd.is_distributed() else 1
     fp = fingerprint(cfg, num_classes=k, train_size=len(train_ds), test_size=len(test_ds), world_size=world)
-    _prepare_out(cfg, fp, write=rank == 0)
+    _prepare_out(cfg, fp)
+    given = _given_teacher(cfg, k, device)
+    if rank == 0 and not cfg.resume:
+        C.save_json({"fingerprint": fp, "config": asdict(cfg)}, os.path.join(cfg.out, "run.json"))
     backend_name = resolve_backend(cfg.backend, device)
     meta = {"config": asdict(cfg), "device": str(device), "backend": backend_name, "torch": torch.__version__,
             "num_classes": k, "train_size": len(train_ds), "test_size": len(test_ds), "world_size": world}
-    teacher, trow = _teacher(cfg, k, fp, meta, train_ds, test_ds, device)
+    teacher, trow = _teacher(cfg, given, k, fp, meta, train_ds, test_ds, device)
     summary: Dict[str, Dict] = {"teacher": trow} if trow else {}
     if teacher is not None:
         for p in teacher.parameters():
