@@ -26,7 +26,9 @@ setup: $(STAMP)
 # ending with the teacher-vs-student layer CKA of its CE, KD and RCKA students (one figure, one table)
 demo: $(STAMP)
 	$(PY) examples/demo.py
-	$(PY) -m rcka_kernels.distill --epochs 8 --teacher-epochs 10 --no-progress --out runs/demo
+	@echo "make demo: deleting runs/demo (an earlier demo's output) and writing it afresh"
+	rm -rf runs/demo
+	$(PY) -m rcka_kernels.distill --epochs 8 --teacher-epochs 10 --seeds 3 --no-progress --out runs/demo
 	$(PY) -m rcka_kernels.compare --run runs/demo --no-progress
 
 # lint first (ruff, configured in pyproject.toml), then the tests
