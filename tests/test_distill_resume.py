@@ -107,6 +107,21 @@ def test_interrupted_after_a_checkpoint_resumes_identically(tmp_path, monkeypatc
     assert best["history"][-1]["test_acc"] == max(r["test_acc"] for r in last["history"])
 
 
+def test_seeds_mean_and_spread(reference):
+    s = json.loads((reference / "summary.json").read_text())["summary"]
+    for m in ("kd", "rcka+kd"):
+        accs = [r["test_acc"] for r in s[m]["runs"]]
+        assert s[m]["seeds"] == [0, 1] and len(accs) == 2
+        assert s[m]["test_acc"] == pytest.approx(sum(accs) / 2)
+        assert s[m]["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)  # sample std (n - 1)
+        h = json.loads((reference / m / "seed1" / "metrics.json").read_text())["history"]
+        assert h[-1]["test_acc"] == accs[1]
+    csv_rows = (reference / "summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("run,model,n_seeds,seeds,test_acc_mean,test_acc_std") and len(csv_rows) == 4
+    table = (reference / "summary.md").read_text()
+    assert f"| kd | mlp_student | 0, 1 | {s['kd']['test_acc']:.2f} ± {s['kd']['test_acc_std']:.2f} |" in table
+
+
 @pytest.mark.parametrize("epochs", [1, 2, 3])
 def test_short_runs_record_their_lr_and_none_starts_decayed(tmp_path, epochs):
     out = tmp_path / "run"

@@ -250,13 +250,15 @@ def _resume_point(spec: RunSpec, cfg: Config) -> Optional[Dict]:
     """The run's last complete epoch (``last.pt``) when resuming, after checking that it was
     written by a run with the same arguments; None to start at epoch 1."""
     last = os.path.join(spec.dir, "last.pt")
-    if not cfg.resume or not os.path.exists(last):
+    if not cfg.resume:
         return None
-    ck = C.load(last, f"{spec.tag} checkpoint")
-    C.check_fingerprint(ck, spec.fingerprint, last)
     if _rank() == 0:
         for p in C.leftovers(spec.dir):
             os.remove(p)
+    if not os.path.exists(last):
+        return None
+    ck = C.load(last, f"{spec.tag} checkpoint")
+    C.check_fingerprint(ck, spec.fingerprint, last)
     return ck
 
 
