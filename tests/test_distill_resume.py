@@ -194,10 +194,17 @@ def test_bad_input(tmp_path, capsys):
     shutil.copy(out / "kd" / "last.pt", out / "rcka" / "last.pt")
     _error(capsys, [*QUICK, "--methods", "kd,rcka", "--out", str(out), "--resume"], "rcka", "last.pt", "method: 'kd' there, 'rcka' now")
     # a corrupt checkpoint is named and kept, as is the best one
+    final = torch.load(out / "kd" / "student.pt", weights_only=True)["model"]
     data = (out / "kd" / "last.pt").read_bytes()
     (out / "kd" / "last.pt").write_bytes(data[: len(data) // 2])
-    _error(capsys, [*QUICK, "--methods", "kd", "--out", str(out), "--resume"], "kd", "last.pt", "is corrupt")
+    _error(capsys, [*QUICK, "--methods", "kd", "--out", str(out), "--resume"], "kd", "last.pt", "is corrupt", "best.pt", "is intact")
     assert len((out / "kd" / "last.pt").read_bytes()) == len(data) // 2 and (out / "kd" / "best.pt").exists()
+    # the best checkpoint is a full one: resumed from it, the run ends where it ended
+    shutil.copy(out / "kd" / "best.pt", out / "kd" / "last.pt")
+    assert main([*QUICK, "--methods", "kd", "--out", str(out), "--resume"]) == 0
+    assert len(json.loads((out / "kd" / "metrics.json").read_text())["history"]) == 2
+    again = torch.load(out / "kd" / "student.pt", weights_only=True)["model"]
+    assert all(torch.allclose(final[k], again[k], rtol=0, atol=1e-6) for k in final)
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):

@@ -257,7 +257,16 @@ def _resume_point(spec: RunSpec, cfg: Config) -> Optional[Dict]:
             os.remove(p)
     if not os.path.exists(last):
         return None
-    ck = C.load(last, f"{spec.tag} checkpoint")
+    try:
+        ck = C.load(last, f"{spec.tag} checkpoint")
+    except DistillError as e:
+        best = os.path.join(spec.dir, "best.pt")
+        try:
+            epoch = C.load(best, "")["epoch"]
+        except DistillError:
+            raise e from None
+        raise DistillError(f"{e}; {best!r} (epoch {epoch}) is intact: copied over last.pt, --resume continues from it "
+                           "to the same result") from None
     C.check_fingerprint(ck, spec.fingerprint, last)
     return ck
 
@@ -507,6 +516,8 @@ def _run(cfg: Config) -> Dict[str, Dict]:
     world = dist.get_world_size() if rkd.is_distributed() else 1
     fp = fingerprint(cfg, num_classes=k, train_size=len(train_ds), test_size=len(test_ds), world_size=world)
     _prepare_out(cfg, fp)
+    if rkd.is_distributed():
+        dist.barrier()  # every rank has looked at --out before rank 0 writes run.json there
     given = _given_teacher(cfg, k, device)
     if rank == 0 and not cfg.resume:
         C.save_json({"fingerprint": fp, "config": asdict(cfg)}, os.path.join(cfg.out, "run.json"))
