@@ -1,8 +1,11 @@
 """Knowledge-distillation harness: ``python -m rcka_kernels.distill`` (or ``rcka-distill``).
 
-Teacher -> student with CE + RCKA, against the KD (Hinton) and CE-only
-baselines, on CIFAR-100 or ImageNet from a local path, or on scikit-learn's
-digits when no data path is given. See ``python -m rcka_kernels.distill --help``.
+Teacher -> student with CE + RCKA (and CE + RCKA + KD), against the KD (Hinton)
+and CE-only baselines, on CIFAR-100 or ImageNet from a local path, or on
+scikit-learn's digits when no data path is given; the published recipes as
+presets (``--recipe``), several seeds with their mean and spread (``--seeds``),
+crash-safe per-epoch checkpoints and ``--resume``. See
+``python -m rcka_kernels.distill --help`` and docs/losses.md.
 """
 
 from .train import Config, DistillError, run
