@@ -92,8 +92,10 @@ RECIPES: Dict[str, Dict] = {
         dataset="cifar100", epochs=240, teacher_epochs=240, batch_size=64, lr=0.05, milestones=[150, 180, 210],
         momentum=0.9, weight_decay=5e-4,
         teacher="resnet56", student="resnet20",   # the paper's first pair (PAPER_PAIRS lists the others)
-        # RCKA: the published distiller's defaults, sample-axis weight 15 with the class-axis term on
-        # (weighted 15 as well: the published code weights it by the sample-axis weight); KD temperature 4.
+        # RCKA: the weights of the published distiller (CenterKernelAlignmentRKD): 15 on the sample-axis
+        # term and 15 on the class-axis term (one published version always adds both with 15 / 15, the
+        # other adds the class-axis term, weighted by the sample-axis weight, when inter_weight is set).
+        # The repository has no per-pair classification configs, so every pair gets these. KD: T = 4.
         intra_weight=15.0, inter_weight=15.0, kd_temperature=4.0,
     ),
     # The ImageNet schedule of the same code bases: 100 epochs, SGD momentum 0.9, lr 0.1 for a
