@@ -205,13 +205,15 @@ def run_distill(args) -> Dict[str, CompareResult]:
 def distill_table(results: Dict[str, CompareResult], summary: Dict) -> str:
     """One row per student: its accuracy, the CKA of its penultimate features and of its logits
     with the teacher's (the last two default layers of the harness's models), and the mean over
-    student layers of the best-matching teacher layer."""
+    student layers of the best-matching teacher layer. With several seeds the compared student
+    is the first seed's (``<method>/student.pt``), and so is the accuracy shown."""
     any_res = next(iter(results.values()))
     ta, sb = any_res.layers_a, any_res.layers_b
     head = [f"| student | test acc | CKA features (T {ta[-2]} / S {sb[-2]}) | CKA logits ({ta[-1]} / {sb[-1]}) "
             "| mean best-match CKA per student layer | n | estimator |", "|---|---|---|---|---|---|---|"]
     for m, r in results.items():
-        acc = summary.get(m, {}).get("test_acc")
+        runs = summary.get(m, {}).get("runs")
+        acc = runs[0].get("test_acc") if runs else summary.get(m, {}).get("test_acc")
         best = float(r.values.max(0).values.mean())
         head.append(f"| {m} | {acc:.2f}% | {r.values[-2, -2]:.4f} | {r.values[-1, -1]:.4f} | {best:.4f} | {r.n_samples} | {r.estimator} |"
                     if acc is not None else
