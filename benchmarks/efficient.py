@@ -3,7 +3,8 @@
 These are the baselines rcka-kernels must beat (issue: "faster than the best ten
 lines of PyTorch"): column-centre, then the cheaper of the feature-space and the
 sample-space formula, batched over leading group dims, autograd for the backward.
-Tests use them as the op-count yardstick; benchmarks/bench_efficient.py times them.
+Tests use them as the op-count yardstick; benchmarks/bench_efficient.py times them (and the
+benchmark harness counts ops with ``OpCounter``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,27 @@ def rcka_loss(s: Tensor, t: Tensor, weight: float = 15.0, official: bool = False
     if official:
         return -weight * (official_alignment(s, t) + official_alignment(s.mT, t.mT))
     return weight * ((1 - linear_cka(s, t)) + (1 - linear_cka(s.mT, t.mT)))
+
+
+def rbf_cka(x: Tensor, y: Tensor, sigma=None) -> Tensor:
+    """Biased RBF CKA of x (n, p), y (n, q), the plain dense formula: n x n squared distances,
+    the bandwidth sigma^2 = their median (NumPy's: the mean of the two middle values; a
+    constant for the backward) unless ``sigma`` is given, Grams, centring, <Kc, Lc> / (|Kc| |Lc|)."""
+
+    def centred_gram(z: Tensor) -> Tensor:
+        sq = z.square().sum(-1)
+        d = (sq[:, None] + sq[None, :] - 2.0 * z @ z.T).clamp_min(0)
+        if sigma is None:
+            v = d.detach().flatten()
+            s2 = (v.kthvalue((v.numel() + 1) // 2).values + v.kthvalue(v.numel() // 2 + 1).values) / 2
+        else:
+            s2 = sigma**2
+        k = torch.exp(-d / (2.0 * s2))
+        k = k - k.mean(0, keepdim=True)
+        return k - k.mean(1, keepdim=True)
+
+    kc, lc = centred_gram(x), centred_gram(y)
+    return (kc * lc).sum() / (torch.linalg.matrix_norm(kc) * torch.linalg.matrix_norm(lc))
 
 
 # ----------------------------------------------------------------------------- op counting

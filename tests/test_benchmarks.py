@@ -1,9 +1,8 @@
-"""The benchmark suite runs and measures what it says: naive baselines and peer
-adapters agree with the float64 reference, and the harness records results,
-out-of-memory, timeouts and skips. No time is asserted."""
+"""The benchmarks measure what they say: the naive and plain formulas agree with the float64
+reference, the harness records time, memory, ops, out-of-memory, errors and timeouts, the
+scripts write the one JSON format, and the README's tables are what the results give
+(`python -m benchmarks.report --check`). No time is asserted."""
 
-import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,13 +12,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _harness, naive, providers  # noqa: E402
+from benchmarks import _harness, efficient, naive, report  # noqa: E402
 from rcka_kernels import reference  # noqa: E402
 
 
-def _xy(n=40, p=7, q=5, seed=0):
-    cfg = dict(op="cka", n=n, p=p, q=q, kernel="linear", dtype="float64", seed=seed)
-    return providers.make_inputs(cfg, requires_grad=False)
+def _xy(n=40, p=7, q=5):
+    x, y = _harness.inputs((n, p), q, "cpu")
+    return x.detach().double(), y.double()
 
 
 def test_official_formula_matches_reference():
@@ -31,7 +30,7 @@ def test_official_formula_matches_reference():
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 def test_textbook_and_centred_cka_match_reference(kernel):
     x, y = _xy()
-    s2 = float(reference.bandwidth(x, 1.3)) if kernel == "rbf" else None
+    s2 = 1.3**2 if kernel == "rbf" else None
     sigma = 1.3 if kernel == "rbf" else None
     want = reference.cka(x, y, kernel, sigma)
     torch.testing.assert_close(naive.textbook_cka(x, y, kernel, s2), want, rtol=1e-10, atol=0)
@@ -46,173 +45,90 @@ def test_naive_mmd_matches_reference(unbiased):
     torch.testing.assert_close(naive.mmd2(x, y, 2.0**2, unbiased), reference.mmd(x, y, "rbf", 2.0, unbiased), rtol=1e-10, atol=1e-14)
 
 
-def _provider_value(name, cfg):
-    prov = providers.registry()[name]
-    assert prov.supports(cfg) is None, prov.supports(cfg)
-    x, y = providers.make_inputs(cfg, requires_grad=prov.grad)
-    out = prov.make(cfg, x, y)()
-    if prov.grad:
-        out.backward()
-        assert x.grad is not None and torch.isfinite(x.grad).all()
-    return providers.provider_value(prov, cfg, out)
+@pytest.mark.parametrize("n", [20, 21])  # the median of an even and of an odd number of distances
+def test_plain_rbf_formula_matches_reference(n):
+    x, y = _xy(n=n)
+    torch.testing.assert_close(efficient.rbf_cka(x, y), reference.cka(x, y, "rbf", "median"), rtol=1e-10, atol=0)
+    torch.testing.assert_close(efficient.rbf_cka(x, y, 1.7), reference.cka(x, y, "rbf", 1.7), rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize(
-    "name,cfg",
-    [
-        ("rcka[torch]", dict(op="cka", n=64, p=9, q=6, kernel="rbf", debiased=True)),
-        ("rcka-official[torch]", dict(op="cka", n=64, p=9, q=6, kernel="linear")),
-        ("official", dict(op="cka", n=64, p=9, q=6, kernel="linear")),
-        ("textbook", dict(op="cka", G=3, n=20, p=9, q=6, kernel="linear")),
-        ("naive-centred", dict(op="cka", n=64, p=9, q=6, kernel="rbf", sigma=3.0, debiased=True)),
-        ("rcka-mmd[torch]", dict(op="mmd", n=50, m=37, p=5, kernel="rbf", sigma=2.0, debiased=True)),
-        ("naive-mmd", dict(op="mmd", n=50, m=37, p=5, kernel="rbf", sigma=2.0)),
-        ("RCKALoss[torch]", dict(op="rcka", B=32, classes=10, n=32)),
-        ("RCKALoss-official[torch]", dict(op="rcka", B=32, classes=10, n=32)),
-        ("official-rcka", dict(op="rcka", B=32, classes=10, n=32)),
-        ("PCKALoss[torch]", dict(op="pcka", B=2, C=3, H=20, W=36, patch=8, n=15, inter=True)),
-        ("official-pcka", dict(op="pcka", B=2, C=3, H=20, W=36, patch=8, n=15)),
-        ("textbook-pcka", dict(op="pcka", B=2, C=3, H=20, W=36, patch=8, n=15, inter=True)),
-    ],
-)
-def test_providers_agree_with_oracle(name, cfg):
-    cfg = dict(cfg, dtype="float64", seed=1)
-    got = _provider_value(name, cfg)
-    want, kind = providers.oracle(providers.registry()[name].quantity, cfg, ref_max_n=4096)
-    assert kind == "reference-fp64"
-    assert abs(got - want) <= 1e-9 * max(1.0, abs(want)), (got, want)
+def test_interleaved_records_time_memory_ops_and_failures():
+    x = torch.randn(300, 200)
+
+    def boom(exc):
+        def call():
+            raise exc
+        return call
+
+    make = lambda: {"matmul": lambda: x @ x.T, "oom": boom(MemoryError()), "bad": boom(ValueError("no"))}  # noqa: E731
+    recs = {r["contender"]: r for r in _harness.interleaved([("case", make)], "cpu", budget_s=0.0, min_reps=3, ops=True)}
+    ok = recs["matmul"]
+    assert ok["status"] == "ok" and ok["reps"] == 3 and ok["time_s"] > 0 and ok["ops"] == 1
+    assert ok["value"] == pytest.approx(float((x @ x.T).double().sum()), rel=1e-5)
+    assert ok["peak_bytes"] >= 300 * 300 * 4  # the 300 x 300 float32 product shows
+    assert recs["oom"]["status"] == "oom" and recs["bad"]["status"] == "error" and "ValueError" in recs["bad"]["error"]
 
 
-@pytest.mark.parametrize(
-    "name,cfg",
-    [
-        ("torch-cka", dict(op="cka", n=48, p=9, q=6, kernel="linear", debiased=True, dtype="float32")),
-        ("ckatorch", dict(op="cka", n=48, p=9, q=6, kernel="linear", dtype="float64")),
-        ("ckatorch-fro", dict(op="cka", n=48, p=9, q=6, kernel="linear", debiased=True, dtype="float64")),
-        ("cka-pytorch", dict(op="cka", n=48, p=9, q=6, kernel="linear", debiased=True, dtype="float64")),
-    ],
-)
-def test_peer_adapters_compute_cka(name, cfg):
-    module = {"torch-cka": "torch_cka", "cka-pytorch": "cka_pytorch"}.get(name, "ckatorch")
-    if importlib.util.find_spec(module) is None:  # optional: pip install --no-deps torch-cka ckatorch cka-pytorch
-        pytest.skip(f"{name} is not installed")
-    got = _provider_value(name, cfg)
-    want, _ = providers.oracle("cka", cfg, ref_max_n=4096)
-    tol = 1e-5 if cfg["dtype"] == "float32" else 1e-9
-    assert abs(got - want) <= tol, (got, want)
+def test_isolated_records_result_out_of_memory_and_timeout():
+    target, kw = "benchmarks.bench_naive:contender", dict(name="official", family="linear CKA p=256")
+    r = _harness.isolated(target, dict(kw, n=256, device="cpu"), "cpu", budget_s=0.0, reps=1, timeout_s=120, mem_cap_gb=2.0)
+    assert r["status"] == "ok" and r["peak_bytes"] >= 256 * 256 * 4, r
+    from benchmarks.bench_naive import reference_value
 
-
-def test_geomloss_adapter_is_mmd():
-    if importlib.util.find_spec("geomloss") is None:
-        pytest.skip("geomloss is not installed")
-    cfg = dict(op="mmd", n=40, m=30, p=3, kernel="rbf", sigma=1.5, dtype="float64")
-    want, _ = providers.oracle("mmd", cfg, ref_max_n=4096)
-    assert abs(_provider_value("geomloss", cfg) - want) <= 1e-9
-
-
-def _args(**kw):
-    args = _harness.add_common_args(argparse.ArgumentParser()).parse_args([])
-    args.repeats, args.time_budget = 2, 5.0
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
-
-
-def test_worker_records_time_memory_value():
-    spec = {"provider": "official", "config": dict(op="cka", n=256, p=16, q=8, kernel="linear", dtype="float32"),
-            "warmup": 1, "repeats": 2, "mem_cap_gb": 8}
-    r = _harness.run_case(spec, timeout_s=120)
-    assert r["status"] == "ok", r
-    assert r["mode"] == "fwd+bwd" and len(r["times_ms"]) >= 1 and r["time_ms"] > 0
-    # the official formula holds several 256 x 256 float32 matrices: at least one of them shows
-    assert r["peak_mem_bytes"] >= 256 * 256 * 4
-    want, _ = providers.oracle("official", spec["config"], 4096)
-    assert abs(r["value"] - want) < 1e-5
-
-
-def test_out_of_memory_and_timeout_are_results():
-    big = {"provider": "official", "config": dict(op="cka", n=30000, p=4, q=4, kernel="linear", dtype="float32"),
-           "mem_cap_gb": 2.5}  # one 30000^2 float32 Gram is 3.4 GiB
-    r = _harness.run_case(big, timeout_s=120)
+    assert r["value"] == pytest.approx(reference_value("linear CKA p=256", "official", 256), abs=1e-5)
+    r = _harness.isolated(target, dict(kw, n=30000, device="cpu"), "cpu", timeout_s=120, mem_cap_gb=2.0)  # a 3.4 GiB Gram
     assert r["status"] == "oom", r
-    # the cap counts from what the worker had mapped (torch loaded), whatever the size of the
-    # torch build: below it, the same case runs
-    small = dict(big, config=dict(big["config"], n=256), warmup=0, repeats=1)
-    r = _harness.run_case(small, timeout_s=120)
-    assert r["status"] == "ok", r
-    slow = {"provider": "textbook", "config": dict(op="cka", n=3000, p=8, q=8, kernel="linear", dtype="float32")}
-    r = _harness.run_case(slow, timeout_s=0.5)
-    assert r["status"] == "timeout", r
+    assert _harness.isolated(target, dict(kw, n=256, device="cpu"), "cpu", timeout_s=0.5)["status"] == "timeout"
 
 
-def test_sweep_skips_after_failure_and_writes_tagged_results(tmp_path, monkeypatch):
-    """A provider that fails at some n is not run at larger n. The failure is injected
-    (official at n = 24000 reports an out-of-memory without running), so the test does
-    not depend on memory limits; test_out_of_memory_and_timeout_are_results covers those."""
-    run_case, ran = _harness.run_case, []
-
-    def failing_at_24000(spec, timeout_s, isolation="auto"):
-        key = (spec.get("provider"), spec["config"]["n"])
-        ran.append(key)
-        if key == ("official", 24000):
-            return {"status": "oom", "error": "MemoryError: injected by the test", "wall_s": 0.0}
-        return run_case(spec, timeout_s, isolation)
-
-    monkeypatch.setattr(_harness, "RESULTS", tmp_path)
-    monkeypatch.setattr(_harness, "run_case", failing_at_24000)
-    bench = _harness.Bench("unit", _args(timeout=60))
-    base = dict(op="cka", p=4, q=4, kernel="linear", debiased=False, dtype="float32")
-    bench.sweep(["rcka[torch]", "official"], base, [48000, 64, 24000], verbose=False)
-    status = {(r["provider"], r["config"]["n"]): r["status"] for r in bench.records}
-    assert status[("official", 64)] == "ok"
-    assert status[("official", 24000)] == "oom"
-    assert status[("official", 48000)] == "skipped" and ("official", 48000) not in ran
-    assert status[("rcka[torch]", 48000)] == "ok"
-    path = bench.write("t")
-    data = json.loads(path.read_text())
-    for key in ("device_name", "torch", "triton", "date", "git_commit"):
-        assert data["meta"][key] is not None
-    assert {r["config"]["n"] for r in data["records"]} == {64, 24000, 48000}
-    ok = [r for r in data["records"] if r["status"] == "ok"]
-    assert all(r["abs_err"] < 1e-4 for r in ok)
-    assert (tmp_path / "unit_t_cpu.md").read_text().count("\n| cka linear") == len(data["records"])
-    png = _harness.plot(data["records"], tmp_path / "unit.png", "unit")
-    assert png is not None and png.stat().st_size > 1000
-
-
-def test_efficient_benchmark_records_ratios_ops_and_memory(tmp_path):
-    """bench_efficient measures each case against the plain-PyTorch formula with the same
-    values, and records ratio, op counts and memory with the environment (no time asserted)."""
+def test_efficient_benchmark_writes_the_one_format(tmp_path):
     from benchmarks import bench_efficient
 
-    names = ["cka 64x100", "debiased cka 64x100", "RCKALoss official 64x100"]
-    bench_efficient.main(["--only", ",".join(names), "--time-budget", "0", "--min-reps", "2", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "efficient_cpu.json").read_text())
-    assert {"torch", "date", "git_commit", "device_name", "loadavg_start", "loadavg_end", "OMP_WAIT_POLICY"} <= set(data["meta"])
-    assert [r["case"] for r in data["records"]] == names
-    for r in data["records"]:
-        assert r["value_rel_diff"] < 1e-4, r
-        assert r["reps"] >= 2 and r["ratio"] > 0
-        assert r["ops"]["ours"] > 0 and r["ops"]["baseline"] > 0
-        assert set(r["peak_extra_bytes"]) == {"ours", "baseline"}
-    assert (tmp_path / "efficient_cpu.md").read_text().count("| cka 64x100 |") == 1
+    names = ["cka 64x100", "RBF cka 64x100 median"]
+    bench_efficient.main(["--quick", "--only", ",".join(names), "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "efficient_cpu_quick.json").read_text())
+    assert doc["benchmark"] == "efficient" and doc["config"]["quick"]
+    assert {"device_name", "torch", "git_commit", "date", "loadavg_before", "loadavg_after", "OMP_WAIT_POLICY"} <= set(doc["meta"])
+    assert [(r["case"], r["contender"]) for r in doc["results"]] == [(c, k) for c in names for k in ("rcka", "plain")]
+    for case in names:
+        ours, plain = (r for r in doc["results"] if r["case"] == case)
+        assert ours["status"] == plain["status"] == "ok" and ours["ops"] > 0 and plain["peak_bytes"] >= 0
+        assert ours["value"] == pytest.approx(plain["value"], rel=1e-4)
 
 
-def test_compare_benchmark_records_time_memory_and_values(tmp_path):
-    """bench_compare on a small case, rcka only: the default call's estimator, time, both memory
-    figures, values against the oracle, the batch-size sweep and the memory case (no time asserted)."""
+def test_compare_benchmark_cases():
+    """The ResNet case is two ResNet-18s' 8 BasicBlocks (4096 to 512 features on 32x32 inputs);
+    the MLP case runs end to end with values against the float64 definitions."""
     from benchmarks import bench_compare
 
-    bench_compare.main(["--n", "300", "--memory-n", "2000", "--rounds", "1", "--only", "rcka default,rcka minibatch",
-                        "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "compare_cpu.json").read_text())
-    recs = {r["provider"]: r for r in data["records"]}
-    assert set(recs) == {"rcka default", "rcka minibatch"}
-    # 12 x 256 and 10 x 192 features on batches of 256: exact would cost 6.8 M multiply-adds per sample, minibatch 1.3 M
-    assert recs["rcka default"]["estimator"] == "minibatch"
-    for r in recs.values():
-        assert r["status"] == "ok" and r["time_s"] > 0 and r["max_abs_vs_nguyen"] < 1e-5
-        assert r["peak_mem_bytes"] > 0 and r["first_call_mem_bytes"] > 0
-    assert {(r["provider"], r["bs"]) for r in data["batch_size_sweep"]} == {("rcka minibatch", 64), ("rcka minibatch", 1024)}
-    assert data["memory_case"]["status"] == "ok"
-    assert data["meta"]["OMP_WAIT_POLICY"] and "| rcka default | ok (minibatch) |" in (tmp_path / "compare_cpu.md").read_text()
+    s = bench_compare.setup("resnet", 8, "cpu")
+    assert bench_compare.widths(s, s["la"], s["lb"])[0] == [4096, 4096, 2048, 2048, 1024, 1024, 512, 512]
+    recs = {r["contender"]: r for r in bench_compare.run_case("mlp", 100, "cpu", reps=1)}
+    for name in ("rcka minibatch", "rcka exact"):
+        assert recs[name]["status"] == "ok" and recs[name]["max_abs_vs_definition"] < 1e-5, recs[name]
+    assert recs["rcka exact"]["floor_madds"] > 0 and recs["float32 GEMM (b, P_A)^T (b, P_B)"]["madds"] > 0
+
+
+def test_report_regenerates_and_checks(tmp_path):
+    """Blocks between markers are rewritten from the results; --check fails when they differ."""
+    res = tmp_path / "results"
+    res.mkdir()
+    meta = dict(_harness.env_info("cpu"), loadavg_after=[1.0, 1.0, 1.0])
+    recs = [{"case": "cka 64x100", "contender": k, "status": "ok", "time_s": t, "ops": 3, "peak_bytes": 1024, "value": 0.5}
+            for k, t in (("rcka", 1e-4), ("plain", 2e-4))]
+    (res / "efficient_cpu.json").write_text(json.dumps({"benchmark": "efficient", "meta": meta, "config": {}, "results": recs}))
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- report:efficient-cpu -->\nold\n<!-- /report:efficient-cpu -->\nb\n"
+                      "<!-- report:naive-cpu -->\n<!-- /report:naive-cpu -->\n")
+    args = ["--readme", str(readme), "--results", str(res)]
+    assert report.main(args + ["--check"]) == 1
+    assert report.main(args) == 0
+    assert report.main(args + ["--check"]) == 0
+    text = readme.read_text()
+    assert "| cka 64x100 | 0.1 ms | 0.2 ms | **0.50** | 3 vs 3 |" in text and "Not measured yet" in text
+    readme.write_text(text.replace("**0.50**", "**0.40**"))
+    assert report.main(args + ["--check"]) == 1
+
+
+def test_readme_tables_match_the_committed_results():
+    assert report.main(["--check"]) == 0
