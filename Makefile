@@ -7,17 +7,17 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test bench bench-quick gpu-check clean
 
-# pip builds the optional CUDA library (csrc/) when nvcc is found; a change there rebuilds it.
-# The native op (rcka_kernels/csrc/) compiles against the torch installed here, so the package
-# is built without isolation (an isolated build environment has no torch); here a failed
-# native build is an error (a user's pip install only warns and keeps the Python path).
-$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*) $(wildcard rcka_kernels/csrc/*)
+# The package is installed the way a user installs it (a plain pip install); pip builds the optional
+# CUDA library (csrc/) when nvcc is found, and a change there rebuilds it. The native op
+# (rcka_kernels/csrc/) is compiled against the torch installed here at its first use, and again
+# whenever its source changes (rcka_kernels/_native.py); CI's RCKA_REQUIRE_NATIVE=1 makes the
+# tests fail where it cannot be built.
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q triton || echo "triton could not be installed: the triton backend will be unavailable"
-	$(PY) -m pip install -q setuptools wheel "pybind11>=2.10"
-	RCKA_FORCE_NATIVE=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,distill,bench]"
+	$(PY) -m pip install -q -e ".[test,distill,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)

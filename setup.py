@@ -3,12 +3,14 @@ compiled parts are built when their tools are there:
 - the CUDA library in csrc/ (rcka_kernels._rcka_cuda), by CMake when nvcc is
   found (see CMakeLists.txt);
 - the native linear op in rcka_kernels/csrc/ (rcka_kernels._rcka_native, C++ on ATen, any
-  device), with PyTorch's extension flags when torch is importable while building:
-  install with ``pip install --no-build-isolation`` (an isolated build has no torch).
+  device), prebuilt with PyTorch's extension flags when torch is importable while building
+  (``pip install --no-build-isolation``). A plain ``pip install`` builds in isolation, without
+  torch: the package then compiles the same source (shipped inside it) against the installed
+  torch on first use (rcka_kernels/_native.py).
 
 Environment switches:
-  RCKA_SKIP_NATIVE=1   do not build the native op
-  RCKA_FORCE_NATIVE=1  a failed native build is an error (default: a warning)
+  RCKA_SKIP_NATIVE=1   do not prebuild the native op (it is built on first use instead)
+  RCKA_FORCE_NATIVE=1  a failed native prebuild is an error (default: a warning)
   RCKA_SKIP_CUDA=1     do not build the CUDA library
   RCKA_FORCE_CUDA=1    a failed CUDA build is an error (default: a warning, and
                        the package installs without the cuda backend)
@@ -43,7 +45,7 @@ def _torch_extension():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as e:  # noqa: BLE001 - an isolated build env has no torch
-        return None, f"PyTorch is not importable in the build environment ({type(e).__name__}); use pip install --no-build-isolation"
+        return None, f"PyTorch is not importable in the build environment ({type(e).__name__}); pip install --no-build-isolation prebuilds"
     ext = CppExtension(
         "rcka_kernels._rcka_native",
         ["rcka_kernels/csrc/linear_alignment.cpp"],
@@ -55,7 +57,7 @@ def _torch_extension():
 
 NATIVE, NATIVE_BUILD = _torch_extension()
 if NATIVE is None:
-    print(f"rcka-kernels: not building the native op ({NATIVE_BUILD}); the Python path will run instead", file=sys.stderr)
+    print(f"rcka-kernels: not prebuilding the native op ({NATIVE_BUILD}); it will be built on first use", file=sys.stderr)
     NATIVE_BUILD = build_ext
 
 
