@@ -148,7 +148,9 @@ class _GlobalLinear(torch.autograd.Function):
         dd, t = (rest[0], rest[1].view(1, 2, 1)) if debiased else (None, None)
         sq = torch.stack([torch.linalg.vector_norm(m) for m in (a, cx, cy)]).square_()
         s = torch_backend.gram_of_grams(sq[:1], sq[1:2], sq[2:])
-        kk, ll, r, v = linear.value(s, dd, t, scale.view(2, 1, 1), statistic, n)
+        if debiased:
+            s = linear.debias(s, dd, t, n)
+        kk, ll, r, v = linear.value(s, scale.view(2, 1, 1), statistic, n, debiased)
         r = r.masked_fill(const, 0.0)  # a degenerate global batch: 0, with zero gradient
         v = v.masked_fill(const, 0.0)
         ctx.statistic, ctx.group, ctx.n, ctx.dtype = statistic, group, n, x.dtype

@@ -13,9 +13,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
@@ -60,9 +62,13 @@ Scaled scale(Tensor z, bool centered, bool owned, bool shifted = false) {
   } else if (!owned) {
     z = z.clone();
   }
-  Tensor s = z.numel() < kSmall ? z.abs().amax({1, 2}, true)
-                                : at::maximum(z.amax({1, 2}, true), z.amin({1, 2}, true).neg_());
-  Tensor inv = safe_reciprocal(s);
+  Tensor s, inv;
+  {
+    at::NoGradGuard constants;  // s, inv: constants to autograd, as in Python
+    s = z.numel() < kSmall ? z.abs().amax({1, 2}, true)
+                           : at::maximum(z.amax({1, 2}, true), z.amin({1, 2}, true).neg_());
+    inv = safe_reciprocal(s);
+  }
   return {z.mul_(inv), s, inv};
 }
 
@@ -107,8 +113,10 @@ void prepare_cpu_loop(const T* src, T* dst, T* s_out, T* inv_out, int64_t n, int
   *inv_out = inv;
 }
 
+// Not while autograd records (a recomputation for second derivatives): the loop is not differentiable.
 bool use_cpu_loop(const Tensor& x) {
-  return cpu_loops && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+  return cpu_loops && !at::GradMode::is_enabled() && x.device().is_cpu() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
 // Matrices srcs[k] (each ``groups`` contiguous (n, p) blocks) into z (groups * K, n, p)
@@ -142,7 +150,8 @@ Prepared prepare(const Tensor& x, const Tensor& y, bool centered) {
   const int64_t n = x.size(-2);
   if (x.sizes() == y.sizes() && 2 * x.numel() < kSmall && use_cpu_loop(x)) return prepare_cpu(x, y, centered);
   if (x.sizes() == y.sizes() && 2 * x.numel() < kSmall) {
-    const bool shift = centered && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+    const bool shift = centered && !at::GradMode::is_enabled() &&  // sub_out is not differentiable
+                       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
     Tensor z;
     if (shift) {  // stack and subtract the first rows in two ops
       auto shape = x.sizes().vec();
@@ -168,7 +177,7 @@ std::array<Tensor, 2> halves(const Prepared& p) {
 }
 
 Tensor sq_norm(const Tensor& m) {  // (G,) squared Frobenius norms of (G, a, b)
-  return at::linalg_vector_norm(m, 2, at::IntArrayRef({-2, -1})).square_();
+  return at::linalg_vector_norm(m, 2, at::IntArrayRef({-2, -1})).square();
 }
 
 Tensor gram_of_grams(const Tensor& kl, const Tensor& kk, const Tensor& ll) {
@@ -176,11 +185,11 @@ Tensor gram_of_grams(const Tensor& kl, const Tensor& kk, const Tensor& ll) {
 }
 
 // S (G, 2, 2) = [[<K,K>, <K,L>], [<L,K>, <L,L>]] and what the backward reuses:
-// (K, L) in sample space, (X^T Y, X^T X, Y^T Y) in feature space.
-std::pair<Tensor, std::vector<Tensor>> products(const Prepared& p) {
+// (K, L) in sample space, (X^T Y, X^T X, Y^T Y) in feature space (torch_backend.linear_stats_saving).
+std::pair<Tensor, std::vector<Tensor>> plain_products(const Prepared& p, bool feature) {
   if (!p.w.defined()) {
-    const int64_t g2 = p.u.size(0), n = p.u.size(1), f = p.u.size(2);
-    if (2 * f <= n) {
+    const int64_t g2 = p.u.size(0), n = p.u.size(1);
+    if (feature) {
       Tensor c = at::bmm(mT(p.u), p.u);
       Tensor a = at::bmm(mT(even(p.u)), odd(p.u));
       Tensor kkll = sq_norm(c).view({-1, 2});
@@ -191,7 +200,7 @@ std::pair<Tensor, std::vector<Tensor>> products(const Prepared& p) {
     return {at::bmm(fl, mT(fl)), {even(kl), odd(kl)}};
   }
   const Tensor &x = p.u, &y = p.w;
-  if (x.size(2) + y.size(2) <= x.size(1)) {
+  if (feature) {
     Tensor a = at::bmm(mT(x), y), cx = at::bmm(mT(x), x), cy = at::bmm(mT(y), y);
     return {gram_of_grams(sq_norm(a), sq_norm(cx), sq_norm(cy)), {a, cx, cy}};
   }
@@ -199,8 +208,80 @@ std::pair<Tensor, std::vector<Tensor>> products(const Prepared& p) {
   return {gram_of_grams(at::linalg_vecdot(k.flatten(1), l.flatten(1)), sq_norm(k), sq_norm(l)), {k, l}};
 }
 
+constexpr int64_t kGramBlock = 512;  // torch_backend.GRAM_BLOCK
+
+// torch_backend.gram64: u u^T (B, n, n) in float64, float32 products over blocks of max(kGramBlock, n)
+// columns added in float64.
+Tensor gram64(const Tensor& u) {
+  const int64_t b = u.size(0), n = u.size(1), p = u.size(2), w = std::max(kGramBlock, n);
+  if (u.scalar_type() == at::kDouble || p <= w) return at::bmm(u, mT(u)).to(at::kDouble);
+  const int64_t full = p - p % w;
+  std::vector<Tensor> out;
+  for (int64_t g = 0; g < b; ++g) {
+    Tensor blocks = u.select(0, g).narrow(1, 0, full).unfold(-1, w, w).transpose(0, 1);  // (p / w, n, w), a view
+    Tensor k = at::bmm(blocks, mT(blocks)).to(at::kDouble).sum(0);
+    if (full < p) {
+      Tensor rest = u.select(0, g).narrow(1, full, p - full);
+      k = k + at::mm(rest, mT(rest)).to(at::kDouble);
+    }
+    out.push_back(k);
+  }
+  return at::stack(out);
+}
+
+// torch_backend.centre_nxn(g, debiased=True): the U-centred matrices (zero diagonal, zero row sums).
+Tensor u_centre(const Tensor& k) {
+  const int64_t n = k.size(-1);
+  Tensor eye = at::eye(n, k.options().dtype(at::kBool));
+  Tensor g = k.masked_fill(eye, 0.0);
+  Tensor u = g - g.sum(-1, true) / double(n - 2) - g.sum(-2, true) / double(n - 2) +
+             g.sum(at::IntArrayRef({-2, -1}), true) / (double(n - 1) * double(n - 2));
+  return u.masked_fill(eye, 0.0);
+}
+
+// torch_backend.debiased_products: S of the U-centred Grams (n (n-3) times the unbiased HSIC terms),
+// which the backward uses in place of K, L.
+std::pair<Tensor, std::vector<Tensor>> debiased_products(const Prepared& p) {
+  const auto cd = p.u.scalar_type();
+  if (!p.w.defined()) {
+    Tensor ku = u_centre(gram64(p.u));
+    Tensor f = ku.view({-1, 2, ku.size(-1) * ku.size(-1)});
+    ku = ku.to(cd);
+    return {at::bmm(f, mT(f)).to(cd), {even(ku), odd(ku)}};
+  }
+  Tensor ku = u_centre(gram64(p.u)), lu = u_centre(gram64(p.w));
+  Tensor s = gram_of_grams(at::linalg_vecdot(ku.flatten(1), lu.flatten(1)), sq_norm(ku), sq_norm(lu)).to(cd);
+  return {s, {ku.to(cd), lu.to(cd)}};
+}
+
 std::pair<double, double> debias_terms(int64_t n) {
   return {double(n) / double(n - 2), 1.0 / (double(n - 1) * double(n - 2))};
+}
+
+struct Products {
+  Tensor s;
+  std::vector<Tensor> saved;
+  Tensor d, t;  // debiased in feature space: the diagonals (G, 2, n) and their sums (G, 2, 1)
+};
+
+// linear._products on the torch backend; debiased: n (n-3) times the unbiased HSIC terms
+// (sample space: the U-centred Grams; feature space: linear.debias by the diagonals).
+Products products(const Prepared& p, bool debiased) {
+  const int64_t n = p.u.size(1);
+  const bool feature = p.w.defined() ? p.u.size(2) + p.w.size(2) <= n : 2 * p.u.size(2) <= n;
+  if (debiased && !feature) {
+    auto pr = debiased_products(p);
+    return {pr.first, pr.second, Tensor(), Tensor()};
+  }
+  auto pr = plain_products(p, feature);
+  if (!debiased) return {pr.first, pr.second, Tensor(), Tensor()};
+  Tensor d = p.w.defined() ? at::stack({at::linalg_vector_norm(p.u, 2, -1).square(),
+                                        at::linalg_vector_norm(p.w, 2, -1).square()}, 1)
+                           : at::linalg_vector_norm(p.u, 2, -1).square().view({-1, 2, n});
+  Tensor t = d.sum(-1, true);
+  auto c = debias_terms(n);
+  Tensor s = at::add(pr.first, at::add(at::matmul(t, mT(t)), at::matmul(d, mT(d)), -c.first / c.second), c.second);
+  return {s, pr.second, d, t};
 }
 
 double tiny(const Tensor& t) {
@@ -211,26 +292,49 @@ struct Value {
   Tensor kk, ll, r, v;
 };
 
-// v comes back in ``shape`` (the batch dims; a fresh tensor, not a view, so autograd
-// wraps a plain output); kk, ll, r are (G, 1, 1).
-Value value(Tensor s, const Tensor& dd, const Tensor& t, const Tensor& scale_, int64_t statistic, int64_t n,
+// linear.value. v comes back in ``shape`` (the batch dims; a fresh tensor, not a view, so
+// autograd wraps a plain output); kk, ll, r are (G, 1, 1). Out of place: autograd can record it.
+Value value(const Tensor& s, const Tensor& scale_, int64_t statistic, int64_t n, bool debiased,
             at::IntArrayRef shape) {
-  if (dd.defined()) {
-    auto c = debias_terms(n);
-    s = at::add(s, at::add(at::matmul(t, mT(t)), dd, -c.first / c.second), c.second);
-  }
   Tensor kk = s.narrow(1, 0, 1).narrow(2, 0, 1), kl = s.narrow(1, 0, 1).narrow(2, 1, 1),
          ll = s.narrow(1, 1, 1).narrow(2, 1, 1);
   Tensor r;
   if (statistic == kHsic) {
-    const double norm = dd.defined() ? double(n) * double(n - 3) : double(n - 1) * double(n - 1);
-    r = scale_.view({-1, 2}).prod(1).square_().div_(norm).view({-1, 1, 1});
-  } else if (dd.defined()) {
-    r = at::rsqrt(kk * ll).masked_fill_(at::minimum(kk, ll) <= tiny(s), 0.0);
+    const double norm = debiased ? double(n) * double(n - 3) : double(n - 1) * double(n - 1);
+    r = scale_.view({-1, 2}).prod(1).square().div(norm).view({-1, 1, 1});
+  } else if (debiased) {  // 0 where a self-term is not positive
+    r = at::where(at::minimum(kk, ll) > tiny(s), (kk * ll).clamp_min(tiny(s)).rsqrt(), 0.0);
   } else {
-    r = (kk * ll).clamp_min_(tiny(s)).rsqrt_();
+    r = (kk * ll).clamp_min(tiny(s)).rsqrt();
   }
   return {kk, ll, r, at::mul(kl.view(shape), r.view(shape))};
+}
+
+// The forward's value alone (linear._forward): what a backward differentiates, with autograd
+// recording, when it runs with grad mode on (create_graph=True).
+Tensor forward_value(const Tensor& x, const Tensor& y, int64_t statistic, bool centered, bool debiased) {
+  Prepared p = prepare(x, y, centered);
+  Products pr = products(p, debiased);
+  return value(pr.s, p.s, statistic, x.size(-2), debiased, x.sizes().slice(0, x.dim() - 2)).v;
+}
+
+// linear.recomputed_grads: the gradient of fn(inputs) for upstream gv, by autograd on a recomputation
+// with a graph, so that it can be differentiated again; undefined where not needed.
+template <typename Fn>
+variable_list recomputed_grads(const variable_list& inputs, const Tensor& gv, const std::vector<bool>& need, Fn fn) {
+  Tensor v;
+  {
+    at::AutoGradMode on(true);
+    v = fn();
+  }
+  variable_list wanted;
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (need[i]) wanted.push_back(inputs[i]);
+  auto grads = torch::autograd::grad({v}, wanted, {gv}, std::nullopt, /*create_graph=*/true);
+  variable_list out(inputs.size());
+  for (size_t i = 0, k = 0; i < inputs.size(); ++i)
+    if (need[i]) out[i] = grads[k++];
+  return out;
 }
 
 // The backend products' vector-Jacobian product over gkl = dv/d<K,L>: with the ratio
@@ -258,32 +362,19 @@ std::array<Tensor, 2> products_backward(const std::array<Tensor, 2>& h, const st
 struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, int64_t statistic, bool centered,
                         bool debiased, bool need_x, bool need_y) {
-    const int64_t n = x.size(-2);
     Prepared p = prepare(x, y, centered);
-    auto prod = products(p);
-    Tensor d, t, dd;
-    if (debiased) {
-      d = p.w.defined() ? at::stack({at::linalg_vector_norm(p.u, 2, -1).square_(),
-                                     at::linalg_vector_norm(p.w, 2, -1).square_()}, 1)
-                        : at::linalg_vector_norm(p.u, 2, -1).square_().view({-1, 2, n});
-      t = d.sum(-1, true);
-      dd = at::matmul(d, mT(d));
-    }
-    const auto batch = x.sizes().slice(0, x.dim() - 2);
-    Value val = value(prod.first, dd, t, p.s, statistic, n, batch);
+    Products prod = products(p, debiased);
+    Value val = value(prod.s, p.s, statistic, x.size(-2), debiased, x.sizes().slice(0, x.dim() - 2));
     auto h = halves(p);
-    if (prod.second.size() == 2 && !debiased) {  // sample space: an input is used only for its own gradient
+    if (prod.saved.size() == 2 && !prod.d.defined()) {  // sample space: an input is used only for its own gradient
       if (!need_x) h[0] = Tensor();
       if (!need_y) h[1] = Tensor();
     }
-    variable_list keep = {h[0], h[1], p.inv, val.kk, val.ll, val.r, val.v, d, t};
-    keep.insert(keep.end(), prod.second.begin(), prod.second.end());
+    variable_list keep = {x, y, h[0], h[1], p.inv, val.kk, val.ll, val.r, val.v, prod.d, prod.t};
+    keep.insert(keep.end(), prod.saved.begin(), prod.saved.end());
     ctx->save_for_backward(keep);
-    // one entry (each costs a hash-map insert): statistic, centered, dtype, then the shapes of x and y
-    std::vector<int64_t> meta = {statistic, centered, static_cast<int64_t>(x.scalar_type())};
-    meta.insert(meta.end(), x.sizes().begin(), x.sizes().end());
-    meta.insert(meta.end(), y.sizes().begin(), y.sizes().end());
-    ctx->saved_data["meta"] = std::move(meta);
+    // one entry (each costs a hash-map insert): statistic, centered, debiased, dtype
+    ctx->saved_data["meta"] = std::vector<int64_t>{statistic, centered, debiased, static_cast<int64_t>(x.scalar_type())};
     return val.v;
   }
 
@@ -292,14 +383,22 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
     const std::array<bool, 2> need = {ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
     if (!need[0] && !need[1]) return out;
     auto sv = ctx->get_saved_variables();
-    const std::array<Tensor, 2> h = {sv[0], sv[1]};
-    const Tensor &inv = sv[2], &kk = sv[3], &ll = sv[4], &r = sv[5], &d = sv[7], &t = sv[8];
-    const Tensor v = sv[6].view({-1, 1, 1});
-    const std::vector<Tensor> saved(sv.begin() + 9, sv.end());
     const auto meta = ctx->saved_data["meta"].toIntVector();
-    const int64_t statistic = meta[0], dims = (static_cast<int64_t>(meta.size()) - 3) / 2;
-    const bool centered = meta[1] != 0;
-    const auto dtype = static_cast<at::ScalarType>(meta[2]);
+    const int64_t statistic = meta[0];
+    const bool centered = meta[1] != 0, debiased = meta[2] != 0;
+    const auto dtype = static_cast<at::ScalarType>(meta[3]);
+    const Tensor &x = sv[0], &y = sv[1];
+    if (at::GradMode::is_enabled()) {  // create_graph=True: a gradient autograd can differentiate again
+      auto g = recomputed_grads({x, y}, grad_out[0], {need[0], need[1]},
+                                [&] { return forward_value(x, y, statistic, centered, debiased); });
+      out[0] = g[0];
+      out[1] = g[1];
+      return out;
+    }
+    const std::array<Tensor, 2> h = {sv[2], sv[3]};
+    const Tensor &inv = sv[4], &kk = sv[5], &ll = sv[6], &r = sv[7], &d = sv[9], &t = sv[10];
+    const Tensor v = sv[8].view({-1, 1, 1});
+    const std::vector<Tensor> saved(sv.begin() + 11, sv.end());
     const bool one = need[0] != need[1];
     Tensor gv = grad_out[0].reshape({-1, 1, 1});
     if (one) gv = gv * inv.slice(0, need[0] ? 0 : 1, c10::nullopt, 2);  // the one input's 1/s, folded in
@@ -336,7 +435,7 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
     for (int i = 0; i < 2; ++i) {
       if (!grads[i].defined()) continue;
       Tensor gi = grads[i].scalar_type() == dtype ? grads[i] : grads[i].to(dtype);
-      out[i] = gi.view(at::IntArrayRef(meta.data() + 3 + i * dims, dims));
+      out[i] = gi.view((i == 0 ? x : y).sizes());
     }
     return out;
   }
@@ -436,8 +535,9 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
     Tensor r = kkll.prod(1).clamp_min_(tiny(z)).rsqrt_();
     Tensor v = kl * r;
     Tensor loss = at::add(v.select(0, 0) * ws, v.select(0, 1), wc).add_(offset);
-    ctx->save_for_backward({q, gram, cross, kkll, r, v, inv});
-    ctx->saved_data["w"] = std::vector<double>{ws, wc};
+    ctx->save_for_backward({q, gram, cross, kkll, r, v, inv, xs, ys, xc, yc});
+    ctx->saved_data["w"] = std::vector<double>{ws, wc, offset};
+    ctx->saved_data["centered"] = centered;
     ctx->saved_data["g"] = g;
     ctx->saved_data["transposed"] = t;
     ctx->saved_data["dtype"] = static_cast<int64_t>(xs.scalar_type());
@@ -451,6 +551,19 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
     auto sv = ctx->get_saved_variables();
     const Tensor &q = sv[0], &gram = sv[1], &cross = sv[2], &kkll = sv[3], &r = sv[4], &v = sv[5], &inv = sv[6];
     const auto w = ctx->saved_data["w"].toDoubleVector();
+    variable_list out(8);
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the two axes' values, recomputed with autograd recording
+      const variable_list in(sv.begin() + 7, sv.end());
+      const bool centered = ctx->saved_data["centered"].toBool();
+      std::vector<bool> need;
+      for (int i = 0; i < 4; ++i) need.push_back(ctx->needs_input_grad(i));
+      auto g = recomputed_grads(in, grad_out[0], need, [&] {
+        return forward_value(in[0], in[1], kCka, centered, false) * w[0] +
+               forward_value(mT(in[2]), mT(in[3]), kCka, centered, false) * w[1] + w[2];
+      });
+      std::copy(g.begin(), g.end(), out.begin());
+      return out;
+    }
     const int64_t g = ctx->saved_data["g"].toInt(), c = 1 - g;
     const bool transposed = ctx->saved_data["transposed"].toBool();
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
@@ -464,7 +577,6 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
     }
     Tensor gkl = wr * grad_out[0];
     Tensor svr = (v * r).mul_(gkl);  // gkl_j v_j r_j
-    variable_list out(8);
     for (int64_t p = 0; p < 2; ++p) {
       if (!ctx->needs_input_grad(p) && !ctx->needs_input_grad(2 + p)) continue;
       const Tensor gp = gram.slice(0, p, c10::nullopt, 2), gq = gram.slice(0, 1 - p, c10::nullopt, 2);

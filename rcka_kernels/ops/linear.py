@@ -44,7 +44,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _native
+from .. import _native, estimators
 from .._validate import _is_compiling, non_finite_error
 from . import stats as _stats
 from . import torch_backend
@@ -63,7 +63,9 @@ def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tens
     first row is subtracted before the mean, so a column whose rows are all equal
     becomes exactly 0 (a mean alone would leave its rounding error). ``owned``: z
     is a buffer of ours, worked on in place (a fresh n x p buffer costs memory, and
-    at large n more time than the arithmetic on it)."""
+    at large n more time than the arithmetic on it). s and inv are constants to
+    autograd (a recomputation under autograd differentiates through u only, which is
+    exact: the value is homogeneous in each input's scale)."""
     if z.dtype not in (torch.float32, torch.float64):  # half inputs: everything in float32
         z, owned = z.float(), True
     if centered:
@@ -71,11 +73,12 @@ def _scale(z: Tensor, centered: bool, owned: bool) -> Tuple[Tensor, Tensor, Tens
         z.sub_(z.mean(1, keepdim=True))
     elif not owned:
         z = z.clone()
-    if z.shape[0] * z.shape[1] * z.shape[2] < _SMALL:
-        s = z.abs().amax((1, 2), keepdim=True)
-    else:  # no n x p temporary
-        s = torch.maximum(z.amax((1, 2), keepdim=True), z.amin((1, 2), keepdim=True).neg_())
-    inv = safe_reciprocal(s)
+    with torch.no_grad():
+        if z.shape[0] * z.shape[1] * z.shape[2] < _SMALL:
+            s = z.abs().amax((1, 2), keepdim=True)
+        else:  # no n x p temporary
+            s = torch.maximum(z.amax((1, 2), keepdim=True), z.amin((1, 2), keepdim=True).neg_())
+        inv = safe_reciprocal(s)
     return z.mul_(inv), s, inv
 
 
@@ -98,18 +101,50 @@ def _halves(u: Tensor, w: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     return (u[0::2], u[1::2]) if w is None else (u, w)
 
 
-# ----------------------------------------------------------------------------- backend products
+# ----------------------------------------------------------------------------- products
 
 
-def _products(u, w, backend: str, dtype: torch.dtype):
-    """(S (G, 2, 2) in the compute dtype, saved) from the backend. The torch backend
-    is called directly (it takes the stacked pair); compiled backends through their
-    custom op, in the input dtype (the prepared entries lie in [-1, 1])."""
+def _debias_terms(n: int):
+    return n / (n - 2), 1.0 / ((n - 1) * (n - 2))
+
+
+def debias(s: Tensor, dd: Tensor, t: Tensor, n: int) -> Tensor:
+    """n (n-3) HSIC_u for each pair of K, L from S (G, 2, 2) of centred inputs, the
+    diagonals' Gram dd = d d^T (G, 2, 2) of d = (diag K, diag L) and their sums t (G, 2, 1):
+    K 1 = 0, so the zero-diagonal sums of ``estimators`` are <K,L> - d.e, -t_k, -d and
+        n (n-3) HSIC_u(K, L) = <K,L> - c1 d.e + c2 t_k t_l,  c1 = n / (n-2), c2 = 1 / ((n-1)(n-2))."""
+    c1, c2 = _debias_terms(n)
+    return torch.add(s, torch.add(t * t.mT, dd, alpha=-c1 / c2), alpha=c2)
+
+
+def _feature_space(u: Tensor, w: Optional[Tensor]) -> bool:
+    return torch_backend.use_feature_space(u.shape[1], u.shape[2], u.shape[2] if w is None else w.shape[2])
+
+
+def _products(u, w, backend: str, dtype: torch.dtype, debiased: bool):
+    """(S (G, 2, 2) in the compute dtype, saved, d, t): S of the prepared inputs from
+    the backend, for the debiased estimator n (n-3) times the unbiased HSIC terms. In
+    sample space (torch backend) those come from the U-centred Grams
+    (``torch_backend.debiased_products``); otherwise S is corrected by the diagonals
+    d (G, 2, n) with sums t (``debias``), which the backward then needs (else None).
+    The torch backend is called directly (it takes the stacked pair); compiled
+    backends through their custom op, in the input dtype (the prepared entries lie in
+    [-1, 1])."""
     if backend == "torch":
-        return torch_backend.linear_stats_saving(u, w)
-    a, b = (t.to(dtype).contiguous() for t in _halves(u, w))
-    kl, kk, ll = _stats.linear_stats(a, b, backend).to(u.dtype).unbind(1)
-    return torch_backend.gram_of_grams(kl, kk, ll), ()
+        if debiased and not _feature_space(u, w):
+            return (*torch_backend.debiased_products(u, w), None, None)
+        s, saved = torch_backend.linear_stats_saving(u, w)
+    else:
+        a, b = (t.to(dtype).contiguous() for t in _halves(u, w))
+        kl, kk, ll = _stats.linear_stats(a, b, backend).to(u.dtype).unbind(1)
+        s, saved = torch_backend.gram_of_grams(kl, kk, ll), ()
+    if not debiased:
+        return s, saved, None, None
+    n = u.shape[1]
+    sq = [torch.linalg.vector_norm(h, dim=-1).square() for h in ((u,) if w is None else (u, w))]
+    d = sq[0].view(-1, 2, n) if w is None else torch.stack(sq, 1)  # (G, 2, n): diag K, diag L
+    t = d.sum(-1, keepdim=True)
+    return debias(s, d @ d.mT, t, n), saved, d, t
 
 
 def _products_backward(a, b, g, saved, backend: str, need, dtype: torch.dtype):
@@ -124,30 +159,24 @@ def _products_backward(a, b, g, saved, backend: str, need, dtype: torch.dtype):
     return tuple(d.to(cd) if want else None for d, want in zip((da, db), need))
 
 
-# ----------------------------------------------------------------------------- the op
+# ----------------------------------------------------------------------------- value and its derivative
 
 
 _TINY = {dt: torch.finfo(dt).tiny for dt in (torch.float32, torch.float64)}
 
 
-def _debias_terms(n: int):
-    return n / (n - 2), 1.0 / ((n - 1) * (n - 2))
-
-
-def value(s: Tensor, dd: Optional[Tensor], t: Optional[Tensor], scale: Tensor, statistic: str, n: int):
+def value(s: Tensor, scale: Tensor, statistic: str, n: int, debiased: bool):
     """(kk, ll, r, v), each (G, 1, 1): the statistic v = kl r from S (G, 2, 2) of the
-    prepared inputs. Debiased when the diagonals' Gram dd = d d^T (G, 2, 2) and
-    sums t (G, 2, 1) are given. scale (2G, 1, 1): each group's s_x, s_y (hsic)."""
-    if dd is not None:
-        c1, c2 = _debias_terms(n)
-        s = torch.add(s, torch.add(t * t.mT, dd, alpha=-c1 / c2), alpha=c2)
+    prepared inputs (debiased: n (n-3) times the unbiased HSIC terms).
+    scale (2G, 1, 1): each group's s_x, s_y (hsic). Out of place: autograd can record it."""
     kk, kl, ll = s[:, :1, :1], s[:, :1, 1:], s[:, 1:, 1:]
     if statistic == "hsic":
-        r = scale.view(-1, 2).prod(1).square_().div_((n - 1) ** 2 if dd is None else n * (n - 3)).view(-1, 1, 1)
-    elif dd is not None:  # 0 where a self-term is not positive
-        r = torch.rsqrt(kk * ll).masked_fill_(torch.minimum(kk, ll) <= _TINY[s.dtype], 0.0)
+        r = scale.view(-1, 2).prod(1).square().div(estimators.normaliser(n, debiased)).view(-1, 1, 1)
+    elif debiased:  # 0 where a self-term is not positive
+        m = torch.minimum(kk, ll)
+        r = torch.where(estimators.self_term_ok(m, s.dtype), (kk * ll).clamp_min(_TINY[s.dtype]).rsqrt(), 0.0)
     else:  # kk, ll >= 0, and 0 only for a degenerate input, whose kl is then exactly 0
-        r = (kk * ll).clamp_min_(_TINY[s.dtype]).rsqrt_()
+        r = (kk * ll).clamp_min(_TINY[s.dtype]).rsqrt()
     return kk, ll, r, kl * r  # r = (kk ll)^(-1/2) (cka) or (s_x s_y)^2 / N (hsic)
 
 
@@ -163,7 +192,7 @@ def coefficients(gv: Tensor, kk, ll, r, v, statistic: str, need, diagonals: bool
 
 def add_diagonal_grad(grads, halves, g, d: Tensor, t: Tensor, n: int) -> None:
     """grads[i] += 2 (dv/dd_i) u_i in place for the inputs being differentiated: the
-    share of the diagonals d (G, 2, n) of K and L (debiased), with
+    share of the diagonals d (G, 2, n) of K and L in ``debias``, with
     dv/dd = -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]]."""
     gkl, gkk, gll = g
     c1, c2 = _debias_terms(n)
@@ -194,35 +223,52 @@ def safe_reciprocal(s: Tensor) -> Tensor:
     return torch.reciprocal(s).nan_to_num_(posinf=0.0)
 
 
+# ----------------------------------------------------------------------------- the op
+
+
+def _forward(x: Tensor, y: Tensor, statistic: str, centered: bool, debiased: bool, backend: str):
+    """The op's forward, steps 1-4 of the module docstring: (u, w, inv, saved, d, t, kk, ll, r, v)."""
+    u, w, scale, inv = _prepare(x, y, centered)
+    s, products, d, t = _products(u, w, backend, x.dtype, debiased)
+    return (u, w, inv, products, d, t, *value(s, scale, statistic, x.shape[-2], debiased))
+
+
+def recomputed_grads(inputs, gv: Tensor, need, fn):
+    """The gradient of ``fn(*inputs)`` for upstream gv, computed by autograd on a
+    recomputation with a graph: what a backward returns when it runs with grad mode on
+    (create_graph=True), so that the gradient can be differentiated again."""
+    with torch.enable_grad():
+        v = fn(*inputs)
+    wanted = [t for t, want in zip(inputs, need) if want]
+    grads = iter(torch.autograd.grad(v, wanted, gv, create_graph=True))
+    return [next(grads) if want else None for want in need]
+
+
 class _LinearAlignment(torch.autograd.Function):
     """x (..., n, p), y (..., n, q) -> (...): the shapes are handled here, so the
     autograd graph holds this one node."""
 
     @staticmethod
     def forward(ctx, x, y, statistic: str, centered: bool, debiased: bool, backend: str):
-        n = x.shape[-2]
-        u, w, scale, inv = _prepare(x, y, centered)
-        s, saved = _products(u, w, backend, x.dtype)
-        d = t = dd = None
-        if debiased:
-            sq = [torch.linalg.vector_norm(h, dim=-1).square_() for h in ((u,) if w is None else (u, w))]
-            d = sq[0].view(-1, 2, n) if w is None else torch.stack(sq, 1)  # (G, 2, n): diag K, diag L
-            t, dd = d.sum(-1, keepdim=True), d @ d.mT
-        kk, ll, r, v = value(s, dd, t, scale, statistic, n)
-        ctx.statistic, ctx.centered, ctx.backend, ctx.dtype = statistic, centered, backend, x.dtype
-        ctx.shapes = x.shape, y.shape
+        u, w, inv, products, d, t, kk, ll, r, v = _forward(x, y, statistic, centered, debiased, backend)
+        ctx.statistic, ctx.centered, ctx.debiased, ctx.backend, ctx.dtype = statistic, centered, debiased, backend, x.dtype
         halves = _halves(u, w)
-        if len(saved) == 2 and not debiased:  # sample space: an input is used only for its own gradient
+        if len(products) == 2 and d is None:  # sample space: an input is used only for its own gradient
             halves = tuple(h if want else None for h, want in zip(halves, ctx.needs_input_grad[:2]))
-        save(ctx, *halves, inv, kk, ll, r, v, d, t, *saved)
+        save(ctx, x, y, *halves, inv, kk, ll, r, v, d, t, *products)
         return v.view(x.shape[:-2])
 
     @staticmethod
     def backward(ctx, gv):
-        a, b, inv, kk, ll, r, v, d, t, *products = saved(ctx)
+        x, y, a, b, inv, kk, ll, r, v, d, t, *products = saved(ctx)
         need = ctx.needs_input_grad[:2]
         if not (need[0] or need[1]):
             return None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            def fn(x, y):
+                return _forward(x, y, ctx.statistic, ctx.centered, ctx.debiased, "torch")[-1].view(x.shape[:-2])
+
+            return (*recomputed_grads((x, y), gv, need, fn), None, None, None, None)
         one = need[0] != need[1]
         gv = gv.reshape(-1, 1, 1)
         if one:  # fold the one input's 1/s into the small coefficients
@@ -238,9 +284,9 @@ class _LinearAlignment(torch.autograd.Function):
         if not one:
             grads = [grads[0].mul_(inv[0::2]), grads[1].mul_(inv[1::2])]
         out = []
-        for gi, shape in zip(grads, ctx.shapes):
+        for gi, inp in zip(grads, (x, y)):
             if gi is not None:
-                gi = gi.view(shape) if gi.dtype == ctx.dtype else gi.to(ctx.dtype).view(shape)
+                gi = gi.view(inp.shape) if gi.dtype == ctx.dtype else gi.to(ctx.dtype).view(inp.shape)
             out.append(gi)
         return out[0], out[1], None, None, None, None
 

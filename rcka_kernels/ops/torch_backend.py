@@ -77,7 +77,7 @@ def use_feature_space(n: int, p: int, q: int) -> bool:
 
 def _sq_norms(*mats: Tensor) -> Tensor:
     """(G, len(mats)) squared Frobenius norms of (G, a, b) matrices."""
-    return torch.stack([torch.linalg.vector_norm(m, dim=(-2, -1)) for m in mats], -1).square_()
+    return torch.stack([torch.linalg.vector_norm(m, dim=(-2, -1)) for m in mats], -1).square()
 
 
 def linear_stats_saving(x: Tensor, y: Optional[Tensor] = None):
@@ -94,7 +94,7 @@ def linear_stats_saving(x: Tensor, y: Optional[Tensor] = None):
         if use_feature_space(n, p, p):
             c = torch.bmm(x.mT, x)  # (2G, p, p): X^T X and Y^T Y side by side
             a = torch.bmm(x[0::2].mT, x[1::2])
-            kk, ll = torch.linalg.vector_norm(c, dim=(-2, -1)).square_().view(-1, 2).unbind(1)
+            kk, ll = torch.linalg.vector_norm(c, dim=(-2, -1)).square().view(-1, 2).unbind(1)
             return gram_of_grams(_sq_norms(a)[:, 0], kk, ll), (a, c[0::2], c[1::2])
         kl = torch.bmm(x, x.mT)  # (2G, n, n): K and L side by side
         f = kl.view(g2 // 2, 2, n * n)
@@ -107,6 +107,49 @@ def linear_stats_saving(x: Tensor, y: Optional[Tensor] = None):
         return gram_of_grams(*_sq_norms(a, cx, cy).unbind(1)), (a, cx, cy)
     k, l = torch.bmm(x, x.mT), torch.bmm(y, y.mT)
     return gram_of_grams(torch.linalg.vecdot(k.flatten(1), l.flatten(1)), *_sq_norms(k, l).unbind(1)), (k, l)
+
+
+GRAM_BLOCK = 512  # columns per float32 product in gram64 (at least n); the block sums are added in float64
+
+
+def gram64(u: Tensor) -> Tensor:
+    """The Grams u u^T (B, n, n) of u (B, n, p) in float64: float32 products over blocks of
+    w = max(GRAM_BLOCK, n) columns, added in float64 (as this backend's sums are), so that
+    the entries' rounding does not grow with p (the debiased estimator amplifies it at
+    small n). The blocks' products, (p / w) n^2 entries, take no more memory than u."""
+    b, n, p = u.shape
+    w = max(GRAM_BLOCK, n)
+    if u.dtype == torch.float64 or p <= w:
+        return torch.bmm(u, u.mT).double()
+    full = p - p % w
+    out = []
+    for g in range(b):
+        blocks = u[g, :, :full].unfold(-1, w, w).transpose(0, 1)  # (p // w, n, w), a view
+        k = torch.bmm(blocks, blocks.mT).double().sum(0)
+        if full < p:
+            rest = u[g, :, full:]
+            k = k + (rest @ rest.mT).double()
+        out.append(k)
+    return torch.stack(out)
+
+
+def debiased_products(x: Tensor, y: Optional[Tensor] = None):
+    """(S, saved) as ``linear_stats_saving`` in sample space, for the debiased estimator:
+    S (G, 2, 2) holds n (n-3) times the unbiased HSIC of each pair of K, L, computed as
+    <A_u, B_u> of the U-centred Grams (``centre_nxn``, zero diagonal, zero row sums), which
+    are formed in float64 from the Grams' own entries: the Grams' diagonals, which the
+    estimator cancels, never enter a sum. saved (K_u, L_u) in the compute dtype: the
+    backward of <K_u, L_u> is that of <K, L> with K_u, L_u in place of K, L.
+    x, y (G, n, p), (G, n, q) or, with y None, x (2G, n, p) as in linear_stats_saving."""
+    cd = compute_dtype(x.dtype)
+    if y is None:
+        ku = centre_nxn(gram64(x.to(cd)), True)
+        f = ku.view(-1, 2, ku.shape[-1] ** 2)
+        ku = ku.to(cd)
+        return torch.bmm(f, f.mT).to(cd), (ku[0::2], ku[1::2])
+    ku, lu = (centre_nxn(gram64(t.to(cd)), True) for t in (x, y))
+    s = gram_of_grams(torch.linalg.vecdot(ku.flatten(1), lu.flatten(1)), *_sq_norms(ku, lu).unbind(1)).to(cd)
+    return s, (ku.to(cd), lu.to(cd))
 
 
 def gram_of_grams(kl: Tensor, kk: Tensor, ll: Tensor) -> Tensor:
