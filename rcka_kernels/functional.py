@@ -31,7 +31,7 @@ import torch
 from . import _bandwidth, _dispatch, _validate, estimators, reference
 from .ops import stats as _ops
 from .ops.linear import linear_alignment
-from .ops.torch_backend import block_elems, center_columns, compute_dtype, gram_matrix
+from .ops.torch_backend import block_elems, center_columns, centre_nxn, compute_dtype, gram_matrix
 
 Tensor = torch.Tensor
 Sigma = Union[None, float, str, Tensor]
@@ -107,36 +107,34 @@ def _dense_fits(x3: Tensor, backend: str) -> bool:
 
 
 def _dense_rbf(x3: Tensor, sigma: Sigma) -> Tensor:
-    """exp(-gamma |x_i - x_j|^2) (G, n, n) in the compute dtype with a zero diagonal (the
-    contract's sums leave it out), from the Gram matrix of the centred rows, with plain
-    torch ops: autograd differentiates it to any order. The bandwidth is taken from the
+    """exp(-gamma |x_i - x_j|^2) (G, n, n) in the compute dtype, from the Gram matrix G of the
+    centred rows (d_ij = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1), with
+    plain torch ops: autograd differentiates it to any order. The bandwidth is taken from the
     same distances (a constant for autograd, as everywhere)."""
-    n = x3.shape[1]
     xc = center_columns(x3.to(compute_dtype(x3.dtype)))
     gm = xc @ xc.mT
     sq = gm.diagonal(dim1=-2, dim2=-1)
-    eye = torch.eye(n, dtype=torch.bool, device=x3.device)
-    d = (sq[:, :, None] + sq[:, None, :] - 2.0 * gm).clamp_min(0.0).masked_fill(eye, 0.0)
+    d = (sq[:, :, None] + sq[:, None, :] - 2.0 * gm).clamp_min(0.0)
     gamma = 0.5 / _bandwidth.sigma2(x3, "median" if sigma is None else sigma, d.detach())
-    return torch.exp(d * -gamma[:, None, None]).masked_fill(eye, 0.0)
+    return torch.exp(d * -gamma[:, None, None])
 
 
-def _rbf_stats(x3: Tensor, y3: Tensor, sigma: Sigma, backend: str):
-    """The contract's RBF statistics of groups x3 (G, n, p), y3 (G, n, q), diagonals left out:
-    (S (G, 3) float64 = sums of K o L, K o K, L o L; K 1 and L 1 (G, n) in the compute dtype),
-    from the whole Grams (``_dense_fits``) or streamed by the backend."""
-    if _dense_fits(x3, backend):
-        k, l = _dense_rbf(x3, sigma), _dense_rbf(y3, sigma)
-        # row dot products in the compute dtype, their sum in float64 (as the streamed path)
-        s = torch.stack([torch.linalg.vecdot(a, b).double().sum(-1) for a, b in ((k, l), (k, k), (l, l))], -1)
-        return s, k.sum(-1), l.sum(-1)
-    return _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+def _dots(pairs) -> Tensor:
+    """(G, len(pairs)) float64 sums of a o b over (G, n, n) pairs: row dot products in the
+    compute dtype, their sum in float64 (as the streamed path's blocks)."""
+    return torch.stack([torch.linalg.vecdot(a, b).double().sum(-1) for a, b in pairs], -1)
 
 
 def _rbf_hsic_terms(x3: Tensor, y3: Tensor, sigma: Sigma, debiased: bool, backend: str):
-    """(hxy, hxx, hyy) float64, each (G,), of RBF Grams for groups x3 (G, n, p), y3 (G, n, q)."""
+    """(hxy, hxx, hyy) float64, each (G,), of RBF Grams for groups x3 (G, n, p), y3 (G, n, q):
+    from the whole Grams, centred (H K H, or U-centred when debiased: then HSIC is
+    <K~, L~> / normaliser), where they fit (``_dense_fits``); else from the backend's
+    streamed statistics (diagonals left out, see ops/_contract.py)."""
     n = x3.shape[1]
-    s, rx, ry = _rbf_stats(x3, y3, sigma, backend)
+    if _dense_fits(x3, backend):
+        k, l = (centre_nxn(_dense_rbf(t, sigma), debiased) for t in (x3, y3))
+        return (_dots([(k, l), (k, k), (l, l)]) / estimators.normaliser(n, debiased)).unbind(-1)
+    s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
     rx, ry = rx.double(), ry.double()
     dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
     hxy = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
@@ -218,7 +216,11 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
         xd, yd = x3.double(), y3.double()
         sq = [(m * m).sum((1, 2)) for m in (xd.mT @ yd, xd.mT @ xd, yd.mT @ yd)]
         return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
-    s, rx, ry = _rbf_stats(x3, y3, sigma, backend)
+    if _dense_fits(x3, backend):
+        k, l = _dense_rbf(x3, sigma), _dense_rbf(y3, sigma)
+        return _dots([(k, l), (k, k), (l, l)]), k.sum(-1).double().sum(-1), l.sum(-1).double().sum(-1)
+    # RBF Grams do not change under a translation of the inputs
+    s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
     n = x3.shape[1]
     return s + n, rx.double().sum(-1) + n, ry.double().sum(-1) + n  # add the unit diagonal back
 
