@@ -335,7 +335,7 @@ def fmt_bytes(b) -> str:
         return "-"
     for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if b >= s:
-            return f"{b / s:.3g} {unit}"
+            return f"{b / s:.0f} {unit}" if b >= 100 * s else f"{b / s:.3g} {unit}"
     return f"{b} B"
 
 

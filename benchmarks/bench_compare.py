@@ -35,6 +35,8 @@ from benchmarks import _harness
 from rcka_kernels import reference
 
 MLP_IN = 64
+DESCRIBE = {"mlp": "two MLPs on 64 inputs (6 and 5 hidden Linear+ReLU of width 256 and 192, every Linear and ReLU)",
+            "resnet": "two ResNet-18s on 3x32x32 images (every BasicBlock: 4096 to 512 features)"}
 RESNET_EXACT = ["layer1.0", "layer2.1", "layer4.1"]
 GEMM = "float32 GEMM (b, P_A)^T (b, P_B)"
 
@@ -178,7 +180,7 @@ def main(argv=None):
     reps = 2 if args.quick else 5
     cases = args.case.split(",")
     sizes = {c: args.n or (2000 if c == "resnet" or args.quick else 10_000) for c in cases}
-    res = _harness.Results("compare", args, {"cases": sizes, "min_reps": reps})
+    res = _harness.Results("compare", args, {"cases": sizes, "min_reps": reps, "describe": {c: DESCRIBE[c] for c in cases}})
     for c in cases:
         res.add(run_case(c, sizes[c], args.device, reps))
     res.write()

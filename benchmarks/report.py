@@ -68,9 +68,10 @@ def efficient(doc: dict) -> str:
         ours, plain = rs.get("rcka"), rs.get("plain")
         if ours and plain and ours["status"] == plain["status"] == "ok":
             diff = abs(ours["value"] - plain["value"]) / max(abs(plain["value"]), 1e-30)
+            diff = "other quantity" if ours.get("other_quantity") else f"{diff:.1e}"
             mem = f"{fmt_bytes(ours['peak_bytes'])} vs {fmt_bytes(plain['peak_bytes'])}"
             pairs.append(f"| {case} | {fmt_s(ours['time_s'])} | {fmt_s(plain['time_s'])} | **{ours['time_s'] / plain['time_s']:.2f}** | "
-                         f"{ours['ops']} vs {plain['ops']} | {mem} | {diff:.1e} |")
+                         f"{ours['ops']} vs {plain['ops']} | {mem} | {diff} |")
             continue
         mm = rs.get("matmul")
         for name, r in rs.items():
@@ -106,7 +107,8 @@ def compare(doc: dict) -> str:
     for case, rs in _by_case(doc).items():
         any_r = next(iter(rs.values()))
         la, lb = any_r["layers"]
-        out += [f"{case}: {any_r['n']:,} samples, batches of {any_r['batch_size']}, {la} x {lb} layers:", "",
+        what = doc["config"].get("describe", {}).get(case, case)
+        out += [f"{what}: {any_r['n']:,} samples, batches of {any_r['batch_size']}, {la} x {lb} layers:", "",
                 "| contender | time (median) | extra memory | max abs vs its definition (float64) |", "|---|---|---|---|"]
         for name, r in rs.items():
             err = f"{r['max_abs_vs_definition']:.1e}" if "max_abs_vs_definition" in r else ""
