@@ -72,12 +72,12 @@ def setup(case: str, n: int, device: str) -> dict:
 
 
 def _features(s: dict, names_a, names_b):
-    """Per batch: ({layer: float64 features of model a}, {... of model b}), from forward hooks."""
+    """Per batch: ({layer: float64 features of model a}, {... of model b}) where the models run, from forward hooks."""
     for (x, _) in s["loader"]:
         out = []
         for m, names in ((s["a"], names_a), (s["b"], names_b)):
             got, mods = {}, dict(m.named_modules())
-            hooks = [mods[k].register_forward_hook(lambda _m, _i, o, k=k: got.__setitem__(k, o.flatten(1).double().cpu())) for k in names]
+            hooks = [mods[k].register_forward_hook(lambda _m, _i, o, k=k: got.__setitem__(k, o.flatten(1).double())) for k in names]
             with torch.no_grad():
                 m(x.to(s["device"]))
             for h in hooks:
@@ -88,8 +88,8 @@ def _features(s: dict, names_a, names_b):
 
 def oracle(s: dict) -> dict:
     """Nguyen's minibatch CKA of every layer pair and the exact CKA of the exact layers, in float64."""
-    hxy = torch.zeros(len(s["la"]), len(s["lb"]), dtype=torch.float64)
-    hxx, hyy = torch.zeros(len(s["la"]), dtype=torch.float64), torch.zeros(len(s["lb"]), dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=s["device"])
+    hxy, hxx, hyy = torch.zeros(len(s["la"]), len(s["lb"]), **f64), torch.zeros(len(s["la"]), **f64), torch.zeros(len(s["lb"]), **f64)
     ea, eb = s["exact"]
     cat_a, cat_b = {k: [] for k in ea}, {k: [] for k in eb}
     for fa, fb in _features(s, s["la"], s["lb"]):
@@ -103,8 +103,11 @@ def oracle(s: dict) -> dict:
             cat_a[k].append(fa[k])
         for k in eb:
             cat_b[k].append(fb[k])
-    exact = [[float(rk.cka(torch.cat(cat_a[i]), torch.cat(cat_b[j]))) for j in eb] for i in ea]
-    return {"minibatch": hxy / torch.sqrt(hxx[:, None] * hyy[None]), "exact": torch.tensor(exact, dtype=torch.float64)}
+    xa = [torch.cat(cat_a[k]) - torch.cat(cat_a[k]).mean(0) for k in ea]  # centred in float64, then the feature-space
+    xb = [torch.cat(cat_b[k]) - torch.cat(cat_b[k]).mean(0) for k in eb]  # form |Xc^T Yc|^2 / (|Xc^T Xc| |Yc^T Yc|)
+    num = torch.tensor([[float((u.T @ v).square().sum()) for v in xb] for u in xa], dtype=torch.float64)
+    na, nb = (torch.tensor([float((u.T @ u).square().sum().sqrt()) for u in xs], dtype=torch.float64) for xs in (xa, xb))
+    return {"minibatch": (hxy / torch.sqrt(hxx[:, None] * hyy[None])).cpu(), "exact": num / (na[:, None] * nb[None])}
 
 
 def _pytorch_cka(s: dict) -> Callable:

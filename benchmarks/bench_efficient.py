@@ -99,7 +99,7 @@ def main(argv=None):
     gpu = args.device == "cuda"
     names = [k for k, (dev, quick, _, _) in CASES.items() if args.device in dev and (quick or not args.quick or gpu)]
     names = args.only.split(",") if args.only else names
-    budget, reps = (0.5, 3) if args.quick else (2.0, 10)
+    budget, reps = (0.5, 3) if args.quick else (2.0, 3)
     res = _harness.Results("efficient", args, {"cases": names, "budget_s": budget, "min_reps": reps, "dtype": "float32"})
     for name in names:  # one case at a time: a large case's inputs are freed before the next one's
         recs = _harness.interleaved([(name, lambda m=CASES[name][2]: m(args.device))], args.device, budget, reps, ops=True)
