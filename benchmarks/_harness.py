@@ -191,8 +191,10 @@ def failure(e: BaseException) -> dict:
 
 def value_of(out) -> Optional[float]:
     """The float a contender's output stands for (a tensor is summed), None if it has none."""
+    import torch
+
     try:
-        return float(out.detach().double().sum()) if hasattr(out, "detach") else float(out)
+        return float(out.detach().sum(dtype=torch.float64)) if hasattr(out, "detach") else float(out)
     except (TypeError, ValueError):
         return None
 
@@ -243,6 +245,7 @@ def interleaved(cases: List[Tuple[str, Callable[[], Dict[str, Callable]]]], devi
                 recs[case, name]["value"] = value_of(got)
                 got = run(case, name, fn, count_ops) if ops else None
                 recs[case, name].update({"ops": got[0]} if got else {})
+            got = None
         times: Dict[str, List[float]] = {k: [] for k in calls}
         t_end = time.perf_counter() + budget_s
         while True:
@@ -267,6 +270,7 @@ def interleaved(cases: List[Tuple[str, Callable[[], Dict[str, Callable]]]], devi
                 got = run(case, k, fn, lambda f: measure_peak(f, device))
                 if got is not None:
                     recs[case, k]["peak_bytes"] = got[1]
+                got = None  # the output goes before the next contender's call
         calls = None
         _release(device)
     return list(recs.values())

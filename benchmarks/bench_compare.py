@@ -139,7 +139,8 @@ def contenders(s: dict, values: dict) -> Dict[str, Callable]:
     def forward():
         with torch.no_grad():
             for x, _ in s["loader"]:
-                s["a"](x.to(s["device"])), s["b"](x.to(s["device"]))
+                s["a"](x.to(s["device"]))
+                s["b"](x.to(s["device"]))
     calls["forward passes only"] = forward
     pa, pb = (sum(w) for w in widths(s, *s["exact"]))
     xa, xb = torch.randn(s["bs"], pa, device=s["device"]), torch.randn(s["bs"], pb, device=s["device"])
@@ -182,6 +183,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     reps = 2 if args.quick else 5
     cases = args.case.split(",")
+    if set(cases) - set(DESCRIBE):
+        ap.error(f"--case: unknown {sorted(set(cases) - set(DESCRIBE))}; choose from {', '.join(DESCRIBE)}")
     sizes = {c: args.n or (2000 if c == "resnet" or args.quick else 10_000) for c in cases}
     res = _harness.Results("compare", args, {"cases": sizes, "min_reps": reps, "describe": {c: DESCRIBE[c] for c in cases}})
     for c in cases:
