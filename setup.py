@@ -82,6 +82,15 @@ class CMakeBuild(NATIVE_BUILD):
     """Builds CMakeExtensions with CMake (a failure is a warning unless RCKA_FORCE_CUDA=1),
     the native op with PyTorch's BuildExtension."""
 
+    def run(self):
+        if NATIVE is None and not self.inplace:
+            # a native library left in build/lib by an earlier prebuild (perhaps against another torch,
+            # from older sources) would be packed into this wheel and loaded instead of the first-use build
+            stale = self.get_ext_fullpath("rcka_kernels._rcka_native")
+            if os.path.exists(stale):
+                os.remove(stale)
+        super().run()
+
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)

@@ -110,6 +110,8 @@ def _build() -> Optional[str]:
             return f"{failed}no C++ compiler ({compiler!r} not found: install g++ or clang, or set CXX)"
         if shutil.which("ninja", path=path) is None:
             return f"{failed}ninja not found (pip install ninja)"
+        if _registered():  # by a library loaded earlier in this process: loading another one would abort it
+            return None
         try:
             where = cache_dir()
             os.makedirs(where, exist_ok=True)
@@ -122,6 +124,14 @@ def _build() -> Optional[str]:
         except Exception as e:  # noqa: BLE001 - a compile error, an unwritable cache, a library that does not load
             return failed + _summary(e)
     return None
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.rcka_native.linear_alignment
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 @contextlib.contextmanager
