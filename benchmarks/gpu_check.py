@@ -36,7 +36,7 @@ versions, date, commit, every step's exit code, budget and time, ``per_backend``
 passed/failed/skipped counts, the failed tests, ``ok``), ``<stage>.log`` (every
 command's output) and ``<stage>.jsonl`` (one line per finished test), each written as
 the stage goes, so a command stopped at its limit still leaves what finished; the
-bench stage adds the benchmarks' JSON and markdown: at most 8 files per stage, names
+bench stage adds the benchmarks' JSON (then markdown, plots): at most 8 files per stage, names
 of letters, digits, '.', '_' and '-'. The exit code is 1 if a stage failed, 2 without a GPU.
 
 On a leased machine that keeps nothing, has no network and returns only the files of
@@ -108,7 +108,7 @@ SANITIZED = ["-m", "gpu and not slow", "tests/test_parity.py", "-k",
              "test_contract and cuda and not torch and not triton and not emulated and (float32 or bfloat16)"
              " and (64-40-8 or 129-12-7 or 40-70-9 or 150-90-37)"]
 UNSUPPORTED = re.compile(r"Device not supported|not supported on this|unsupported device|Unable to find injection library", re.I)
-# the benchmarks, by their command lines (their --out is a scratch folder; their *.json and *.md are copied)
+# the benchmarks, by their command lines (their --out is a scratch folder: see _collect)
 EFFICIENT = ["-m", "benchmarks.bench_efficient", "--quick", "--device", "cuda"]
 COMPARE = ["-m", "benchmarks.bench_compare", "--quick", "--device", "cuda", "--case", "resnet"]
 RESULTS_ENV, STEP_ENV = "RCKA_GPU_CHECK_RESULTS", "RCKA_GPU_CHECK_STEP"
@@ -121,7 +121,7 @@ class Step:
     budget_s: float
     cmds: List[Tuple[List[str], Dict[str, str]]]  # run concurrently
     tests: bool = False  # a pytest run: its outcomes go to <stage>.jsonl
-    collect: bool = False  # the benchmarks: *.json and *.md of the scratch folder are copied to --out
+    collect: bool = False  # a benchmark: its results move from the scratch folder to --out (_collect)
     skip: str = ""  # why it does not run (decided when the plan is made)
     sanitizer: bool = False  # a sanitizer run: not installed, or refusing the device, is "unsupported"
     env: Dict[str, str] = field(default_factory=dict)  # for the steps after it (the peers' PYTHONPATH)
@@ -189,9 +189,9 @@ def plan(stage: str, py: str, arch: str, have: set, scratch: str, rebuild: str =
     memcheck = [_sanitizer(), "--tool", "memcheck", "--error-exitcode", "3", "--print-limit", "20",
                 *_pytest(py, *SANITIZED, parallel=False, have=have)]
     return [build, peers,
-            Step("efficient", "vs the efficient plain-PyTorch formula, quick cases", 40, [([py, *EFFICIENT, *out], {})], collect=True),
+            Step("efficient", "vs the efficient plain-PyTorch formula, quick cases", 45, [([py, *EFFICIENT, *out], {})], collect=True),
             Step("compare", "rk.compare vs pytorch-cka, the ResNet-18 case", 35, [([py, *COMPARE, *out], {})], collect=True),
-            Step("memcheck", "compute-sanitizer memcheck on contract tests of each CUDA kernel", BUDGET["bench"] - 80,
+            Step("memcheck", "compute-sanitizer memcheck on contract tests of each CUDA kernel", BUDGET["bench"] - 85,
                  [(memcheck, {"RCKA_REQUIRE_CUDA": "1", "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})], tests=True, sanitizer=True)]
 
 
@@ -333,14 +333,17 @@ def run_step(step: Step, deadline: float, log, env: Dict[str, str]) -> dict:
     return rec
 
 
+COLLECTED = (".json", ".md", ".png")  # what the benchmarks write that comes back, in this order while there is room
+
+
 def _collect(scratch: Path, out: Path, room: int) -> Tuple[List[str], List[str]]:
-    """Copy the benchmarks' *.json and *.md from scratch to out, as many as there is room for
-    (names a leased machine can send back only); (copied, left out)."""
+    """Move the benchmarks' results from scratch to out, JSON first, then markdown, then plots,
+    as many as there is room for, with names a leased machine sends back; (copied, left out)."""
+    found = [f for f in scratch.rglob("*") if f.is_file()]
+    found.sort(key=lambda f: (COLLECTED.index(f.suffix) if f.suffix in COLLECTED else len(COLLECTED), f.name))
     copied, left = [], []
-    for f in sorted(scratch.rglob("*")):
-        if not f.is_file():
-            continue
-        if f.suffix in (".json", ".md") and SAFE_NAME.match(f.name) and len(copied) < room:
+    for f in found:
+        if f.suffix in COLLECTED and SAFE_NAME.match(f.name) and len(copied) < room:
             shutil.copy2(f, out / f.name)
             copied.append(f.name)
         else:
@@ -483,7 +486,7 @@ def dry_run(stages, py: str, out: str, budgets: Dict[str, float], failed_from: O
         end = 0.0
         for step in steps:
             end = min(budgets[stage], end + step.budget_s)
-            what = " (the *.json and *.md it writes, copied to the output folder)" if step.collect else ""
+            what = " (the *.json, *.md and *.png it writes, moved to the output folder while there is room)" if step.collect else ""
             print(f"  {step.key}: {step.title}; budget {step.budget_s:.0f} s, ends by {end:.0f} s{what}")
             if step.skip:
                 print(f"    skipped where: {step.skip}")

@@ -92,7 +92,7 @@ def test_only_a_gpu_shows():
 '''
 
 
-def test_a_stage_records_each_test_as_it_finishes_and_sums_them_per_environment(tmp_path):
+def test_a_stage_records_each_test_as_it_finishes_and_sums_them_per_environment(tmp_path, monkeypatch):
     """The plugin's lines, the per-environment counts, the failed tests, the benchmarks' files
     copied under the limits of a leased machine, and ok."""
     (tmp_path / "tests").mkdir()
@@ -100,11 +100,12 @@ def test_a_stage_records_each_test_as_it_finishes_and_sums_them_per_environment(
     pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check",
                   "--rootdir", str(tmp_path), str(tmp_path / "tests" / "test_cuda_gpu.py")]
     write = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
-             "[(d / n).write_text('{}') for n in ('efficient_cuda_quick.json', 'efficient.md', 'plot.png', 'a+b.json')]")
+             "[(d / n).write_text('{}') for n in ('plot.png', 'efficient.md', 'efficient_cuda_quick.json', 'a+b.json', 'x.txt')]")
     scratch, out = tmp_path / "scratch", tmp_path / "out"
     out.mkdir()
     steps = [gpu_check.Step("gpu-tests", "tests", 60, [(pytest_cmd, {})], tests=True),
              gpu_check.Step("efficient", "bench", 30, [([sys.executable, "-c", write, str(scratch / "results")], {})], collect=True)]
+    monkeypatch.setattr(gpu_check, "MAX_FILES", 5)  # room for two of the benchmark's files
     assert not gpu_check.run_stage("test", steps, out, {"device_name": "cpu"}, time.monotonic(), 100, scratch)
     summary = json.loads((out / "test.json").read_text())
     # the test file's default environment is cuda (GPU_TESTS), the ids name the others
@@ -114,10 +115,11 @@ def test_a_stage_records_each_test_as_it_finishes_and_sums_them_per_environment(
     assert [f["test"] for f in summary["failed_tests"]] == ["tests/test_cuda_gpu.py::test_value[triton-cuda]"]
     assert "wrong value" in summary["failed_tests"][0]["message"] and not summary["ok"]
     assert [s["status"] for s in summary["steps"]] == ["failed", "passed"]
-    assert summary["steps"][1]["files"] == ["efficient.md", "efficient_cuda_quick.json"]
-    assert sorted(summary["steps"][1]["left_out"]) == ["a+b.json", "plot.png"]
+    # JSON first, then markdown, while there is room; names a leased machine sends back only
+    assert summary["steps"][1]["files"] == ["efficient_cuda_quick.json", "efficient.md"]
+    assert sorted(summary["steps"][1]["left_out"]) == ["a+b.json", "plot.png", "x.txt"]
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(summary["files"]) and len(names) <= gpu_check.MAX_FILES
+    assert names == sorted(summary["files"]) and len(names) == 5
     assert all(gpu_check.SAFE_NAME.match(n) for n in names)
     lines = [json.loads(x) for x in (out / "test.jsonl").read_text().splitlines()]
     assert {x["step"] for x in lines} == {"gpu-tests"} and len(lines) == 4
