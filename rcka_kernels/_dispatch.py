@@ -11,11 +11,12 @@ checks run on first use.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -44,6 +45,30 @@ _LOADERS: Dict[str, Callable[[], object]] = {
 _loaded: Dict[str, object] = {}
 _load_errors: Dict[str, str] = {}
 _warned = set()
+# name -> (kernels, device types) set by use_kernels() for a block
+_substitutes: Dict[str, Tuple[object, Tuple[str, ...]]] = {}
+
+
+@contextlib.contextmanager
+def use_kernels(name: str, kernels: object, device_types: Tuple[str, ...]) -> Iterator[object]:
+    """Within the block, backend ``name`` runs ``kernels`` (an object with the functions of
+    ops/_contract.py), available for tensors of ``device_types`` whatever this machine has.
+
+    This is how the tests run a backend's kernels in an emulator: the CUDA C++ compiled for
+    the CPU is ``use_kernels("cuda", cuda_backend.Kernels(emulation, ("cpu",)), ("cpu",))``
+    (tests/conftest.py). Blocks nest; on exit the backend is what it was before. Not
+    thread-safe: the choice is global to the process while the block runs."""
+    if name not in _LOADERS:
+        raise ValueError(f"use_kernels: unknown backend {name!r}; choose from {tuple(_LOADERS)}")
+    previous = _substitutes.get(name)
+    _substitutes[name] = (kernels, tuple(device_types))
+    try:
+        yield kernels
+    finally:
+        if previous is None:
+            del _substitutes[name]
+        else:
+            _substitutes[name] = previous
 
 
 @torch.compiler.assume_constant_result
@@ -90,6 +115,11 @@ def _device_reason(name: str, device: Optional[torch.device]) -> Optional[str]:
 def status(name: str, device: Optional[torch.device] = None) -> BackendStatus:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
+    if name in _substitutes:
+        types = _substitutes[name][1]
+        if device is None or device.type in types:
+            return BackendStatus(True)
+        return BackendStatus(False, f"runs on {' or '.join(types)} tensors here (use_kernels), got a {device.type} tensor")
     if name in _LOADERS and _load(name) is None:
         return BackendStatus(False, _load_errors[name])
     reason = _device_reason(name, device)
@@ -153,6 +183,8 @@ def provides(name: str, function: str) -> bool:
 
 def kernels(name: str):
     """The kernels object of a backend (see ops/_contract.py)."""
+    if name in _substitutes:
+        return _substitutes[name][0]
     mod = _load(name)
     if mod is None:
         raise RuntimeError(f"backend {name!r} is unavailable: {_load_errors.get(name)}")

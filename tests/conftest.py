@@ -1,12 +1,12 @@
-"""Shared test configuration: seeds, the `gpu` marker, the `interpreter` marker's tests
-run in Triton's interpreter, the CUDA emulation's build, and the environments every
-backend is tested in (tests/utils.py)."""
+"""Shared test configuration: seeds; the environments every backend is tested in
+(tests/utils.py), generated only where they run; the `gpu` tests deselected without a
+CUDA device and the `slow` ones unless a marker expression (-m) is given; the
+`interpreter` marker's tests run in Triton's interpreter; the CUDA emulation's build."""
 
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,16 +16,44 @@ from pathlib import Path
 import pytest
 import torch
 
-from .utils import ENVIRONMENTS, KERNEL_ENVIRONMENTS, make_env
+from .utils import ENVIRONMENTS, KERNEL_ENVIRONMENTS, REQUIRE, case_id, cxx, generated, lacks, make_env, require
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "grid(argnames, cases, admit): a test's cases in every environment (tests/utils.py: grid)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    """Deselect what cannot or should not run here: the `gpu` tests without a CUDA device,
+    the `slow` ones unless -m says which markers to run (`-m slow`, `-m "slow or not slow"`).
+    The interpreter's child pytest runs exactly the tests it is given."""
+    if os.environ.get(_REPORT):
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    gpu = not torch.cuda.is_available()
+    slow = not config.option.markexpr
+    drop = [it for it in items if (gpu and it.get_closest_marker("gpu")) or (slow and it.get_closest_marker("slow"))]
+    if drop:
+        dropped = set(drop)
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [it for it in items if it not in dropped]
+
+
+def pytest_generate_tests(metafunc):
+    """A test with the `env` or `kernel_env` fixture runs in each environment generated here
+    (tests/utils.py: generated), crossed with its `grid` cases where the environment admits them."""
+    fixture = next((f for f in ("kernel_env", "env") if f in metafunc.fixturenames), None)
+    if fixture is None:
+        return
+    envs = [e for e in (KERNEL_ENVIRONMENTS if fixture == "kernel_env" else ENVIRONMENTS) if generated(e)]
+    mark = metafunc.definition.get_closest_marker("grid")
+    if mark is None:
+        metafunc.parametrize(fixture, envs, indirect=True)
+        return
+    argnames, cases, admit = mark.args
+    names = argnames.split(",")
+    params = [pytest.param(e.values[0], *case, marks=e.marks, id="-".join([e.id, *map(case_id, case)]))
+              for e in envs for case in cases if admit is None or admit(e.values[0][0], **dict(zip(names, case)))]
+    metafunc.parametrize([fixture, *names], params, indirect=[fixture])
 
 
 @pytest.fixture(autouse=True)
@@ -116,25 +144,22 @@ DEPS = SOURCES + [EMU, *sorted((ROOT / "csrc").glob("*.cuh")), ROOT / "csrc" / "
 def cuda_emulation():
     """The cuda backend's library compiled for the CPU against tests/build/cuda_host/emu.h
     (see tests/test_cuda_emulated.py), or a skip with the reason it cannot be built."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 not installed")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    h = hashlib.sha256(b"".join(p.read_bytes() for p in DEPS) + cxx.encode()).hexdigest()[:16]
+    require(REQUIRE["cuda-emulated"], lacks("cuda-emulated"))
+    import pybind11
+
+    compiler = cxx()
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in DEPS) + compiler.encode()).hexdigest()[:16]
     out_dir = ROOT / "build" / "cuda-emu" / h
     so = out_dir / ("_rcka_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
     if not so.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"tmp{os.getpid()}.so"
-        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(EMU),
+        cmd = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(EMU),
                f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
                *map(str, SOURCES), "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 and "std::barrier" in res.stderr:
-            pytest.skip("the C++ compiler lacks C++20 std::barrier")
+            require(REQUIRE["cuda-emulated"], f"the CUDA emulation: {compiler} lacks C++20 std::barrier")
         assert res.returncode == 0, f"building the emulation failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
         os.replace(tmp, so)
     spec = importlib.util.spec_from_file_location("_rcka_cuda", so)
@@ -146,13 +171,15 @@ def cuda_emulation():
 # ----------------------------------------------------------------------------- environments
 
 
-@pytest.fixture(params=ENVIRONMENTS)
+@pytest.fixture
 def env(request, monkeypatch):
-    """Every backend in every environment, the reference included (tests/utils.py)."""
+    """Every backend in every environment, the reference included (tests/utils.py;
+    parametrised by pytest_generate_tests)."""
     return make_env(request, monkeypatch, request.param)
 
 
-@pytest.fixture(params=KERNEL_ENVIRONMENTS)
+@pytest.fixture
 def kernel_env(request, monkeypatch):
-    """Every backend in every environment that is held to the reference (tests/utils.py)."""
+    """Every backend in every environment that is held to the reference (tests/utils.py;
+    parametrised by pytest_generate_tests)."""
     return make_env(request, monkeypatch, request.param)

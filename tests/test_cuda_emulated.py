@@ -14,13 +14,15 @@ layouts): that checks the tile offsets and alignment, not the hardware (GPU runs
 import pytest
 import torch
 
-from .utils import gamma, make_env, pair
+from rcka_kernels.ops import cuda_backend
+
+from .utils import gamma, pair
 
 
 @pytest.fixture
-def cb(request, monkeypatch):
-    """The cuda backend over the emulation: the cuda-emulated environment's set-up."""
-    return make_env(request, monkeypatch, ("cuda-emulated", "cuda", "cpu")).kernels()
+def cb(cuda_emulation):
+    """The cuda backend's contract over the emulation, on CPU tensors."""
+    return cuda_backend.Kernels(cuda_emulation, ("cpu",))
 
 
 def _inputs(g, n, p, q, dtype):

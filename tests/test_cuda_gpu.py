@@ -6,24 +6,19 @@ environment). Skipped without a CUDA device (the ``gpu`` marker); on a GPU machi
 where the library is not built, skipped with the reason unless RCKA_REQUIRE_CUDA=1.
 """
 
-import os
-
 import pytest
 import torch
 
 from rcka_kernels import _cuda
 
-from .utils import gamma, pair
+from .utils import gamma, pair, require
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
 def _need_library():
-    if not _cuda.available():
-        if os.environ.get("RCKA_REQUIRE_CUDA") == "1":
-            pytest.fail(f"cuda backend unavailable: {_cuda.reason()}")
-        pytest.skip(f"cuda backend unavailable: {_cuda.reason()}")
+    require("RCKA_REQUIRE_CUDA", _cuda.reason() and f"cuda backend unavailable: {_cuda.reason()}")
 
 
 def _cb():

@@ -15,7 +15,6 @@ Plus ``gradcheck`` in float64 for every differentiable function, the reference
 included. The bad-input catalogue is tests/test_catalogue.py, on the same environments.
 """
 
-import pytest
 import torch
 from torch.autograd import gradcheck
 
@@ -23,10 +22,10 @@ import rcka_kernels as rk
 from rcka_kernels import reference
 from rcka_kernels.ops import torch_backend as tb
 
-from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept, cpu64, gamma
+from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept, cpu64, cross, gamma, grid, runs
 
 f64 = torch.float64
-dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+BOOLS = [False, True]
 
 
 def _value_and_grads(fn, inputs, w):
@@ -53,14 +52,17 @@ def _check(env, fn, ref, inputs, dtype, w):
 # ----------------------------------------------------------------------------- public functions
 
 
-@pytest.mark.parametrize("n,p,q", SHAPES)
-@dtypes
-@pytest.mark.parametrize("kernel,sigma", KERNELS)
-@pytest.mark.parametrize("debiased", [False, True])
+def _public(env: str, n: int, dtype: torch.dtype, kernel: str, sigma, width: int) -> bool:
+    """Where the public functions run: wherever the environment runs the case (``runs``), the
+    emulators in float32 only. Their other dtypes take the same public code in the torch
+    environment, and the same kernels in the contract tests below (every dtype on the
+    small shapes, against the torch backend in float64)."""
+    return runs(env, n, dtype, kernel, sigma, width) and (env not in EMULATORS or dtype == torch.float32)
+
+
+@grid("n,p,q,dtype,kernel,sigma,debiased", cross(SHAPES, DTYPES, KERNELS, BOOLS),
+      lambda env, n, p, q, dtype, kernel, sigma, **_: _public(env, n, dtype, kernel, sigma, p + q))
 def test_cka_hsic(kernel_env, n, p, q, dtype, kernel, sigma, debiased):
-    kernel_env.need(n, dtype, kernel, sigma, p + q)
-    if debiased and n < 4:
-        pytest.skip("the debiased estimator needs n >= 4")
     if isinstance(sigma, float):  # a fixed bandwidth of the data's scale, not K = I
         sigma *= max(p, q) ** 0.5
     x, y = kernel_env.pair(n, p, q, dtype, batch=(2,))
@@ -86,14 +88,17 @@ def _mmd_pair(g, n, m, d, dtype, device, seed):
 MMD_SHAPES = [(1, 1, 1), (5, 9, 3), (40, 23, 7), (100, 45, 20), (150, 90, 37)]
 
 
-@pytest.mark.parametrize("n,m,d", MMD_SHAPES)
-@dtypes
-@pytest.mark.parametrize("kernel,sigma", KERNELS)
-@pytest.mark.parametrize("unbiased", [False, True])
+def _mmd(env: str, kernel: str) -> bool:
+    """mmd's repetitions left out: the native op computes no MMD (torch-python is the torch
+    environment here), and the linear MMD is the same float64 arithmetic on every backend,
+    run by the torch environment (no kernel to emulate)."""
+    return env != "torch-python" and not (env in EMULATORS and kernel == "linear")
+
+
+@grid("n,m,d,dtype,kernel,sigma,unbiased",  # the unbiased estimator needs two samples on each side
+      [c for c in cross(MMD_SHAPES, DTYPES, KERNELS, BOOLS) if not (c[-1] and min(c[0], c[1]) < 2)],
+      lambda env, n, m, d, dtype, kernel, sigma, **_: _mmd(env, kernel) and _public(env, n + m, dtype, kernel, sigma, d))
 def test_mmd(kernel_env, n, m, d, dtype, kernel, sigma, unbiased):
-    kernel_env.need(n + m, dtype, kernel, sigma, d)
-    if unbiased and min(n, m) < 2:
-        pytest.skip("the unbiased estimator needs two samples on each side")
     x, z = _mmd_pair(2, n, m, d, dtype, kernel_env.device, seed=1)
     w = torch.randn(2, dtype=f64, device=kernel_env.device)
     _check(kernel_env, lambda a, b, be: rk.mmd(a, b, kernel=kernel, sigma=sigma, unbiased=unbiased, backend=be),
@@ -104,14 +109,17 @@ def test_mmd(kernel_env, n, m, d, dtype, kernel, sigma, unbiased):
 GRAM_SHAPES = [(1, 4, 1), (3, 5, 7), (3, 33, 7), (1, 33, 1), (3, 70, 1), (2, 150, 5)]
 
 
-@pytest.mark.parametrize("g,n,p", GRAM_SHAPES)
-@dtypes
-@pytest.mark.parametrize("kernel,sigma", KERNELS)
-@pytest.mark.parametrize("debiased", [False, True])
+def _gram(env: str, shape: tuple) -> bool:
+    """centered_gram's repetitions left out: the cuda backend has none (the torch backend's
+    runs for it: one representative shape), nor has the native op (not torch-python)."""
+    return env != "torch-python" and (env != "cuda-emulated" or shape == GRAM_SHAPES[2])
+
+
+# Triton's fused centered_gram has no contract test: the interpreter runs every case it can
+@grid("g,n,p,dtype,kernel,sigma,debiased", cross(GRAM_SHAPES, DTYPES, KERNELS, BOOLS),
+      lambda env, g, n, p, dtype, kernel, sigma, **_:
+      _gram(env, (g, n, p)) and (runs if env == "triton-interpreter" else _public)(env, n, dtype, kernel, sigma, g * p))
 def test_centered_gram(kernel_env, g, n, p, dtype, kernel, sigma, debiased):
-    kernel_env.need(n, dtype, kernel, sigma, g * p)
-    if debiased and n < 4:
-        pytest.skip("U-centring needs n >= 4")
     x, _ = kernel_env.pair(n, p, 1, dtype, batch=(g,))
     w = torch.randn(g, n, n, dtype=f64, device=kernel_env.device)
     _check(kernel_env, lambda a, be: rk.centered_gram(a, kernel=kernel, sigma=sigma, debiased=debiased, backend=be),
@@ -121,12 +129,10 @@ def test_centered_gram(kernel_env, g, n, p, dtype, kernel, sigma, debiased):
         assert torch.all(torch.diagonal(k, dim1=-2, dim2=-1) == 0)
 
 
-@pytest.mark.parametrize("kernel,sigma", KERNELS)
-@pytest.mark.parametrize("debiased", [False, True])
+@grid("kernel,sigma,debiased", cross(KERNELS, BOOLS), lambda env, kernel, sigma, **_: runs(env, 19, f64, kernel, sigma, 6 * 10))
 def test_batched_groups_equal_each_group_alone(kernel_env, kernel, sigma, debiased):
     """A (2, 3) leading batch is six independent groups: each as the reference of that
     group alone (a bandwidth rule is applied per group)."""
-    kernel_env.need(19, f64, kernel, sigma, 6 * 10)
     x, y = kernel_env.pair(19, 4, 6, f64, batch=(2, 3))
     got = rk.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=kernel_env.backend)
     assert got.shape == (2, 3)
@@ -144,29 +150,26 @@ def _gradcheck(env, fn, inputs):
     return gradcheck(fn, tuple(t.detach().requires_grad_() for t in inputs), fast_mode=env.name in EMULATORS)
 
 
-@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 1.1)])
-@pytest.mark.parametrize("debiased", [False, True])
-@pytest.mark.parametrize("n,p,q", [(5, 2, 3), (6, 4, 3)])  # sample- and feature-space linear paths
-def test_gradcheck_cka_hsic(env, kernel, sigma, debiased, n, p, q):
-    env.need(n, f64, kernel)
+# n,p,q: sample- and feature-space linear paths
+@grid("n,p,q,kernel,sigma,debiased", cross([(5, 2, 3), (6, 4, 3)], [("linear", None), ("rbf", 1.1)], BOOLS),
+      lambda env, n, kernel, **_: runs(env, n, f64, kernel))
+def test_gradcheck_cka_hsic(env, n, p, q, kernel, sigma, debiased):
     x, y = env.pair(n, p, q, f64, batch=(2,))
     for fn in (rk.cka, rk.hsic):
         assert _gradcheck(env, lambda a, b: fn(a, b, kernel=kernel, sigma=sigma, debiased=debiased, backend=env.backend), (x, y))
 
 
-@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 0.9)])
-@pytest.mark.parametrize("unbiased", [False, True])
+@grid("kernel,sigma,unbiased", cross([("linear", None), ("rbf", 0.9)], BOOLS),
+      lambda env, kernel, **_: _mmd(env, kernel) and runs(env, 9, f64, kernel))
 def test_gradcheck_mmd(env, kernel, sigma, unbiased):
-    env.need(9, f64, kernel)
     x, z = env.pair(5, 2, 2, f64, batch=(2,))
     z = z[:, :4] + 0.3
     assert _gradcheck(env, lambda a, b: rk.mmd(a, b, kernel=kernel, sigma=sigma, unbiased=unbiased, backend=env.backend), (x, z))
 
 
-@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 1.7)])
-@pytest.mark.parametrize("debiased", [False, True])
+@grid("kernel,sigma,debiased", cross([("linear", None), ("rbf", 1.7)], BOOLS),
+      lambda env, kernel, **_: _gram(env, ()) and runs(env, 7, f64, kernel))
 def test_gradcheck_centered_gram(env, kernel, sigma, debiased):
-    env.need(7, f64, kernel)
     x, _ = env.pair(7, 2, 1, f64, batch=(2,))
     assert _gradcheck(env, lambda a: rk.centered_gram(a, kernel=kernel, sigma=sigma, debiased=debiased, backend=env.backend), (x,))
 
@@ -182,12 +185,12 @@ CONTRACT_SHAPES = [(1, 5, 3, 2), (3, 33, 17, 5), (2, 64, 40, 8), (2, 128, 7, 70)
 CONTRACT_MMD_SHAPES = [(1, 4, 3, 2), (2, 40, 70, 9), (1, 100, 29, 5), (2, 150, 90, 37), (1, 7, 200, 3)]
 
 
-def _contract(env, n, dtype):
-    if env.backend == "torch" and dtype == f64:
-        pytest.skip("the torch backend in float64 is the contract's yardstick")
-    if env.name == "torch-python":
-        pytest.skip("the torch backend's contract is the torch environment's (the native op is above it)")
-    env.need(n, dtype)  # every dtype up to MAX_N: no reference to evaluate
+def _contract(env: str, n: int, dtype: torch.dtype) -> bool:
+    """Whether ``env`` runs the contract on n rows in ``dtype``: every dtype up to MAX_N (no
+    reference to evaluate); not the torch backend in float64 (the contract's yardstick),
+    nor torch-python (the torch backend's contract is the torch environment's: the native
+    op is above it)."""
+    return not (env == "torch" and dtype == f64) and env != "torch-python" and runs(env, n, dtype)
 
 
 def _contract_check(env, dtype, name, args):
@@ -215,20 +218,16 @@ def _cotangents(g, n, dtype, device, seed=3):
     return gs, grx, gry
 
 
-@pytest.mark.parametrize("g,n,p,q", CONTRACT_SHAPES)
-@dtypes
+@grid("g,n,p,q,dtype", cross(CONTRACT_SHAPES, DTYPES), lambda env, n, dtype, **_: _contract(env, n, dtype))
 def test_contract_linear(kernel_env, g, n, p, q, dtype):
-    _contract(kernel_env, n, dtype)
     x, y = kernel_env.pair(n, p, q, dtype, batch=(g,), centred=True)
     gs, _, _ = _cotangents(g, n, dtype, kernel_env.device)
     _contract_check(kernel_env, dtype, "linear_stats", [x, y])
     _contract_check(kernel_env, dtype, "linear_stats_backward", [x, y, gs])
 
 
-@pytest.mark.parametrize("g,n,p,q", CONTRACT_SHAPES)
-@dtypes
+@grid("g,n,p,q,dtype", cross(CONTRACT_SHAPES, DTYPES), lambda env, n, dtype, **_: _contract(env, n, dtype))
 def test_contract_rbf(kernel_env, g, n, p, q, dtype):
-    _contract(kernel_env, n, dtype)
     x, y = kernel_env.pair(n, p, q, dtype, batch=(g,), seed=1, centred=True)
     gx, gy = gamma(x), gamma(y)
     gs, grx, gry = _cotangents(g, n, dtype, kernel_env.device)
@@ -239,10 +238,8 @@ def test_contract_rbf(kernel_env, g, n, p, q, dtype):
     assert dx.dtype == dtype and dy.dtype == dtype
 
 
-@pytest.mark.parametrize("g,n,m,p", CONTRACT_MMD_SHAPES)
-@dtypes
+@grid("g,n,m,p,dtype", cross(CONTRACT_MMD_SHAPES, DTYPES), lambda env, n, m, dtype, **_: _contract(env, n + m, dtype))
 def test_contract_mmd(kernel_env, g, n, m, p, dtype):
-    _contract(kernel_env, n + m, dtype)
     x, y = _mmd_pair(g, n, m, p, dtype, kernel_env.device, seed=2)
     gz = gamma(torch.cat([x, y], 1))
     gs, _, _ = _cotangents(g, n, dtype, kernel_env.device)

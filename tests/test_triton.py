@@ -12,8 +12,14 @@ import pytest
 
 from rcka_kernels.ops import triton_backend
 
+from .utils import require
+
 ROOT = Path(__file__).resolve().parents[1]
-needs_triton = pytest.mark.skipif(triton_backend.unavailable_reason() is not None, reason=str(triton_backend.unavailable_reason()))
+
+
+@pytest.fixture
+def needs_triton():
+    require("RCKA_REQUIRE_TRITON", triton_backend.unavailable_reason())
 
 
 def test_without_triton_the_backend_is_unavailable_with_a_reason():
@@ -41,8 +47,7 @@ else:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@needs_triton
-def test_tf32_setting_is_read_through_the_current_api():
+def test_tf32_setting_is_read_through_the_current_api(needs_triton):
     """After torch.backends.cuda.matmul.fp32_precision = "tf32" (PyTorch's current API),
     reading the legacy allow_tf32 raises; the backend reads the current setting."""
     import torch
@@ -55,8 +60,7 @@ def test_tf32_setting_is_read_through_the_current_api():
         assert triton_backend._prec(torch.float32) == "ieee"
 
 
-@needs_triton
-def test_sizes_beyond_int32_offsets_are_refused_before_any_launch():
+def test_sizes_beyond_int32_offsets_are_refused_before_any_launch(needs_triton):
     """Meta tensors: the sizes are real, no memory is allocated."""
     import torch
 

@@ -16,10 +16,9 @@ import rcka_kernels as rk
 from rcka_kernels import reference
 from rcka_kernels.ops import torch_backend, triton_backend
 
-if triton_backend.unavailable_reason():
-    pytest.skip(triton_backend.unavailable_reason(), allow_module_level=True)
+from .utils import accept, fp32_matmul_precision, pair, require
 
-from .utils import accept, fp32_matmul_precision, pair  # noqa: E402
+require("RCKA_REQUIRE_TRITON", triton_backend.interpreter_reason(), module=True)
 
 pytestmark = pytest.mark.interpreter
 

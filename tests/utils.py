@@ -14,9 +14,12 @@ The torch backend itself is held to the floor.
 """
 
 import contextlib
+import importlib.util
+import itertools
 import os
+import shutil
 import socket
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -67,20 +70,121 @@ ENVIRONMENTS = [
 ]
 #: the environments whose kernels are held to the reference (the reference is the yardstick)
 KERNEL_ENVIRONMENTS = [e for e in ENVIRONMENTS if e.values[0][0] != "reference"]
+GPU_ENVIRONMENTS = ("torch-cuda", "triton-cuda", "cuda")
 
 # The largest n each CPU environment runs in reasonable time (each program of the
 # interpreter is NumPy code, each CUDA thread of the emulation a std::thread, and the
 # float64 reference with its gradients is O(n^2) memory and O(n^3) time on the CPU):
 # larger n runs on GPUs only.
 MAX_N = {"triton-interpreter": 80, "cuda-emulated": 140, "torch": 320, "torch-python": 320, "reference": 320}
-# The emulators run every dtype and every bandwidth rule on the small shapes (n <= 33 and
-# n (p + q) <= SMALL: one to three 16-row tiles, one feature chunk) and float32 with the linear
-# kernel and the median RBF on every shape up to their MAX_N: the rest of the cross is
-# the same kernels with other inputs.
+# The emulators run every dtype on the small shapes (n <= 33 and n (p + q) <= SMALL: one to
+# three 16-row tiles, one feature chunk) and float32 on every shape up to their MAX_N, with
+# the linear kernel and one RBF bandwidth rule (the median): the other rules are the same
+# kernels with another gamma, computed before them by the code every backend shares.
 EMULATORS = ("triton-interpreter", "cuda-emulated")
 SMALL_N, SMALL = 33, 1000
 # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9): bf16 runs on GPUs only.
 NO_DTYPE = {"triton-interpreter": {torch.bfloat16: "the interpreter's bf16 tl.dot is wrong (triton 3.9); bf16 runs on GPUs"}}
+
+
+def runs(env: str, n: int = 0, dtype: Optional[torch.dtype] = None, kernel: str = "linear", sigma=None, width: int = 0) -> bool:
+    """Whether environment ``env`` runs a case of ``n`` rows and n x ``width`` input elements
+    in ``dtype``, with ``kernel`` and its bandwidth rule ``sigma``, at all and in reasonable
+    time (MAX_N, NO_DTYPE, EMULATORS; the torch backend without its native op differs from
+    the torch environment in the linear kernel only). The rule by which tests/conftest.py
+    generates each environment's cases (``grid``)."""
+    if n > MAX_N.get(env, n) or dtype in NO_DTYPE.get(env, {}):
+        return False
+    if env in EMULATORS:
+        if kernel != "linear" and sigma is not None:
+            return False
+        if (n > SMALL_N or n * width > SMALL) and dtype not in (None, torch.float32):
+            return False
+    return env != "torch-python" or kernel == "linear"
+
+
+def cross(*axes) -> list:
+    """The product of the axes with each case flattened:
+    cross([(4, 1), (5, 2)], [f32]) == [(4, 1, f32), (5, 2, f32)]."""
+    return [sum((v if isinstance(v, tuple) else (v,) for v in combo), ()) for combo in itertools.product(*axes)]
+
+
+def grid(argnames: str, cases, admit: Optional[Callable[..., bool]] = None) -> pytest.MarkDecorator:
+    """A test's cases in every environment of its ``env`` or ``kernel_env`` fixture:
+    ``argnames`` and ``cases`` as for pytest.mark.parametrize. tests/conftest.py crosses
+    them with the environments here and generates only the (environment, case) pairs for
+    which ``admit(environment name, **case)`` holds (all when ``admit`` is None)."""
+    return pytest.mark.grid(argnames, [tuple(c) for c in cases], admit)
+
+
+def case_id(value) -> str:
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else str(value)
+
+
+# What an environment needs beyond torch, and the switch (=1) that turns its absence into a
+# failure instead of a skip: CI sets the switch of each thing it installs (.ci/run).
+REQUIRE = {
+    "torch": "RCKA_REQUIRE_NATIVE",
+    "triton-interpreter": "RCKA_REQUIRE_TRITON",
+    "cuda-emulated": "RCKA_REQUIRE_CUDA_EMULATION",
+    "triton-cuda": "RCKA_REQUIRE_TRITON",
+    "cuda": "RCKA_REQUIRE_CUDA",
+}
+
+
+def required(switch: Optional[str]) -> bool:
+    return bool(switch) and os.environ.get(switch) == "1"
+
+
+def require(switch: Optional[str], reason: Optional[str], module: bool = False) -> None:
+    """Nothing when ``reason`` is None; else a skip with the reason (of the whole test
+    module with ``module``), or a failure when ``switch`` (an RCKA_REQUIRE_* variable) is 1."""
+    if reason is None:
+        return
+    if required(switch):
+        pytest.fail(f"{switch}=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
+
+def cxx() -> Optional[str]:
+    """The C++ compiler that builds the CUDA emulation: $CXX, else g++."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+
+
+def lacks(env: str) -> Optional[str]:
+    """What environment ``env`` lacks on this machine, or None. Asked at collection, so it
+    builds nothing: the CUDA emulation needs pybind11 and a compiler, its fixture builds it."""
+    from rcka_kernels import _dispatch
+    from rcka_kernels.ops import triton_backend
+
+    if env in GPU_ENVIRONMENTS and not torch.cuda.is_available():
+        return "no CUDA device"
+    why = None
+    if env == "torch":
+        why = _dispatch.native_status().reason and f"the torch backend's native linear op: {_dispatch.native_status().reason}"
+    elif env == "triton-interpreter":
+        why = triton_backend.interpreter_reason() and f"Triton's interpreter: {triton_backend.interpreter_reason()}"
+    elif env == "cuda-emulated":
+        if importlib.util.find_spec("pybind11") is None:
+            why = "the CUDA emulation: pybind11 is not installed"
+        elif cxx() is None:
+            why = "the CUDA emulation: no C++ compiler (g++ or $CXX)"
+    elif env in ("triton-cuda", "cuda"):
+        st = _dispatch.status(env.removesuffix("-cuda"), torch.device("cuda"))
+        why = st.reason and f"the {env.removesuffix('-cuda')} backend on the GPU: {st.reason}"
+    return why
+
+
+def generated(param) -> bool:
+    """Whether the tests of environment ``param`` (an ENVIRONMENTS entry) are generated on
+    this machine: the CPU ones, and the GPU ones where a GPU is, when they have what they
+    need (the torch environment runs without its native op: torch-python's path) or when
+    their switch requires it (their tests then fail, saying what is missing).
+    tests/test_smoke.py says what each environment lacks."""
+    name = param.values[0][0]
+    if name in GPU_ENVIRONMENTS and not torch.cuda.is_available():
+        return False
+    return name == "torch" or lacks(name) is None or required(REQUIRE.get(name))
 
 
 def pair(n, p, q, dtype=torch.float64, batch=(), seed=0, offset=True, centred=False, device="cpu"):
@@ -122,19 +226,6 @@ class Env:
     def __repr__(self):
         return f"Env({self.name})"
 
-    def need(self, n: int = 0, dtype: Optional[torch.dtype] = None, kernel: str = "linear", sigma=None, width: int = 0) -> None:
-        """Skip what this environment cannot run in reasonable time or at all (see MAX_N,
-        EMULATORS, NO_DTYPE); the torch backend without its native op runs the linear kernel only."""
-        if n > MAX_N.get(self.name, n):
-            pytest.skip(f"n = {n} is beyond what {self.name} runs in reasonable time (<= {MAX_N[self.name]}); GPUs run it")
-        reason = NO_DTYPE.get(self.name, {}).get(dtype)
-        if reason:
-            pytest.skip(reason)
-        if self.name in EMULATORS and (n > SMALL_N or n * width > SMALL) and (dtype not in (None, torch.float32) or sigma is not None):
-            pytest.skip(f"{self.name} runs {dtype} and the {sigma!r} bandwidth on the small shapes; GPUs run every shape")
-        if self.name == "torch-python" and kernel != "linear":
-            pytest.skip("only the linear kernel runs the native op that this environment leaves out")
-
     def kernels(self):
         from rcka_kernels import _dispatch
 
@@ -146,9 +237,8 @@ class Env:
 
 
 def make_env(request, monkeypatch, param) -> Env:
-    """Set up the environment ``param`` (an ENVIRONMENTS value) for one test, or skip
-    with the reason it cannot run here (a failure for the CUDA library when
-    RCKA_REQUIRE_CUDA=1)."""
+    """Set up the environment ``param`` (an ENVIRONMENTS value) for one test; what it lacks
+    skips the test, or fails it where the environment's switch requires it (REQUIRE)."""
     from rcka_kernels import _dispatch, _native
 
     name, backend, device = param
@@ -160,22 +250,17 @@ def make_env(request, monkeypatch, param) -> Env:
         from rcka_kernels.ops import cuda_backend
 
         lib = request.getfixturevalue("cuda_emulation")
-        monkeypatch.setattr(cuda_backend, "_lib", lambda: lib)
-        monkeypatch.setattr(cuda_backend, "_DEVICE_TYPES", ("cuda", "cpu"))
-        monkeypatch.setitem(_dispatch._loaded, "cuda", cuda_backend)
-        reason = _dispatch._device_reason
-        monkeypatch.setattr(_dispatch, "_device_reason", lambda n, d: None if n == "cuda" else reason(n, d))
+        stack = contextlib.ExitStack()
+        request.addfinalizer(stack.close)
+        stack.enter_context(_dispatch.use_kernels("cuda", cuda_backend.Kernels(lib, ("cpu",)), ("cpu",)))
+        return env
     elif name == "triton-interpreter":
         # 16-row tiles: several (partial, upper-triangle) tiles and feature chunks at these n
         monkeypatch.setenv("RCKA_TRITON_MAX_BLOCK", "16")
         if os.environ.get("TRITON_INTERPRET") != "1":
             return env  # the body runs in the interpreter's child pytest (tests/conftest.py), which checks
-    if name != "cuda-emulated":
-        st = _dispatch.status(backend, torch.device(device))
-        if not st.available:
-            if backend == "cuda" and os.environ.get("RCKA_REQUIRE_CUDA") == "1":
-                pytest.fail(f"{name}: {st.reason}")
-            pytest.skip(f"{name}: {st.reason}")
+    st = _dispatch.status(backend, torch.device(device))
+    require(REQUIRE.get(name), None if st.available else f"{name}: {st.reason}")
     return env
 
 

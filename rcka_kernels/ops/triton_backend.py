@@ -86,11 +86,18 @@ except Exception as e:  # pragma: no cover - depends on the environment
     _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
 
 
-def unavailable_reason() -> Optional[str]:
-    if _IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1" and _version(triton.__version__) < MIN_TRITON_INTERPRETER:
+def interpreter_reason() -> Optional[str]:
+    """Why Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) cannot run these kernels
+    here, or None; the answer does not depend on whether this process set TRITON_INTERPRET."""
+    if _IMPORT_ERROR is None and _version(triton.__version__) < MIN_TRITON_INTERPRETER:
         return (f"triton {triton.__version__}'s interpreter fails under numpy 2; TRITON_INTERPRET=1 needs triton "
                 f">= {'.'.join(map(str, MIN_TRITON_INTERPRETER))} (GPUs run with >= {'.'.join(map(str, MIN_TRITON))})")
     return _IMPORT_ERROR
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why this backend cannot run in this process (None when it can)."""
+    return interpreter_reason() if os.environ.get("TRITON_INTERPRET") == "1" else _IMPORT_ERROR
 
 
 # ----------------------------------------------------------------------------- launch plans

@@ -12,8 +12,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces the kernels; AOT compilation needs the real JIT functions", allow_module_level=True)
 from rcka_kernels.ops import triton_backend as tb  # noqa: E402
 
-if tb.unavailable_reason():
-    pytest.skip(tb.unavailable_reason(), allow_module_level=True)
+from ..utils import require  # noqa: E402
+
+require("RCKA_REQUIRE_TRITON", tb.unavailable_reason(), module=True)
 
 from ._triton_aot import SHARED_LIMIT, compile_launch, resource_usage, signature  # noqa: E402
 
