@@ -14,8 +14,9 @@ interrupted there (SIGINT, so it reports, then killed), every test has a time li
 (pytest-timeout) and the tests run in parallel (pytest-xdist) where installed.
 
 - ``test``: the CUDA library and the native op built in place, both forced (a
-  failure is an error), concurrently, for the GPU's own architecture; the backends
-  this build offers; then one pytest run of the GPU-marked tests (``-m "gpu and not slow"``) in
+  failure is an error), concurrently, for the GPU's own architecture; that every
+  environment of the test suite, the GPU ones included, has what it needs
+  (tests/test_smoke.py); then one pytest run of the GPU-marked tests (``-m "gpu and not slow"``) in
   this order: what only a GPU shows (tests/test_cuda_gpu.py, test_triton_gpu.py,
   test_linear.py), mixed precision on CUDA (test_autocast.py), the shared suite's
   GPU environments torch-cuda, triton-cuda and cuda (test_catalogue.py, test_parity.py).
@@ -102,6 +103,8 @@ GPU_TESTS = {
     "tests/test_catalogue.py": "",
     "tests/test_parity.py": "",
 }
+# each environment of the suite this machine can have, with what it lacks (not GPU-marked)
+SMOKE = "tests/test_smoke.py"
 # under memcheck: each CUDA kernel's contract test (forward and backward) on a small-group
 # shape and a tiled one with a ragged last tile, in float32 and bfloat16 (tests/test_parity.py)
 SANITIZED = ["-m", "gpu and not slow", "tests/test_parity.py", "-k",
@@ -156,11 +159,13 @@ def _build(py: str, arch: str) -> List[Tuple[List[str], Dict[str, str]]]:
             (cmd, {"RCKA_FORCE_CUDA": "1", "RCKA_SKIP_NATIVE": "1", "RCKA_CUDA_ARCHS": arch})]
 
 
+REQUIRE = {"RCKA_REQUIRE_CUDA": "1", "RCKA_REQUIRE_NATIVE": "1", "RCKA_REQUIRE_TRITON": "1"}  # a skip for want of these fails
+
+
 def _gpu_tests(py: str, have: set, nodeids: Optional[List[str]] = None) -> Step:
-    env = {"RCKA_REQUIRE_CUDA": "1", "RCKA_REQUIRE_NATIVE": "1", "RCKA_REQUIRE_TRITON": "1", "OMP_NUM_THREADS": "2"}
     args = nodeids if nodeids is not None else ["-m", "gpu and not slow", *GPU_TESTS]
     title = "the failed tests again" if nodeids is not None else "GPU tests (GPU-only, mixed precision, the suite's GPU environments)"
-    return Step("gpu-tests", title, 0, [(_pytest(py, *args, parallel=True, have=have), env)], tests=True)
+    return Step("gpu-tests", title, 0, [(_pytest(py, *args, parallel=True, have=have), {**REQUIRE, "OMP_NUM_THREADS": "2"})], tests=True)
 
 
 def plan(stage: str, py: str, arch: str, have: set, scratch: str, rebuild: str = "", nodeids=None) -> List[Step]:
@@ -169,9 +174,10 @@ def plan(stage: str, py: str, arch: str, have: set, scratch: str, rebuild: str =
     ``rebuild``: what the bench and rerun stages find missing of the test stage's build."""
     build = Step("build", "build in place, the CUDA library and the native op forced", 120, _build(py, arch))
     if stage == "test":
-        backends = [py, "-c", "import rcka_kernels as rk; print(rk.available_backends('cuda')); print(rk.native_status())"]
-        return [build, Step("backends", "the backends this build offers", 15, [(backends, {})]),
-                _with_budget(_gpu_tests(py, have), BUDGET["test"] - 135)]
+        smoke = _pytest(py, SMOKE, parallel=False, have=have)
+        return [build, Step("environments", "every test environment has what it needs (the GPU ones too)", 20, [(smoke, REQUIRE)],
+                            tests=True),
+                _with_budget(_gpu_tests(py, have), BUDGET["test"] - 140)]
     build.title = "build in place again (only if the test stage's build is gone), forced"
     if not rebuild:
         build.skip, build.budget_s = "the test stage's build is here", 0

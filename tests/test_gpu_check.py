@@ -29,7 +29,7 @@ def test_dry_run_prints_each_stage_with_budgets_and_files_and_names_only_what_ex
                  "-n 8", "PYTORCH_NO_CUDA_MEMORY_CACHING=1", "--tool memcheck", "--no-index", "benchmarks.bench_efficient --quick",
                  "benchmarks.bench_compare --quick --device cuda --case resnet", "tests/test_autocast.py"):
         assert flag in out, flag
-    assert " -x " not in out and "budget 150 s, ends by 285 s" in out
+    assert " -x " not in out and "tests/test_smoke.py" in out and "budget 145 s, ends by 285 s" in out
 
 
 def test_the_two_commands_fit_seven_minutes():
