@@ -233,17 +233,6 @@ def _forward(x: Tensor, y: Tensor, statistic: str, centered: bool, debiased: boo
     return (u, w, inv, products, d, t, *value(s, scale, statistic, x.shape[-2], debiased))
 
 
-def recomputed_grads(inputs, gv: Tensor, need, fn):
-    """The gradient of ``fn(*inputs)`` for upstream gv, computed by autograd on a
-    recomputation with a graph: what a backward returns when it runs with grad mode on
-    (create_graph=True), so that the gradient can be differentiated again."""
-    with torch.enable_grad():
-        v = fn(*inputs)
-    wanted = [t for t, want in zip(inputs, need) if want]
-    grads = iter(torch.autograd.grad(v, wanted, gv, create_graph=True))
-    return [next(grads) if want else None for want in need]
-
-
 class _LinearAlignment(torch.autograd.Function):
     """x (..., n, p), y (..., n, q) -> (...): the shapes are handled here, so the
     autograd graph holds this one node."""
@@ -268,7 +257,7 @@ class _LinearAlignment(torch.autograd.Function):
             def fn(x, y):
                 return _forward(x, y, ctx.statistic, ctx.centered, ctx.debiased, "torch")[-1].view(x.shape[:-2])
 
-            return (*recomputed_grads((x, y), gv, need, fn), None, None, None, None)
+            return (*_stats.recomputed_grads((x, y), gv, need, fn), None, None, None, None)
         one = need[0] != need[1]
         gv = gv.reshape(-1, 1, 1)
         if one:  # fold the one input's 1/s into the small coefficients

@@ -5,6 +5,11 @@ with a fake (meta) implementation so torch.compile traces it without a graph
 break. The RBF and MMD statistics register their backward here (itself a custom
 op: the backends recompute tiles there; nothing n x n is saved); the linear
 statistics' autograd is ops/linear.py.
+
+Second derivatives: a backward that runs with grad mode on (create_graph=True)
+returns the gradient of a recomputation of its forward with plain torch ops (the
+torch backend's), taken by autograd with a graph (``recomputed_grads``), so that
+autograd can differentiate it again; the closed-form backwards are first-order only.
 """
 
 # No ``from __future__ import annotations`` here: torch 2.4's custom_op reads the
@@ -14,9 +19,25 @@ from typing import Tuple
 import torch
 
 from .. import _dispatch
+from . import torch_backend
 from .torch_backend import center_columns, centre_nxn, compute_dtype, gram_matrix
 
 Tensor = torch.Tensor
+
+
+def recomputed_grads(inputs, grads_out, need, fn) -> list:
+    """The gradients of ``fn(*inputs)`` (a tensor or a tuple of them) for the upstream
+    ``grads_out`` (likewise; None: zero), one per input in ``need`` (else None), taken by
+    autograd on a recomputation with a graph: what a backward returns when it runs with
+    grad mode on (create_graph=True), so that the gradient can be differentiated again."""
+    with torch.enable_grad():
+        outs = fn(*inputs)
+    if torch.is_tensor(outs):
+        outs, grads_out = (outs,), (grads_out,)
+    pairs = [(o, g) for o, g in zip(outs, grads_out) if o.requires_grad and g is not None]
+    wanted = [t for t, want in zip(inputs, need) if want]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True, allow_unused=True))
+    return [next(got) if want else None for want in need]
 
 
 # ----------------------------------------------------------------------------- linear
@@ -82,6 +103,9 @@ def _rbf_setup(ctx, inputs, output):
 
 def _rbf_backward(ctx, gs, grx, gry):
     x, y, gx, gy = ctx.saved_tensors
+    if torch.is_grad_enabled():  # the bandwidths are constants here, as below
+        fn = lambda a, b: torch_backend.rbf_stats(a, b, gx.detach(), gy.detach())  # noqa: E731
+        return (*recomputed_grads((x, y), (gs, grx, gry), ctx.needs_input_grad[:2], fn), None, None, None)
     g, n = x.shape[0], x.shape[1]
     sd = compute_dtype(x.dtype)
     gs = torch.zeros(g, 3, dtype=torch.float64, device=x.device) if gs is None else gs.contiguous()
@@ -126,6 +150,9 @@ def _mmd_setup(ctx, inputs, output):
 
 def _mmd_backward(ctx, gs):
     x, y, gamma = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        fn = lambda a, b: torch_backend.rbf_mmd_sums(a, b, gamma.detach())  # noqa: E731
+        return (*recomputed_grads((x, y), gs, ctx.needs_input_grad[:2], fn), None, None)
     dx, dy = rbf_mmd_sums_backward(x, y, gamma, gs.contiguous(), ctx.backend)
     return dx, dy, None, None
 
