@@ -29,6 +29,29 @@ def test_many_blocks_match_reference(monkeypatch, kernel, sigma):
         accept(rk.mmd(x, z, sigma=sigma), reference.mmd(x, z, "rbf", sigma), f64)
 
 
+@pytest.mark.parametrize("sigma", [None, "mean", 1.3])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_rbf_whole_grams_where_they_fit_one_block(monkeypatch, sigma, debiased):
+    """The torch backend's RBF statistics: the whole n x n Grams (plain autograd) when the
+    group batch's Grams fit one block of its streamed path, else streamed; the same values
+    either side of the boundary, both the reference's."""
+    from rcka_kernels.ops import stats
+
+    g, n = 3, 13
+    x, y = pair(n, 4, 6, batch=(g,))
+    calls = []
+    real = stats.rbf_stats
+    monkeypatch.setattr(stats, "rbf_stats", lambda *a: calls.append(1) or real(*a))
+    want = reference.cka(x, y, "rbf", sigma, debiased)
+    for block, streamed in ((g * n * n, False), (g * n * n - 1, True)):
+        monkeypatch.setenv("RCKA_TORCH_BLOCK_ELEMS", str(block))
+        calls.clear()
+        accept(rk.cka(x, y, kernel="rbf", sigma=sigma, debiased=debiased), want, f64)
+        accept(rk.gram_discrepancy(x, y, kernel="rbf", sigma=sigma, centered=False),
+               reference.gram_discrepancy(x, y, "rbf", sigma, False), f64)
+        assert bool(calls) == streamed, (block, calls)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

@@ -153,6 +153,19 @@ def test_bad_sigma_tensor():
         rk.cka(x, x, kernel="rbf", sigma=torch.tensor([1.0, -1.0]))
 
 
+@pytest.mark.parametrize("name", ["cka", "hsic", "centered_gram"])
+def test_debiased_must_be_a_bool(name):
+    """Not truthiness: debiased="no" would silently be the debiased estimator."""
+    x = torch.randn(6, 3)
+    fn = getattr(rk, name)
+    with pytest.raises(TypeError, match=f"{name}: debiased must be True or False, got 'no'"):
+        fn(x, debiased="no") if name == "centered_gram" else fn(x, x, debiased="no")
+    with pytest.raises(TypeError, match="mmd: unbiased must be True or False"):
+        rk.mmd(x, x, unbiased="yes")
+    with pytest.raises(TypeError, match="gram_discrepancy: centered must be True or False"):
+        rk.gram_discrepancy(x, x, centered=1.0)
+
+
 def test_sigma_with_linear_kernel():
     with pytest.raises(ValueError, match="linear kernel takes none"):
         rk.cka(torch.randn(5, 3), torch.randn(5, 3), sigma=1.0)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as TF
 
 from rcka_kernels import reference
-from rcka_kernels.losses import PCKALoss, RCKALoss, official_alignment, patchify
+from rcka_kernels.losses import CKALoss, PCKALoss, RCKALoss, official_alignment, patchify
 
 from .utils import SHAPES, accept
 
@@ -123,6 +123,40 @@ def test_rcka_errors():
         RCKALoss(feature_weight=1.0)(s, t, torch.randn(5, 3, dtype=D), torch.randn(12, 3, dtype=D))
     with pytest.raises(ValueError, match="neither"):
         RCKALoss(feature_weight=1.0)(s, t, torch.randn(12, 3, dtype=D), None)
+    # a non-float teacher is refused, as CKALoss refuses it (not cast to the student's dtype)
+    with pytest.raises(TypeError, match="RCKALoss: teacher_logits must be float16, bfloat16, float32 or float64, got torch.int64"):
+        RCKALoss()(s, t.long())
+    with pytest.raises(TypeError, match="cka: y must be float16, bfloat16, float32 or float64, got torch.int64"):
+        CKALoss()(s, t.long())
+    with pytest.raises(TypeError, match="RCKALoss: teacher_features must be float"):
+        RCKALoss(feature_weight=1.0)(s, t, torch.randn(12, 3, dtype=D), torch.ones(12, 3, dtype=torch.int64))
+
+
+BAD_OPTIONS = [
+    (dict(kernel="rbff"), ValueError, "kernel must be one of"),
+    (dict(kernel="rbf", sigma=-1.0), ValueError, "sigma must be a positive"),
+    (dict(kernel="rbf", sigma=0.0), ValueError, "sigma must be a positive"),
+    (dict(kernel="rbf", sigma="medain"), ValueError, "sigma must be a positive float, a tensor, or one of"),
+    (dict(kernel="rbf", sigma=torch.tensor([1.0, -2.0])), ValueError, "sigma must be positive and finite"),
+    (dict(sigma=1.0), ValueError, "sigma is a bandwidth of the 'rbf' kernel; the linear kernel takes none"),
+    (dict(debiased="yes"), TypeError, "debiased must be True or False, got 'yes'"),
+    (dict(backend="numpy"), ValueError, "unknown backend 'numpy'"),
+]
+
+
+@pytest.mark.parametrize("cls", [CKALoss, RCKALoss, PCKALoss], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kwargs,error,match", BAD_OPTIONS, ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_constructors_check_their_options(cls, kwargs, error, match):
+    """A mistake in a loss's options fails when the loss is built, in its name, before any
+    forward pass (issue 20); the same options are accepted by the functions' checks."""
+    with pytest.raises(error, match=f"^{cls.__name__}: {match}"):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls,flag", [(CKALoss, "flatten"), (RCKALoss, "official"), (RCKALoss, "l2_norm"), (PCKALoss, "official")])
+def test_constructors_check_their_flags(cls, flag):
+    with pytest.raises(TypeError, match=f"^{cls.__name__}: {flag} must be True or False, got 'no'"):
+        cls(**{flag: "no"})
 
 
 # ----------------------------------------------------------------------------- PCKA
