@@ -3,9 +3,13 @@
 Each rank holds a shard of the rows: x_r (n_r, p), y_r (n_r, q), with n = sum n_r.
 The result equals the single-process value on the concatenated batch.
 
-Linear kernel: communication is independent of the batch size, and the value and
-its closed-form backward are those of the single-process op (ops/linear.py):
-  1. SUM all-reduce of the column sums (p + q) and n -> global means
+Linear kernel: the side the single-process op would take for the global batch
+(``torch_backend.use_feature_space``). Sample space (wide features, small global
+batch): the rows are all-gathered (n x (p + q), gradient flowing back to the local
+shard) and the single-process op runs on the global batch, with its value, accuracy
+and memory. Feature space: communication is independent of the batch size, and the
+value and its closed-form backward are those of the single-process op (ops/linear.py):
+  1. SUM all-reduce of the column sums (p + q) -> global means
   2. MAX all-reduce of the column extremes (a global batch of identical rows gives
      0) and of max |x - mean|, max |y - mean| -> the rows are rescaled into [-1, 1]
   3. SUM all-reduce of X^T Y (p x q), X^T X (p x p), Y^T Y (q x q) of the prepared
@@ -13,7 +17,8 @@ its closed-form backward are those of the single-process op (ops/linear.py):
      |x_i|^2, |y_i|^2 (Song et al.'s estimator is a correction of the statistics by
      them, as in a single process).
 Backward: one scalar all-reduce (the upstream gradients of all ranks), and,
-debiased, one of the gradient's column sums (p + q) for the centring.
+debiased, one of the gradient's column sums (p + q) for the centring. (Both
+sides first exchange the ranks' row counts: one all-gather of a scalar.)
 
 RBF kernel: the features are all-gathered (gradient flows back to the local
 shard) and the single-process ``functional.cka`` runs on the global batch.
@@ -33,7 +38,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from . import _validate
+from . import _validate, estimators
 from . import functional as F
 from .ops import linear, torch_backend
 from .ops.torch_backend import compute_dtype
@@ -97,15 +102,20 @@ class _AllGather(torch.autograd.Function):
         return None, g[start:start + ctx.sizes[ctx.rank]], None
 
 
+def _row_counts(x: Tensor, group) -> List[int]:
+    """Every rank's number of rows, in rank order."""
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, n, group=group)
+    return [int(s.item()) for s in sizes]
+
+
 def all_gather(x: Tensor, group=None) -> Tensor:
     """Concatenate every rank's x (n_r, ...) along dim 0 (rank order), with gradient
     flowing back to the local shard. Shards may have different n_r."""
     if not is_distributed(group):
         return x
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, n, group=group)
-    return _AllGather.apply(group, x, [int(s.item()) for s in sizes])
+    return _AllGather.apply(group, x, _row_counts(x, group))
 
 
 class _GlobalLinear(torch.autograd.Function):
@@ -116,17 +126,13 @@ class _GlobalLinear(torch.autograd.Function):
     ranks (plus, debiased, the column sums of the gradient for the centring)."""
 
     @staticmethod
-    def forward(ctx, x, y, statistic: str, debiased: bool, group):
+    def forward(ctx, x, y, statistic: str, debiased: bool, group, n: int):
         cd = compute_dtype(x.dtype)
         u, w = x.to(cd), y.to(cd)
         p, q = u.shape[1], w.shape[1]
-        sums = torch.cat([u.sum(0), w.sum(0), u.new_full((1,), float(u.shape[0]))])
+        sums = torch.cat([u.sum(0), w.sum(0)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        n = int(sums[-1].item())
-        min_rows = 4 if debiased else 2
-        if n < min_rows:
-            raise ValueError(f"distributed {statistic}: the global batch has {n} samples; at least {min_rows} are needed")
-        u, w = u - sums[:p] / n, w - sums[p : p + q] / n
+        u, w = u - sums[:p] / n, w - sums[p:] / n
         # one MAX all-reduce: column extremes (every row of the global batch identical
         # <=> column max == min everywhere) and the scales max |u|, max |w|
         ext = torch.cat([x.amax(0).to(cd), -x.amin(0).to(cd), y.amax(0).to(cd), -y.amin(0).to(cd),
@@ -174,7 +180,20 @@ class _GlobalLinear(torch.autograd.Function):
                 if grads[i] is not None:
                     grads[i].sub_(c / ctx.n)
         out = [None if gi is None else (gi[0] * inv[i]).to(ctx.dtype) for i, gi in enumerate(grads)]
-        return out[0], out[1], None, None, None
+        return out[0], out[1], None, None, None, None
+
+
+def _linear(fn: str, x: Tensor, y: Tensor, statistic: str, debiased: bool, group, backend: str) -> Tensor:
+    """Linear CKA or HSIC of the global batch, on the side the single-process op would take."""
+    sizes = _row_counts(x, group)
+    n = sum(sizes)
+    m, why = estimators.min_rows(debiased)
+    if n < m:
+        raise ValueError(f"{fn}: the global batch has {n} samples; at least {m} are needed{why}")
+    if torch_backend.use_feature_space(n, x.shape[1], y.shape[1]):
+        return _GlobalLinear.apply(x, y, statistic, debiased, group, n)
+    xg, yg = _AllGather.apply(group, x, sizes), _AllGather.apply(group, y, sizes)
+    return (F.cka if statistic == "cka" else F.hsic)(xg, yg, debiased=debiased, backend=backend)
 
 
 def _check(fn, x, y):
@@ -189,16 +208,17 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: 
     if not is_distributed(group):
         return F.hsic(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel == "linear":
-        return _GlobalLinear.apply(x, y, "hsic", debiased, group)
+        return _linear("distributed.hsic", x, y, "hsic", debiased, group, backend)
     return F.hsic(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
 
 
 def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: bool = False, group=None, backend: str = "auto") -> Tensor:
     """CKA of the global batch; x (n_local, p), y (n_local, q) are this rank's rows.
 
-    Returns the same scalar on every rank. Linear: batch-size independent
-    communication of sufficient statistics; RBF: all-gather of the features
-    (the "median"/"mean" bandwidth is then that of the global batch).
+    Returns the same scalar on every rank. Linear: the rows all-gathered where the
+    single-process op works in sample space (wide features), else batch-size
+    independent communication of sufficient statistics; RBF: all-gather of the
+    features (the "median"/"mean" bandwidth is then that of the global batch).
     Degenerate cases as ``functional.cka`` (0 where a self-term is not positive).
     """
     _check("distributed.cka", x, y)
@@ -206,7 +226,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: b
         return F.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel != "linear":
         return F.cka(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
-    return _GlobalLinear.apply(x, y, "cka", debiased, group)
+    return _linear("distributed.cka", x, y, "cka", debiased, group, backend)
 
 
 def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rcka_kernels as rk
 from rcka_kernels import distributed as rkd
@@ -15,6 +16,41 @@ from .utils import join_group, spawn_ranks
 WORLD = 2
 SPLIT = [7, 6]  # uneven shards
 CASES = [("linear", False), ("linear", True), ("rbf", False)]
+WIDE_ROWS, WIDE_P, WIDE_Q = 16, 4096, 2048  # per rank: wide features, small global batch (sample space)
+
+
+class BytesAllocated(TorchDispatchMode):
+    """The bytes of every new tensor the ops create (views and in-place results left
+    out): a count, independent of the machine's load, that p x p products cannot hide in."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def _wide():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(WORLD * WIDE_ROWS, WIDE_P, generator=g)
+    y = torch.randn(WORLD * WIDE_ROWS, WIDE_Q, generator=g)
+    y[:, :100] += x[:, :100]
+    return x, y
+
+
+def _wide_cka(x, y, fn, debiased):
+    """(value, grad of x, grad of y, bytes allocated by forward + backward)."""
+    x, y = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    with BytesAllocated() as b:
+        v = fn(x, y, debiased=debiased)
+        v.backward()
+    return v.detach(), x.grad, y.grad, b.bytes
 
 
 def _data():
@@ -52,6 +88,11 @@ def _worker(rank, port, out_dir):
         res["const"] = torch.stack([rkd.cka(const, y[rows]), rkd.cka(y[rows], const, debiased=True), rkd.hsic(const, y[rows])])
         g = rkd.all_gather(x[rows].clone().requires_grad_(True))
         res["gather"] = g.detach()
+        xw, yw = _wide()
+        wide = slice(rank * WIDE_ROWS, (rank + 1) * WIDE_ROWS)
+        for debiased in (False, True):
+            res[("wide", debiased)] = _wide_cka(xw[wide], yw[wide], rkd.cka, debiased)
+        res["wide-hsic"] = rkd.hsic(xw[wide], yw[wide], debiased=True)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears the group down while its peer is mid-exchange
     finally:
@@ -118,3 +159,24 @@ def test_single_process_fallback():
     assert rkd.all_gather(x) is x
     with pytest.raises(ValueError, match="same number of samples"):
         rkd.cka(x, y[:3])
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_wide_features_gather_rows_with_single_process_value_and_memory(results, debiased):
+    """p = 4096, q = 2048, 2 x 16 rows: the ranks gather the rows and run the single-process
+    op (no p x p products): its value and gradients, and no more than twice its bytes
+    allocated plus the gathered rows."""
+    x, y = _wide()
+    want, gx, gy, single = _wide_cka(x, y, rk.cka, debiased)
+    gathered = 4 * x.shape[0] * (WIDE_P + WIDE_Q) * x.element_size()
+    for r in range(WORLD):
+        v, rgx, rgy, used = results[r][("wide", debiased)]
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-6)
+        rows = slice(r * WIDE_ROWS, (r + 1) * WIDE_ROWS)
+        torch.testing.assert_close(rgx, WORLD * gx[rows], rtol=1e-4, atol=1e-6 * float(gx.abs().max()))
+        torch.testing.assert_close(rgy, WORLD * gy[rows], rtol=1e-4, atol=1e-6 * float(gy.abs().max()))
+        assert used <= 2 * single + gathered, (used, single, gathered)
+        assert used < WIDE_P * WIDE_P * x.element_size()  # a single p x p product would exceed it
+    if debiased:
+        for r in range(WORLD):
+            torch.testing.assert_close(results[r]["wide-hsic"], rk.hsic(x, y, debiased=True), rtol=1e-5, atol=0.0)
