@@ -29,10 +29,15 @@ the gradient is that of the sum of the ranks' losses. Under DDP, which averages
 parameter gradients over ranks, the parameters receive exactly the gradient of
 the global-batch loss. Without an initialised process group (or with one rank)
 these functions are the single-process ones.
+
+Second derivatives (a backward with create_graph=True on every rank): the
+collectives' backwards are collectives with autograd themselves, and the
+feature-space backward then differentiates the gathered single-process op.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
@@ -41,6 +46,7 @@ import torch.distributed as dist
 from . import _validate, estimators
 from . import functional as F
 from .ops import linear, torch_backend
+from .ops.stats import recomputed_grads
 from .ops.torch_backend import compute_dtype
 
 __all__ = ["is_distributed", "all_reduce_sum", "all_gather", "cka", "hsic", "cka_loss"]
@@ -67,14 +73,9 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        # d(sum over ranks of the losses) / d(input on this rank) = sum over ranks of the output grads
-        flat = torch.cat([g.reshape(-1) for g in grads]).contiguous()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
-        out, i = [], 0
-        for g in grads:
-            out.append(flat[i:i + g.numel()].view_as(g))
-            i += g.numel()
-        return (None, *out)
+        # d(sum over ranks of the losses) / d(input on this rank) = sum over ranks of the output grads:
+        # the op itself, so that a gradient with a graph (create_graph=True) can be differentiated again
+        return (None, *_AllReduceSum.apply(ctx.group, *grads))
 
 
 def all_reduce_sum(*tensors: Tensor, group=None) -> List[Tensor]:
@@ -96,8 +97,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        (g,) = _AllReduceSum.apply(ctx.group, g)  # differentiable again, as above
         start = sum(ctx.sizes[: ctx.rank])
         return None, g[start:start + ctx.sizes[ctx.rank]], None
 
@@ -126,7 +126,8 @@ class _GlobalLinear(torch.autograd.Function):
     ranks (plus, debiased, the column sums of the gradient for the centring)."""
 
     @staticmethod
-    def forward(ctx, x, y, statistic: str, debiased: bool, group, n: int):
+    def forward(ctx, x, y, statistic: str, debiased: bool, group, sizes):
+        n = sum(sizes)
         cd = compute_dtype(x.dtype)
         u, w = x.to(cd), y.to(cd)
         p, q = u.shape[1], w.shape[1]
@@ -159,14 +160,18 @@ class _GlobalLinear(torch.autograd.Function):
         kk, ll, r, v = linear.value(s, scale.view(2, 1, 1), statistic, n, debiased)
         r = r.masked_fill(const, 0.0)  # a degenerate global batch: 0, with zero gradient
         v = v.masked_fill(const, 0.0)
-        ctx.statistic, ctx.group, ctx.n, ctx.dtype = statistic, group, n, x.dtype
-        linear.save(ctx, u, w, inv, kk, ll, r, v, None if d is None else d[None], t, a, cx, cy)
+        ctx.statistic, ctx.debiased, ctx.group, ctx.sizes, ctx.n, ctx.dtype = statistic, debiased, group, sizes, n, x.dtype
+        linear.save(ctx, x, y, u, w, inv, kk, ll, r, v, None if d is None else d[None], t, a, cx, cy)
         return v.view(())
 
     @staticmethod
     def backward(ctx, gv):
-        u, w, inv, kk, ll, r, v, d, t, a, cx, cy = linear.saved(ctx)
+        x, y, u, w, inv, kk, ll, r, v, d, t, a, cx, cy = linear.saved(ctx)
         need = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the gathered single-process op instead
+            fn = functools.partial(_gathered, statistic=ctx.statistic, debiased=ctx.debiased, group=ctx.group,
+                                   sizes=ctx.sizes, backend="torch")
+            return (*recomputed_grads((x, y), gv, need, fn), None, None, None, None)
         gv = gv.reshape(1, 1, 1).to(v.dtype).contiguous()
         dist.all_reduce(gv, op=dist.ReduceOp.SUM, group=ctx.group)  # the sum of the ranks' losses
         g = linear.coefficients(gv, kk, ll, r, v, ctx.statistic, need, d is not None)
@@ -183,6 +188,12 @@ class _GlobalLinear(torch.autograd.Function):
         return out[0], out[1], None, None, None, None
 
 
+def _gathered(x: Tensor, y: Tensor, statistic: str, debiased: bool, group, sizes, backend: str) -> Tensor:
+    """The single-process op on the all-gathered rows (gradient flowing back to the local shard)."""
+    xg, yg = _AllGather.apply(group, x, sizes), _AllGather.apply(group, y, sizes)
+    return (F.cka if statistic == "cka" else F.hsic)(xg, yg, debiased=debiased, backend=backend)
+
+
 def _linear(fn: str, x: Tensor, y: Tensor, statistic: str, debiased: bool, group, backend: str) -> Tensor:
     """Linear CKA or HSIC of the global batch, on the side the single-process op would take."""
     sizes = _row_counts(x, group)
@@ -191,9 +202,8 @@ def _linear(fn: str, x: Tensor, y: Tensor, statistic: str, debiased: bool, group
     if n < m:
         raise ValueError(f"{fn}: the global batch has {n} samples; at least {m} are needed{why}")
     if torch_backend.use_feature_space(n, x.shape[1], y.shape[1]):
-        return _GlobalLinear.apply(x, y, statistic, debiased, group, n)
-    xg, yg = _AllGather.apply(group, x, sizes), _AllGather.apply(group, y, sizes)
-    return (F.cka if statistic == "cka" else F.hsic)(xg, yg, debiased=debiased, backend=backend)
+        return _GlobalLinear.apply(x, y, statistic, debiased, group, sizes)
+    return _gathered(x, y, statistic, debiased, group, sizes, backend)
 
 
 def _check(fn, x, y):

@@ -44,6 +44,20 @@ def _wide():
     return x, y
 
 
+def _wide_data_small(p):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(sum(SPLIT), p, dtype=torch.float64, generator=g)
+    return x, x[:, :3] + torch.randn(sum(SPLIT), 3, dtype=torch.float64, generator=g)
+
+
+def _penalty(data, rows, fn):
+    """The gradient of a gradient penalty |d cka / dx|^2 (create_graph=True), for x's rows."""
+    x, y = (t[rows].clone().requires_grad_(True) for t in data)
+    (g,) = torch.autograd.grad(fn(x, y), x, create_graph=True)
+    g.square().sum().backward()
+    return x.grad, y.grad
+
+
 def _wide_cka(x, y, fn, debiased):
     """(value, grad of x, grad of y, bytes allocated by forward + backward)."""
     x, y = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
@@ -93,6 +107,8 @@ def _worker(rank, port, out_dir):
         for debiased in (False, True):
             res[("wide", debiased)] = _wide_cka(xw[wide], yw[wide], rkd.cka, debiased)
         res["wide-hsic"] = rkd.hsic(xw[wide], yw[wide], debiased=True)
+        for width in (5, 20):  # feature space (p + q <= n) and sample space
+            res[("penalty", width)] = _penalty(_wide_data_small(width), rows, rkd.cka)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears the group down while its peer is mid-exchange
     finally:
@@ -180,3 +196,16 @@ def test_wide_features_gather_rows_with_single_process_value_and_memory(results,
     if debiased:
         for r in range(WORLD):
             torch.testing.assert_close(results[r]["wide-hsic"], rk.hsic(x, y, debiased=True), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("width", [5, 20])
+def test_second_derivatives_match_single_process(results, width):
+    """Each rank's penalty is |WORLD d cka / dx_r|^2 (the gradient of the ranks' summed losses),
+    and its backward sums over the ranks: WORLD^2 times the single-process penalty's gradient."""
+    data = _wide_data_small(width)
+    want = _penalty(data, slice(None), rk.cka)
+    for r in range(WORLD):
+        lo = sum(SPLIT[:r])
+        rows = slice(lo, lo + SPLIT[r])
+        for got, w in zip(results[r][("penalty", width)], want):
+            torch.testing.assert_close(got, WORLD**2 * w[rows], rtol=1e-8, atol=1e-10)

@@ -441,10 +441,11 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
   }
 };
 
-// ``check``: raise ValueError when the value is NaN, which it is exactly when the input holds
-// NaN or Inf (a CPU value is read in place; elsewhere this is one host synchronisation).
-// The Python caller turns the error into its own message.
-void check_not_nan(const Tensor& v) {
+// ``check``: the caller's name, to raise ValueError in it when the value is NaN, which it is exactly
+// when the input holds NaN or Inf (a CPU value is read in place; elsewhere this is one host
+// synchronisation); the message is _validate.non_finite_error's. None: no check.
+void check_not_nan(const Tensor& v, std::optional<c10::string_view> check) {
+  if (!check.has_value()) return;
   bool nan = false;
   if (v.device().is_cpu() && v.is_contiguous()) {
     AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "rcka_native_check", [&] {
@@ -454,15 +455,16 @@ void check_not_nan(const Tensor& v) {
   } else {
     nan = at::isnan(v).any().item<bool>();
   }
-  TORCH_CHECK_VALUE(!nan, "rcka_native: input contains NaN or Inf");
+  TORCH_CHECK_VALUE(!nan, std::string(*check),
+                    ": input contains NaN or Inf (set rcka_kernels.config.check_finite = False to skip this check)");
 }
 
 Tensor linear_alignment(const Tensor& x, const Tensor& y, int64_t statistic, bool centered, bool debiased,
-                        bool check) {
+                        std::optional<c10::string_view> check) {
   const bool grad = at::GradMode::is_enabled();
   Tensor v = LinearAlignment::apply(x, y, statistic, centered, debiased, grad && x.requires_grad(),
                                     grad && y.requires_grad());
-  if (check) check_not_nan(v);
+  check_not_nan(v, check);
   return v;
 }
 
@@ -599,9 +601,9 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
 // offset + ws CKA(xs, ys) + wc CKA(xc^T, yc^T) for (N, P) inputs (centered=False: the
 // uncentred alignments); N, P >= 2 when centred.
 Tensor axis_pair_alignment(const Tensor& xs, const Tensor& ys, const Tensor& xc, const Tensor& yc, double ws,
-                           double wc, double offset, bool centered, bool check) {
+                           double wc, double offset, bool centered, std::optional<c10::string_view> check) {
   Tensor v = AxisPair::apply(xs, ys, xc, yc, ws, wc, offset, centered);
-  if (check) check_not_nan(v);
+  check_not_nan(v, check);
   return v;
 }
 
@@ -612,9 +614,9 @@ void set_cpu_loops(bool on) { rcka_native::cpu_loops = on; }
 
 TORCH_LIBRARY(rcka_native, m) {
   m.def("set_cpu_loops(bool on) -> ()", &set_cpu_loops);  // tests: the ATen path on CPU tensors too
-  m.def("linear_alignment(Tensor x, Tensor y, int statistic, bool centered, bool debiased, bool check) -> Tensor");
+  m.def("linear_alignment(Tensor x, Tensor y, int statistic, bool centered, bool debiased, str? check) -> Tensor");
   m.def("axis_pair_alignment(Tensor xs, Tensor ys, Tensor xc, Tensor yc, float ws, float wc, float offset, "
-        "bool centered, bool check) -> Tensor");
+        "bool centered, str? check) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rcka_native, CompositeImplicitAutograd, m) {

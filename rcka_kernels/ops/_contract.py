@@ -1,10 +1,11 @@
-"""What a backend implements: the sufficient statistics of DESIGN.md section 2.
+"""What a backend implements: the sufficient statistics of HSIC, CKA and MMD.
 
-Every backend (torch, triton, cuda) provides the functions below, with these
-exact signatures, in a module or object registered with
-``rcka_kernels._dispatch.register_kernels(name, loader)``. The custom ops in
-``rcka_kernels/ops/stats.py`` call them; the HSIC/CKA/MMD formulas that combine
-the statistics live once, in ``rcka_kernels/functional.py``, for all backends.
+Every backend (torch, triton, cuda) is a module listed in ``rcka_kernels._dispatch``
+(``_LOADERS``; ``_dispatch.kernels(name)`` loads it) that provides the functions
+below, with these exact signatures. The custom ops in ``rcka_kernels/ops/stats.py``
+call them; the linear-kernel autograd op is ``rcka_kernels/ops/linear.py``; the step
+from these statistics to HSIC and CKA lives once, in ``rcka_kernels/estimators.py``.
+This module is documentation only: nothing imports it.
 
 Conventions
 - ``x`` is ``(G, n, p)`` and ``y`` is ``(G, n, q)`` (``(G, m, p)`` for MMD),
@@ -29,7 +30,8 @@ Functions
   centred and scaled into [-1, 1]. The torch backend, which it calls directly,
   also takes the two inputs stacked (``x`` (2G, n, p), ``y`` None), returns S as
   the (G, 2, 2) Gram matrix of K and L with what its backward reuses
-  (``linear_stats_saving``), and skips the gradient of an input not needed.
+  (``linear_stats_saving``; ``debiased_products`` for the debiased estimator in
+  sample space), and skips the gradient of an input not needed.
 - ``rbf_stats(x, y, gamma_x, gamma_y) -> (S, rx, ry)``: ``S`` as above for the
   RBF Grams K, L but over i != j; ``rx_i = sum_{j != i} K_ij``, ``ry`` likewise (G, n).
 - ``rbf_stats_backward(x, y, gamma_x, gamma_y, gS, grx, gry) -> (dx, dy)``.
@@ -37,19 +39,9 @@ Functions
 - ``rbf_mmd_sums(x, y, gamma) -> S``: ``S[:, 0] = sum_{i != j} K_XX``,
   ``S[:, 1] = sum_{i != j} K_YY``, ``S[:, 2] = sum K_XY`` (all pairs) with one bandwidth.
 - ``rbf_mmd_sums_backward(x, y, gamma, gS) -> (dx, dy)``.
+
+Optional (``_dispatch.provides(name, member)``; the public functions fall back to
+the torch backend's where a backend lacks it)
+- ``centered_gram(x, kernel, gamma, debiased) -> (G, n, n)`` in the compute dtype:
+  H K H, or the U-centred K (zero diagonal) if debiased; gamma (G,) for RBF.
 """
-
-# Optional: a backend may implement these; the public functions fall back to the
-# torch backend's (``rcka_kernels._dispatch.provides``).
-# - ``centered_gram(x, kernel, gamma, debiased) -> (G, n, n)`` in the compute dtype:
-#   H K H, or the U-centred K (zero diagonal) if debiased; gamma (G,) for RBF.
-OPTIONAL = ("centered_gram",)
-
-FUNCTIONS = (
-    "linear_stats",
-    "linear_stats_backward",
-    "rbf_stats",
-    "rbf_stats_backward",
-    "rbf_mmd_sums",
-    "rbf_mmd_sums_backward",
-)

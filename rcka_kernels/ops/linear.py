@@ -3,39 +3,47 @@
     functional.py (checks, dispatch) -> linear_alignment (here) -> backend products
     (ops/_contract.py: linear_stats_saving, linear_stats_backward) -> kernels
 
-Forward, for groups x (G, n, p), y (G, n, q):
- 1. Prepare: centre the columns (not for the uncentred alignment) and divide each
-    group by s, its largest |entry| after centring, so every
+This file is the definition of the op's arithmetic; the native op
+(rcka_kernels/csrc/linear_alignment.cpp) implements the same steps, function for
+function, and tests/test_linear.py holds the two to each other.
+
+Forward (``_forward``), for groups x (G, n, p), y (G, n, q):
+ 1. Prepare (``_prepare``): centre the columns (not for the uncentred alignment) and
+    divide each group by s, its largest |entry| after centring, so every
     entry lies in [-1, 1]: the products can neither overflow nor underflow, whatever
     the scale of the input, and CKA does not see s. s = 0 exactly when all rows are
     equal (uncentred: x = 0): the inputs become 0 and the value is 0. s is NaN or Inf
     exactly when the input holds NaN or Inf, and NaN then reaches the value.
-    Same-shaped x and y are stacked into one (G, 2, n, p) tensor, so every step is
-    one op for both.
- 2. Products: the backend's S = (<K,L>, <K,K>, <L,L>) of the prepared inputs
-    (feature or sample space, whichever is cheaper) and what its backward reuses.
- 3. Debiased (Song et al. 2012): centred inputs have K 1 = 0, so with the
-    diagonals d = diag K, e = diag L the unbiased HSIC is a correction of S,
-        n (n-3) HSIC_u(K, L) = <K,L> - c1 d.e + c2 (1'd)(1'e),
-    c1 = n / (n-2), c2 = 1 / ((n-1)(n-2)); likewise for (K, K) and (L, L).
- 4. Value: hsic = S'_kl (s_x s_y)^2 / N with N = (n-1)^2 or n (n-3);
-    cka = S'_kl / sqrt(S'_kk S'_ll), and 0 where a self-term is not positive.
-Backward: dv/dS' in closed form -> the backend's vector-Jacobian product
-(2 gkl L X + 4 gkk K X) -> the diagonal terms 2 gd_i u_i -> the centring
-projection (debiased only: the diagonal terms' columns do not sum to 0) -> times
-1/s (the value is homogeneous in each input's scale, so this is exact). An input
-that does not require grad gets no gradient work.
+    Same-shaped small x and y are stacked into one (2G, n, p) tensor, so every step
+    is one op for both.
+ 2. Products (``_products``): the backend's S = [[<K,K>, <K,L>], [<L,K>, <L,L>]] of the
+    prepared inputs (feature or sample space, whichever is cheaper) and what its
+    backward reuses. Debiased (Song et al. 2012), S holds n (n-3) times the unbiased
+    HSIC terms instead: in sample space <K_u, L_u> of the U-centred Grams, formed in
+    float64 from the Grams' own entries (``torch_backend.debiased_products``), so the
+    diagonals the estimator cancels never enter a sum (their share grows with p);
+    in feature space, where it does not, S corrected by the diagonals (``debias``).
+ 3. Value (``value``): hsic = S_kl (s_x s_y)^2 / N with N = ``estimators.normaliser``;
+    cka = S_kl / sqrt(S_kk S_ll), and 0 where a self-term is not positive.
+Backward: dv/dS in closed form (``coefficients``) -> the backend's vector-Jacobian
+product (2 gkl L X + 4 gkk K X; K_u, L_u in place of K, L in debiased sample space,
+whose rows sum to 0) -> in feature space, debiased, the diagonal terms 2 gd_i u_i and
+the centring projection (their columns do not sum to 0) -> times 1/s (the value is
+homogeneous in each input's scale, so this is exact). An input that does not require
+grad gets no gradient work. A backward that runs with grad mode on (create_graph=True)
+instead differentiates a recomputation of the forward with autograd recording
+(``stats.recomputed_grads``), so the gradient can be differentiated again.
 
-On the torch backend the same arithmetic runs natively (rcka_kernels/csrc/, a C++ autograd
-function registered as rcka_native::linear_alignment) when it is built; the Python
-version here runs otherwise, for the compiled backends and under torch.compile.
-It is a ``torch.autograd.Function`` rather than a Python ``torch.library`` custom op:
-the forward hands the backward a dozen intermediates (the prepared inputs, the
-products, S), which a custom op could only pass as extra outputs, and a custom op
-call costs about 30 us more on the CPU, the price of the whole loss at the paper's
-batch sizes. torch.compile traces it (the torch backend is plain torch ops); the
-compiled backends are reached through their custom ops (ops/stats.py), opaque to
-the tracer with fake kernels.
+On the torch backend the same arithmetic runs natively (a C++ autograd function
+registered as rcka_native::linear_alignment) when it is built; the Python version
+here runs otherwise, for the compiled backends and under torch.compile. It is a
+``torch.autograd.Function`` rather than a Python ``torch.library`` custom op: the
+forward hands the backward a dozen intermediates (the prepared inputs, the products,
+S), which a custom op could only pass as extra outputs, and a custom op adds a fixed
+cost per call that is a visible share of the loss at the paper's batch sizes.
+torch.compile traces it (the torch backend is plain torch ops); the compiled backends
+are reached through their custom ops (ops/stats.py), opaque to the tracer with fake
+kernels.
 """
 
 from __future__ import annotations
@@ -294,13 +302,8 @@ def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debia
     if compiling is None:
         compiling = _is_compiling()
     native = _native.op() if backend == "torch" and not compiling else None
-    if native is not None:
-        try:
-            return native(x, y, _native.STATISTICS[statistic], centered, debiased, check is not None)
-        except ValueError:
-            if check is None:
-                raise
-            raise non_finite_error(check) from None
+    if native is not None:  # it raises non_finite_error(check)'s message itself
+        return native(x, y, _native.STATISTICS[statistic], centered, debiased, check)
     v = _LinearAlignment.apply(x, y, statistic, centered, debiased, backend)
     if check is not None and bool(torch.isnan(v).any()):
         raise non_finite_error(check)
@@ -315,12 +318,7 @@ def axis_pair_alignment(xs: Tensor, ys: Tensor, xc: Tensor, yc: Tensor, ws: floa
     (m = min(N, P)); otherwise, or without it, two calls of ``linear_alignment``."""
     native = _native.pair_op() if backend == "torch" and xs.numel() < _SMALL and not _is_compiling() else None
     if native is not None:
-        try:
-            return native(xs, ys, xc, yc, ws, wc, offset, centered, check is not None)
-        except ValueError:
-            if check is None:
-                raise
-            raise non_finite_error(check) from None
+        return native(xs, ys, xc, yc, ws, wc, offset, centered, check)
     vs = linear_alignment(xs, ys, "cka", centered, False, backend, check)
     vc = linear_alignment(xc.mT, yc.mT, "cka", centered, False, backend, check)
     return offset + ws * vs + wc * vc
