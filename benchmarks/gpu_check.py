@@ -41,14 +41,13 @@ bench stage adds the benchmarks' JSON (then markdown, plots): at most 8 files pe
 of letters, digits, '.', '_' and '-'. The exit code is 1 if a stage failed, 2 without a GPU.
 
 On a leased machine that keeps nothing, has no network and returns only the files of
-one folder ($OUT): fetch the wheels here first (``--fetch-wheels``; they stay out of
-git), then two commands, back to back, with <HEAD> this checkout's commit (the copy
-sent there may have no .git):
+one folder ($OUT): fetch the wheels here first (``--fetch-wheels``; git ignores them),
+then two commands, back to back, with <HEAD> this checkout's commit (the copy sent
+there may have no .git):
 
-    command: python3 benchmarks/gpu_check.py --stage test --out $OUT --commit <HEAD>
-             timeout_s 300
-    command: python3 benchmarks/gpu_check.py --stage bench --out $OUT --commit <HEAD>
-             carry ["benchmarks/wheels"], timeout_s 120
+    run(command="python3 benchmarks/gpu_check.py --stage test --out $OUT --commit <HEAD>", timeout_s=300)
+    run(command="python3 benchmarks/gpu_check.py --stage bench --out $OUT --commit <HEAD>",
+        carry=["benchmarks/wheels/pytorch_cka-1.1.3-py3-none-any.whl"], timeout_s=120)
 
 Commit what comes back under benchmarks/results/gpu_<gpu>/. If tests failed and
 time is left, copy test.json there (the tree sent along then holds it) and run

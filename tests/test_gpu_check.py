@@ -41,8 +41,10 @@ def test_the_two_commands_fit_seven_minutes():
         steps = gpu_check.plan(stage, "python", "90", HAVE, "/scratch")
         assert sum(s.budget_s for s in steps) == gpu_check.BUDGET[stage]
         assert gpu_check.BUDGET[stage] + gpu_check.GRACE_S + 5 <= limit
-        assert f"timeout_s {limit}" in gpu_check.__doc__
+        assert f"timeout_s={limit})" in gpu_check.__doc__
         assert all(s.budget_s > 0 for s in steps if not s.skip)
+    for wheel in gpu_check.PEER_WHEELS:  # the carried wheel the docstring names is the pinned one
+        assert wheel.replace("-", "_").replace("==", "-") + "-py3-none-any.whl" in gpu_check.__doc__
 
 
 def test_bench_stage_builds_again_only_when_the_build_is_gone():
