@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .utils import ENVIRONMENTS, KERNEL_ENVIRONMENTS, REQUIRE, case_id, cxx, generated, lacks, make_env, require
+from .utils import ENVIRONMENTS, KERNEL_ENVIRONMENTS, REQUIRE, build_cache, case_id, cxx, generated, lacks, make_env, require
 
 
 def pytest_configure(config):
@@ -40,7 +40,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_generate_tests(metafunc):
     """A test with the `env` or `kernel_env` fixture runs in each environment generated here
-    (tests/utils.py: generated), crossed with its `grid` cases where the environment admits them."""
+    (tests/utils.py: generated), crossed with its `grid` cases where the environment admits
+    them, marked `slow` where they are not their code path's representative."""
     fixture = next((f for f in ("kernel_env", "env") if f in metafunc.fixturenames), None)
     if fixture is None:
         return
@@ -49,10 +50,15 @@ def pytest_generate_tests(metafunc):
     if mark is None:
         metafunc.parametrize(fixture, envs, indirect=True)
         return
-    argnames, cases, admit = mark.args
+    argnames, cases, admit, fast = mark.args
     names = argnames.split(",")
-    params = [pytest.param(e.values[0], *case, marks=e.marks, id="-".join([e.id, *map(case_id, case)]))
-              for e in envs for case in cases if admit is None or admit(e.values[0][0], **dict(zip(names, case)))]
+    params = []
+    for e in envs:
+        for case in cases:
+            kw = dict(zip(names, case), env=e.values[0][0])
+            if admit is None or admit(**kw):
+                marks = [*e.marks] + ([] if fast is None or fast(**kw) else [pytest.mark.slow])
+                params.append(pytest.param(e.values[0], *case, marks=marks, id="-".join([e.id, *map(case_id, case)])))
     metafunc.parametrize([fixture, *names], params, indirect=[fixture])
 
 
@@ -148,8 +154,9 @@ def cuda_emulation():
     import pybind11
 
     compiler = cxx()
-    h = hashlib.sha256(b"".join(p.read_bytes() for p in DEPS) + compiler.encode()).hexdigest()[:16]
-    out_dir = ROOT / "build" / "cuda-emu" / h
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in DEPS) + f"{compiler} {version} {pybind11.__version__}".encode()).hexdigest()[:16]
+    out_dir = build_cache("cuda-emu") / h
     so = out_dir / ("_rcka_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
     if not so.exists():
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import rcka_kernels as rk
 from rcka_kernels import reference
 from rcka_kernels.ops import torch_backend as tb
 
-from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept, cpu64, cross, gamma, grid, runs
+from .utils import DTYPES, EMULATORS, KERNELS, SHAPES, accept, cpu64, cross, gamma, grid, one_rule, runs
 
 f64 = torch.float64
 BOOLS = [False, True]
@@ -52,16 +52,18 @@ def _check(env, fn, ref, inputs, dtype, w):
 # ----------------------------------------------------------------------------- public functions
 
 
-def _public(env: str, n: int, dtype: torch.dtype, kernel: str, sigma, width: int) -> bool:
-    """Where the public functions run: wherever the environment runs the case (``runs``), the
-    emulators in float32 only. Their other dtypes take the same public code in the torch
-    environment, and the same kernels in the contract tests below (every dtype on the
-    small shapes, against the torch backend in float64)."""
-    return runs(env, n, dtype, kernel, sigma, width) and (env not in EMULATORS or dtype == torch.float32)
+def _fast(env: str, n: int, dtype: torch.dtype, kernel: str, sigma) -> bool:
+    """The public functions' cases that run without the `slow` tests: each bandwidth rule's
+    representative (``one_rule``), and in the emulators float32 only. Their other dtypes
+    take the same public code in the torch environment, and the same kernels in the
+    contract tests below (every dtype on the small shapes, against the torch backend in
+    float64)."""
+    return one_rule(env, n, kernel, sigma) and (env not in EMULATORS or dtype == torch.float32)
 
 
 @grid("n,p,q,dtype,kernel,sigma,debiased", cross(SHAPES, DTYPES, KERNELS, BOOLS),
-      lambda env, n, p, q, dtype, kernel, sigma, **_: _public(env, n, dtype, kernel, sigma, p + q))
+      lambda env, n, p, q, dtype, kernel, sigma, **_: runs(env, n, dtype, kernel, sigma, p + q),
+      lambda env, n, dtype, kernel, sigma, **_: _fast(env, n, dtype, kernel, sigma))
 def test_cka_hsic(kernel_env, n, p, q, dtype, kernel, sigma, debiased):
     if isinstance(sigma, float):  # a fixed bandwidth of the data's scale, not K = I
         sigma *= max(p, q) ** 0.5
@@ -97,7 +99,8 @@ def _mmd(env: str, kernel: str) -> bool:
 
 @grid("n,m,d,dtype,kernel,sigma,unbiased",  # the unbiased estimator needs two samples on each side
       [c for c in cross(MMD_SHAPES, DTYPES, KERNELS, BOOLS) if not (c[-1] and min(c[0], c[1]) < 2)],
-      lambda env, n, m, d, dtype, kernel, sigma, **_: _mmd(env, kernel) and _public(env, n + m, dtype, kernel, sigma, d))
+      lambda env, n, m, d, dtype, kernel, sigma, **_: _mmd(env, kernel) and runs(env, n + m, dtype, kernel, sigma, d),
+      lambda env, n, m, dtype, kernel, sigma, **_: _fast(env, n + m, dtype, kernel, sigma))
 def test_mmd(kernel_env, n, m, d, dtype, kernel, sigma, unbiased):
     x, z = _mmd_pair(2, n, m, d, dtype, kernel_env.device, seed=1)
     w = torch.randn(2, dtype=f64, device=kernel_env.device)
@@ -115,10 +118,10 @@ def _gram(env: str, shape: tuple) -> bool:
     return env != "torch-python" and (env != "cuda-emulated" or shape == GRAM_SHAPES[2])
 
 
-# Triton's fused centered_gram has no contract test: the interpreter runs every case it can
+# Triton's fused centered_gram has no contract test: the interpreter runs it in every dtype
 @grid("g,n,p,dtype,kernel,sigma,debiased", cross(GRAM_SHAPES, DTYPES, KERNELS, BOOLS),
-      lambda env, g, n, p, dtype, kernel, sigma, **_:
-      _gram(env, (g, n, p)) and (runs if env == "triton-interpreter" else _public)(env, n, dtype, kernel, sigma, g * p))
+      lambda env, g, n, p, dtype, kernel, sigma, **_: _gram(env, (g, n, p)) and runs(env, n, dtype, kernel, sigma, g * p),
+      lambda env, n, dtype, kernel, sigma, **_: one_rule(env, n, kernel, sigma) and (env != "cuda-emulated" or dtype == torch.float32))
 def test_centered_gram(kernel_env, g, n, p, dtype, kernel, sigma, debiased):
     x, _ = kernel_env.pair(n, p, 1, dtype, batch=(g,))
     w = torch.randn(g, n, n, dtype=f64, device=kernel_env.device)

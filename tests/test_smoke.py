@@ -18,4 +18,4 @@ def test_environment_has_what_it_needs(name):
     """Each test environment this machine can have (tests/utils.py: ENVIRONMENTS) has what it
     needs. Where one lacks something its tests are not generated, and this skip says what is
     missing; with the environment's RCKA_REQUIRE_* switch set (CI: .ci/run) it fails instead."""
-    require(REQUIRE[name], lacks(name) and f"{name}: {lacks(name)}")
+    require(REQUIRE[name], lacks(name))

@@ -19,6 +19,7 @@ import itertools
 import os
 import shutil
 import socket
+from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
@@ -83,6 +84,11 @@ MAX_N = {"triton-interpreter": 80, "cuda-emulated": 140, "torch": 320, "torch-py
 # kernels with another gamma, computed before them by the code every backend shares.
 EMULATORS = ("triton-interpreter", "cuda-emulated")
 SMALL_N, SMALL = 33, 1000
+# The bandwidth rules are computed before the kernels by code all backends share, on a path
+# that does not change with n below a torch block (RCKA_TORCH_BLOCK_ELEMS): without the
+# `slow` tests, the emulators run the median rule only, the other CPU environments the
+# other rules on shapes of up to RULES_N rows.
+RULES_N = 70
 # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9): bf16 runs on GPUs only.
 NO_DTYPE = {"triton-interpreter": {torch.bfloat16: "the interpreter's bf16 tl.dot is wrong (triton 3.9); bf16 runs on GPUs"}}
 
@@ -90,17 +96,20 @@ NO_DTYPE = {"triton-interpreter": {torch.bfloat16: "the interpreter's bf16 tl.do
 def runs(env: str, n: int = 0, dtype: Optional[torch.dtype] = None, kernel: str = "linear", sigma=None, width: int = 0) -> bool:
     """Whether environment ``env`` runs a case of ``n`` rows and n x ``width`` input elements
     in ``dtype``, with ``kernel`` and its bandwidth rule ``sigma``, at all and in reasonable
-    time (MAX_N, NO_DTYPE, EMULATORS; the torch backend without its native op differs from
-    the torch environment in the linear kernel only). The rule by which tests/conftest.py
-    generates each environment's cases (``grid``)."""
+    time (MAX_N, NO_DTYPE, EMULATORS; the torch backend without its native op differs
+    from the torch environment in the linear kernel only). The rule by which
+    tests/conftest.py generates each environment's cases (``grid``)."""
     if n > MAX_N.get(env, n) or dtype in NO_DTYPE.get(env, {}):
         return False
-    if env in EMULATORS:
-        if kernel != "linear" and sigma is not None:
-            return False
-        if (n > SMALL_N or n * width > SMALL) and dtype not in (None, torch.float32):
-            return False
+    if env in EMULATORS and (n > SMALL_N or n * width > SMALL) and dtype not in (None, torch.float32):
+        return False
     return env != "torch-python" or kernel == "linear"
+
+
+def one_rule(env: str, n: int, kernel: str, sigma) -> bool:
+    """Whether a case is its bandwidth rule's representative in environment ``env`` (RULES_N):
+    the cases that are not run only with the `slow` tests."""
+    return kernel == "linear" or sigma is None or not (env in EMULATORS or (env in MAX_N and n > RULES_N))
 
 
 def cross(*axes) -> list:
@@ -109,12 +118,15 @@ def cross(*axes) -> list:
     return [sum((v if isinstance(v, tuple) else (v,) for v in combo), ()) for combo in itertools.product(*axes)]
 
 
-def grid(argnames: str, cases, admit: Optional[Callable[..., bool]] = None) -> pytest.MarkDecorator:
+def grid(argnames: str, cases, admit: Optional[Callable[..., bool]] = None,
+         fast: Optional[Callable[..., bool]] = None) -> pytest.MarkDecorator:
     """A test's cases in every environment of its ``env`` or ``kernel_env`` fixture:
     ``argnames`` and ``cases`` as for pytest.mark.parametrize. tests/conftest.py crosses
     them with the environments here and generates only the (environment, case) pairs for
-    which ``admit(environment name, **case)`` holds (all when ``admit`` is None)."""
-    return pytest.mark.grid(argnames, [tuple(c) for c in cases], admit)
+    which ``admit(environment name, **case)`` holds (all when ``admit`` is None), marked
+    `slow` where ``fast(environment name, **case)`` does not hold: the exhaustive rest of
+    the cross, which `make test` and CI do not run (``pytest -m slow`` does)."""
+    return pytest.mark.grid(argnames, [tuple(c) for c in cases], admit, fast)
 
 
 def case_id(value) -> str:
@@ -144,6 +156,15 @@ def require(switch: Optional[str], reason: Optional[str], module: bool = False) 
     if required(switch):
         pytest.fail(f"{switch}=1 but {reason}", pytrace=False)
     pytest.skip(reason, allow_module_level=module)
+
+
+def build_cache(name: str) -> Path:
+    """Where the test builds keep what they compiled, keyed by everything that goes into it
+    (sources, flags, compiler): $RCKA_TEST_CACHE/name, by default ~/.cache/rcka-kernels-tests/name
+    (outside the clone, as torch's and Triton's own build caches are, so that a fresh clone
+    on a machine that built the same sources before does not compile them again)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rcka-kernels-tests"
+    return Path(os.environ.get("RCKA_TEST_CACHE") or default) / name
 
 
 def cxx() -> Optional[str]:

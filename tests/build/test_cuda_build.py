@@ -4,8 +4,9 @@ Each csrc/kernels_<dtype>.cu is compiled to a cubin with ``nvcc -Xptxas -v``
 for both architectures (no GPU needed). The test fails on a compile error, on
 any non-zero "spill stores"/"spill loads", on a missing kernel, and when the
 fp16/bf16 kernels do not use tensor cores (wmma in their PTX). Results are
-cached under build/ptxas-check/, keyed by the sources, the flags and the nvcc
-version, so an unchanged tree costs nothing the second time.
+cached under ~/.cache/rcka-kernels-tests/ptxas-check/ (tests/utils.py: build_cache),
+keyed by the sources, the flags and the nvcc version, so unchanged sources cost
+nothing the second time, in this clone or another.
 """
 
 import hashlib
@@ -17,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from ..utils import build_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -68,7 +71,7 @@ def _compile(job):
 
 @pytest.fixture(scope="module")
 def logs():
-    cache = ROOT / "build" / "ptxas-check" / _key()
+    cache = build_cache("ptxas-check") / _key()
     cache.mkdir(parents=True, exist_ok=True)
     jobs = [(d, a, "cubin", cache) for d in DTYPES for a in ARCHS]
     jobs += [(d, 80, "ptx", cache) for d in ("f16", "bf16")]

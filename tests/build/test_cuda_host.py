@@ -20,6 +20,8 @@ import torch
 
 from rcka_kernels import reference
 
+from ..utils import build_cache
+
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "tests" / "build" / "cuda_host" / "tile_math_test.cpp"
 HEADER = ROOT / "csrc" / "tile_math.cuh"
@@ -42,7 +44,7 @@ def binary(tmp_path_factory):
     if cc is None:
         pytest.skip("no C++ compiler")
     digest = hashlib.sha256(SRC.read_bytes() + HEADER.read_bytes() + " ".join(cc).encode()).hexdigest()[:16]
-    cache = ROOT / "build" / "cuda-host-test"
+    cache = build_cache("cuda-host-test")
     exe = cache / f"tile_math_test-{digest}"
     if not exe.exists():
         cache.mkdir(parents=True, exist_ok=True)
