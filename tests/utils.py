@@ -79,15 +79,13 @@ GPU_ENVIRONMENTS = ("torch-cuda", "triton-cuda", "cuda")
 # larger n runs on GPUs only.
 MAX_N = {"triton-interpreter": 80, "cuda-emulated": 140, "torch": 320, "torch-python": 320, "reference": 320}
 # The emulators run every dtype on the small shapes (n <= 33 and n (p + q) <= SMALL: one to
-# three 16-row tiles, one feature chunk) and float32 on every shape up to their MAX_N, with
-# the linear kernel and one RBF bandwidth rule (the median): the other rules are the same
-# kernels with another gamma, computed before them by the code every backend shares.
+# three 16-row tiles, one feature chunk) and float32 on every shape up to their MAX_N.
 EMULATORS = ("triton-interpreter", "cuda-emulated")
 SMALL_N, SMALL = 33, 1000
-# The bandwidth rules are computed before the kernels by code all backends share, on a path
-# that does not change with n below a torch block (RCKA_TORCH_BLOCK_ELEMS): without the
-# `slow` tests, the emulators run the median rule only, the other CPU environments the
-# other rules on shapes of up to RULES_N rows.
+# The bandwidth rules are computed before the kernels, by code all backends share, on a path
+# that does not change with n below a torch block (RCKA_TORCH_BLOCK_ELEMS): the other rules
+# are the same kernels with another gamma. Without the `slow` tests the emulators run the
+# median rule only, the other CPU environments the other rules up to RULES_N rows.
 RULES_N = 70
 # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9): bf16 runs on GPUs only.
 NO_DTYPE = {"triton-interpreter": {torch.bfloat16: "the interpreter's bf16 tl.dot is wrong (triton 3.9); bf16 runs on GPUs"}}
@@ -180,20 +178,20 @@ def lacks(env: str) -> Optional[str]:
 
     if env in GPU_ENVIRONMENTS and not torch.cuda.is_available():
         return "no CUDA device"
-    why = None
     if env == "torch":
-        why = _dispatch.native_status().reason and f"the torch backend's native linear op: {_dispatch.native_status().reason}"
+        what, why = "the torch backend's native linear op", _dispatch.native_status().reason
     elif env == "triton-interpreter":
-        why = triton_backend.interpreter_reason() and f"Triton's interpreter: {triton_backend.interpreter_reason()}"
+        what, why = "Triton's interpreter", triton_backend.interpreter_reason()
     elif env == "cuda-emulated":
-        if importlib.util.find_spec("pybind11") is None:
-            why = "the CUDA emulation: pybind11 is not installed"
-        elif cxx() is None:
-            why = "the CUDA emulation: no C++ compiler (g++ or $CXX)"
+        what = "the CUDA emulation"
+        why = ("pybind11 is not installed" if importlib.util.find_spec("pybind11") is None
+               else "no C++ compiler (g++ or $CXX)" if cxx() is None else None)
     elif env in ("triton-cuda", "cuda"):
-        st = _dispatch.status(env.removesuffix("-cuda"), torch.device("cuda"))
-        why = st.reason and f"the {env.removesuffix('-cuda')} backend on the GPU: {st.reason}"
-    return why
+        backend = env.removesuffix("-cuda")
+        what, why = f"the {backend} backend on the GPU", _dispatch.status(backend, torch.device("cuda")).reason
+    else:
+        return None
+    return why and f"{what}: {why}"
 
 
 def generated(param) -> bool:
