@@ -170,12 +170,13 @@ def scan_groups(fn: str, *groups: torch.Tensor):
     """One pass over each (G, n, p) group batch: the column minima and maxima give
     both the NaN/Inf check (they propagate NaN and hold any Inf) and, per group,
     whether all rows are equal (min == max in every column). Returns the flags."""
-    flags, ok = [], []
+    flags, ends = [], []
     for t in groups:
         mn, mx = torch.aminmax(t, dim=1)
         flags.append((mn == mx).all(-1))
-        ok.append(torch.isfinite(mn).all() & torch.isfinite(mx).all())
-    _raise_non_finite(fn, torch.stack(ok).all())
+        ends += [mn.flatten(), mx.flatten()]
+    if wants_finite_check(groups[0].device):
+        _raise_non_finite(fn, torch.isfinite(torch.cat(ends)).all())
     return flags
 
 

@@ -107,22 +107,23 @@ def _dense_fits(x3: Tensor, backend: str) -> bool:
 
 
 def _dense_rbf(x3: Tensor, sigma: Sigma) -> Tensor:
-    """exp(-gamma |x_i - x_j|^2) (G, n, n) in the compute dtype, from the Gram matrix G of the
-    centred rows (d_ij = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1), with
-    plain torch ops: autograd differentiates it to any order. The bandwidth is taken from the
-    same distances (a constant for autograd, as everywhere)."""
+    """exp(-|x_i - x_j|^2 / (2 sigma^2)) (G, n, n) in the compute dtype, from the Gram matrix G
+    of the centred rows (d_ij = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1),
+    with plain torch ops: autograd differentiates it to any order. The bandwidth is taken
+    from the same distances (a constant for autograd, as everywhere)."""
     xc = center_columns(x3.to(compute_dtype(x3.dtype)))
     gm = xc @ xc.mT
     sq = gm.diagonal(dim1=-2, dim2=-1)
-    d = (sq[:, :, None] + sq[:, None, :] - 2.0 * gm).clamp_min(0.0)
-    gamma = 0.5 / _bandwidth.sigma2(x3, "median" if sigma is None else sigma, d.detach())
-    return torch.exp(d * -gamma[:, None, None])
+    d = (sq[:, :, None] + sq[:, None, :]).sub_(gm, alpha=2.0).clamp_min(0.0)
+    s2 = _bandwidth.sigma2(x3, "median" if sigma is None else sigma, d.detach())
+    return torch.exp(d / (-2.0 * s2)[:, None, None])
 
 
-def _dots(pairs) -> Tensor:
-    """(G, len(pairs)) float64 sums of a o b over (G, n, n) pairs: row dot products in the
-    compute dtype, their sum in float64 (as the streamed path's blocks)."""
-    return torch.stack([torch.linalg.vecdot(a, b).double().sum(-1) for a, b in pairs], -1)
+def _gram_of_grams(kl: Tensor) -> Tensor:
+    """[[<K,K>, <K,L>], [<L,K>, <L,L>]] (G, 2, 2) of the Grams kl (G, 2, n, n), in float64 (one
+    product; the entries' products are exact there, so the sums do not grow their rounding with n^2)."""
+    f = kl.flatten(2).double()
+    return f @ f.mT
 
 
 def _rbf_hsic_terms(x3: Tensor, y3: Tensor, sigma: Sigma, debiased: bool, backend: str):
@@ -132,8 +133,9 @@ def _rbf_hsic_terms(x3: Tensor, y3: Tensor, sigma: Sigma, debiased: bool, backen
     streamed statistics (diagonals left out, see ops/_contract.py)."""
     n = x3.shape[1]
     if _dense_fits(x3, backend):
-        k, l = (centre_nxn(_dense_rbf(t, sigma), debiased) for t in (x3, y3))
-        return (_dots([(k, l), (k, k), (l, l)]) / estimators.normaliser(n, debiased)).unbind(-1)
+        kl = centre_nxn(torch.stack([_dense_rbf(x3, sigma), _dense_rbf(y3, sigma)], 1), debiased)
+        s = _gram_of_grams(kl) / estimators.normaliser(n, debiased)
+        return s[:, 0, 1], s[:, 0, 0], s[:, 1, 1]
     s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
     rx, ry = rx.double(), ry.double()
     dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
@@ -217,8 +219,9 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
         sq = [(m * m).sum((1, 2)) for m in (xd.mT @ yd, xd.mT @ xd, yd.mT @ yd)]
         return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
     if _dense_fits(x3, backend):
-        k, l = _dense_rbf(x3, sigma), _dense_rbf(y3, sigma)
-        return _dots([(k, l), (k, k), (l, l)]), k.sum(-1).double().sum(-1), l.sum(-1).double().sum(-1)
+        kl = torch.stack([_dense_rbf(x3, sigma), _dense_rbf(y3, sigma)], 1)
+        t = kl.sum((2, 3), dtype=torch.float64)
+        return _gram_of_grams(kl).flatten(1)[:, (1, 0, 3)], t[:, 0], t[:, 1]
     # RBF Grams do not change under a translation of the inputs
     s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
     n = x3.shape[1]
