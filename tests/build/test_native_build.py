@@ -66,22 +66,21 @@ def _finish(proc):
     return json.loads(out.strip().splitlines()[-1]), err
 
 
-def test_first_call_builds_the_op_once_across_processes_and_then_loads_it_from_the_cache(tmp_path):
+def test_first_call_builds_the_op_once_across_processes(tmp_path):
     """The one compile of the suite: two processes make their first call at once on an empty
     cache holding a lock file left by a killed build (cpp_extension alone would wait on it forever)."""
     _can_build()
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "lock").touch()
-    first = [_finish(p) for p in [_start(cache), _start(cache)]]
-    again = _finish(_start(cache))
-    for result, err in first + [again]:
+    both = [_finish(p) for p in [_start(cache), _start(cache)]]
+    for result, err in both:
         assert result["available"] and result["reason"] is None, result["reason"]
         assert result["native_ran"] and result["error"] < 1e-12
         assert result["loaded_at_import"] == 0
         assert [Path(p).parent.parent for p in result["libraries"]] == [cache], result["libraries"]
-    assert sum(err.count(BUILDING) for _, err in first) == 1, [err for _, err in first]
-    assert BUILDING not in again[1]  # the cache is reused, silently
+    # one built it and said so; the other waited and loaded it from the cache, silently
+    assert sorted(err.count(BUILDING) for _, err in both) == [0, 1], [err for _, err in both]
 
 
 def test_cache_is_per_torch_version_and_python_abi(monkeypatch, tmp_path):
