@@ -513,7 +513,7 @@ def fetch_wheels() -> int:
            "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
            "-d", str(WHEELS), *PEER_WHEELS]
     rc = subprocess.call(cmd)
-    print(f"{sorted(p.name for p in WHEELS.glob('*.whl'))} in {WHEELS}: carry it (benchmarks/wheels) to the bench stage")
+    print("carry to the bench stage: " + json.dumps(sorted(str(p.relative_to(ROOT)) for p in WHEELS.glob("*.whl"))))
     return rc
 
 
