@@ -132,15 +132,15 @@ def _feature_space(u: Tensor, w: Optional[Tensor]) -> bool:
 def _products(u, w, backend: str, dtype: torch.dtype, debiased: bool):
     """(S (G, 2, 2) in the compute dtype, saved, d, t): S of the prepared inputs from
     the backend, for the debiased estimator n (n-3) times the unbiased HSIC terms. In
-    sample space (torch backend) those come from the U-centred Grams
-    (``torch_backend.debiased_products``); otherwise S is corrected by the diagonals
-    d (G, 2, n) with sums t (``debias``), which the backward then needs (else None).
-    The torch backend is called directly (it takes the stacked pair); compiled
-    backends through their custom op, in the input dtype (the prepared entries lie in
-    [-1, 1])."""
+    sample space those come from the U-centred Grams (``torch_backend.debiased_products``,
+    whatever the backend: the compiled backends' sums hold the diagonals that the
+    estimator cancels; d, t None); otherwise S is corrected by the diagonals d (G, 2, n)
+    with sums t (``debias``), which the backward then needs. The torch backend is called
+    directly (it takes the stacked pair); compiled backends through their custom op, in
+    the input dtype (the prepared entries lie in [-1, 1])."""
+    if debiased and not _feature_space(u, w):
+        return (*torch_backend.debiased_products(u, w), None, None)
     if backend == "torch":
-        if debiased and not _feature_space(u, w):
-            return (*torch_backend.debiased_products(u, w), None, None)
         s, saved = torch_backend.linear_stats_saving(u, w)
     else:
         a, b = (t.to(dtype).contiguous() for t in _halves(u, w))
@@ -271,7 +271,8 @@ class _LinearAlignment(torch.autograd.Function):
         if one:  # fold the one input's 1/s into the small coefficients
             gv = gv * inv[0 if need[0] else 1::2]
         g = coefficients(gv, kk, ll, r, v, ctx.statistic, need, d is not None)
-        grads = list(_products_backward(a, b, g, products, ctx.backend, need, ctx.dtype))
+        backend = "torch" if ctx.debiased and d is None else ctx.backend  # as _products
+        grads = list(_products_backward(a, b, g, products, backend, need, ctx.dtype))
         if d is not None:
             add_diagonal_grad(grads, (a, b), g, d, t, d.shape[-1])
             if ctx.centered:  # through the centring u = (x - mean) / s: the diagonals' share has nonzero column sums
