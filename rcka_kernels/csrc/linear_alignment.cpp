@@ -5,7 +5,10 @@
 // more in interpreter time than in arithmetic. Also here: rcka_native::axis_pair_alignment,
 // RCKA's sample and class axes in one op. Apart from one CPU loop that prepares small
 // inputs (centring and scaling, a dozen tiny ATen calls otherwise), only ATen ops are
-// called, so the ops run on any device ATen does (CPU, CUDA via cuBLAS).
+// called, so the ops run on any device ATen does (CPU, CUDA via cuBLAS). A backward that
+// runs with grad mode on (create_graph=True) differentiates a recomputation of the forward
+// from the ATen pieces with autograd recording (forward_value, recomputed_grads), as
+// ops/linear.py does, so that second derivatives are right.
 //
 // Python side: rcka_kernels/_native.py (guarded import), ops/linear.py (dispatch).
 
