@@ -18,7 +18,7 @@ import torch.nn.functional as TF
 
 import rcka_kernels as rk
 
-from .utils import EMULATORS, NO_DTYPE, accept, pair
+from .utils import EMULATORS, accept, cross, grid, pair, runs
 
 HALF = [torch.bfloat16, torch.float16]
 f32 = torch.float32
@@ -81,18 +81,12 @@ CASES = {
 }
 
 
-def _runs_here(env, dtype, kernel, sigma):
-    """Skip what the environment does not run (tests/utils.py's tables): the interpreter's
-    bfloat16; the emulators' other bandwidth rules; torch-python differs from torch only
-    in the linear kernel. The emulators, slow, run one half dtype (their kernels' half
-    inputs are the parity suite's): the policy under test is the public layer's."""
-    why = NO_DTYPE.get(env.name, {}).get(dtype)
-    if why:
-        pytest.skip(why)
-    if env.name in EMULATORS and (dtype != torch.float16 or (kernel != "linear" and sigma is not None)):
-        pytest.skip(f"{env.name} runs float16 and the median bandwidth rule here")
-    if env.name == "torch-python" and kernel != "linear":
-        pytest.skip("torch-python leaves out the native linear op only")
+def _admit(env: str, case: str, half: torch.dtype) -> bool:
+    """The (environment, case) pairs generated: what the environment runs (tests/utils.runs);
+    the emulators, slow, run one half dtype (their kernels' half inputs are the parity
+    suite's; the policy under test is the public layer's)."""
+    kernel = CASES[case][1]
+    return runs(env, N, half, kernel, CASES[case][2], 12) and (env not in EMULATORS or half == torch.float16)
 
 
 def _value_and_grads(f, inputs, autocast=None):
@@ -116,11 +110,9 @@ def _same(got, want, dtypes, what):
         accept(g, w, dtypes[i], what=f"{what} {name}")
 
 
-@pytest.mark.parametrize("half", HALF, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("case", list(CASES))
+@grid("case,half", cross(list(CASES), HALF), _admit)
 def test_autocast_and_mixed_dtypes(env, case, half):
-    kind, kernel, sigma, build = CASES[case]
-    _runs_here(env, half, kernel, sigma)
+    kind, _, _, build = CASES[case]
     f = build(env.backend)
     wide = _inputs(kind, env.device)
     low = [wide[0].to(half)] + list(wide[1:])  # a student's output under autocast, a float32 teacher
