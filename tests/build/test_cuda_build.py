@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 ARCHS = (80, 90)
 DTYPES = ("f32", "f16", "bf16", "f64")
-FLAGS = ["-std=c++17", "-O3", f"-I{CSRC}"]
+FLAGS = ["-std=c++17", "-O3"]  # and -I csrc/ (not in the cache key: a clone elsewhere has the same sources)
 # entry points every kernels_<dtype>.cu must define: 3 forward modes and 2
 # backward modes, each small-group and tiled, and the feature-space kernel
 KERNELS = [f"pair_forward_kernel.*Li{m}ELb{s}E" for m in (0, 1, 2) for s in (0, 1)]
@@ -56,9 +56,9 @@ def _compile(job):
     src = CSRC / f"kernels_{dtype}.cu"
     out = cache / f"{dtype}-sm{arch}.{kind}"
     if kind == "cubin":
-        cmd = [nvcc, *FLAGS, "-cubin", "-Xptxas", "-v", f"-arch=sm_{arch}", str(src), "-o", str(out)]
+        cmd = [nvcc, *FLAGS, f"-I{CSRC}", "-cubin", "-Xptxas", "-v", f"-arch=sm_{arch}", str(src), "-o", str(out)]
     else:
-        cmd = [nvcc, *FLAGS, "-ptx", f"-arch=sm_{arch}", str(src), "-o", str(out)]
+        cmd = [nvcc, *FLAGS, f"-I{CSRC}", "-ptx", f"-arch=sm_{arch}", str(src), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     text = " ".join(cmd) + "\n" + res.stdout + res.stderr
     if kind == "ptx" and res.returncode == 0:
