@@ -77,3 +77,15 @@ def test_float32_debiased_gradient_matches_float64(n, p, q):
         b = x.clone().requires_grad_()
         (got,) = torch.autograd.grad(cka(b, y, True), b)
         torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("groups,n,p", [(3, 8, 5000), (40, 6, 1100)])
+def test_float32_debiased_groups_match_float64(groups, n, p):
+    """Groups (PCKA's channels): the Grams' column blocks taken per group or per block,
+    whichever is fewer; every group's value within the target."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(groups, n, p, generator=g)
+    y = torch.randn(groups, n, p, generator=g) + 0.3 * x
+    want = reference.cka(x.double(), y.double(), "linear", None, True)
+    for name, cka, _ in _paths():
+        torch.testing.assert_close(cka(x, y, True).double(), want, rtol=0.0, atol=CKA_ATOL, msg=name)

@@ -214,22 +214,28 @@ std::pair<Tensor, std::vector<Tensor>> plain_products(const Prepared& p, bool fe
 constexpr int64_t kGramBlock = 512;  // torch_backend.GRAM_BLOCK
 
 // torch_backend.gram64: u u^T (B, n, n) in float64, float32 products over blocks of max(kGramBlock, n)
-// columns added in float64.
+// columns added in float64; one batched product per group or per block, whichever is fewer.
 Tensor gram64(const Tensor& u) {
   const int64_t b = u.size(0), n = u.size(1), p = u.size(2), w = std::max(kGramBlock, n);
   if (u.scalar_type() == at::kDouble || p <= w) return at::bmm(u, mT(u)).to(at::kDouble);
   const int64_t full = p - p % w;
-  std::vector<Tensor> out;
-  for (int64_t g = 0; g < b; ++g) {
-    Tensor blocks = u.select(0, g).narrow(1, 0, full).unfold(-1, w, w).transpose(0, 1);  // (p / w, n, w), a view
-    Tensor k = at::bmm(blocks, mT(blocks)).to(at::kDouble).sum(0);
-    if (full < p) {
-      Tensor rest = u.select(0, g).narrow(1, full, p - full);
-      k = k + at::mm(rest, mT(rest)).to(at::kDouble);
+  Tensor k;
+  if (b <= full / w) {
+    std::vector<Tensor> out;
+    for (int64_t g = 0; g < b; ++g) {
+      Tensor blocks = u.select(0, g).narrow(1, 0, full).unfold(-1, w, w).transpose(0, 1);  // (p / w, n, w), a view
+      out.push_back(at::bmm(blocks, mT(blocks)).to(at::kDouble).sum(0));
     }
-    out.push_back(k);
+    k = at::stack(out);
+  } else {
+    k = at::bmm(u.narrow(2, 0, w), mT(u.narrow(2, 0, w))).to(at::kDouble);
+    for (int64_t i = w; i < full; i += w) k += at::bmm(u.narrow(2, i, w), mT(u.narrow(2, i, w))).to(at::kDouble);
   }
-  return at::stack(out);
+  if (full < p) {
+    Tensor rest = u.narrow(2, full, p - full);
+    k = k + at::bmm(rest, mT(rest)).to(at::kDouble);
+  }
+  return k;
 }
 
 // torch_backend.centre_nxn(g, debiased=True): the U-centred matrices (zero diagonal, zero row sums).

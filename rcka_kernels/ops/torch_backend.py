@@ -116,21 +116,25 @@ def gram64(u: Tensor) -> Tensor:
     """The Grams u u^T (B, n, n) of u (B, n, p) in float64: float32 products over blocks of
     w = max(GRAM_BLOCK, n) columns, added in float64 (as this backend's sums are), so that
     the entries' rounding does not grow with p (the debiased estimator amplifies it at
-    small n). The blocks' products, (p / w) n^2 entries, take no more memory than u."""
+    small n). One batched product per group (over its blocks, as strided views) or per
+    block (over the groups), whichever is fewer; the blocks' products, (p / w) n^2
+    entries per group, take no more memory than u."""
     b, n, p = u.shape
     w = max(GRAM_BLOCK, n)
     if u.dtype == torch.float64 or p <= w:
         return torch.bmm(u, u.mT).double()
     full = p - p % w
-    out = []
-    for g in range(b):
-        blocks = u[g, :, :full].unfold(-1, w, w).transpose(0, 1)  # (p // w, n, w), a view
-        k = torch.bmm(blocks, blocks.mT).double().sum(0)
-        if full < p:
-            rest = u[g, :, full:]
-            k = k + (rest @ rest.mT).double()
-        out.append(k)
-    return torch.stack(out)
+    if b <= full // w:
+        blocks = [u[g, :, :full].unfold(-1, w, w).transpose(0, 1) for g in range(b)]  # (p // w, n, w) views
+        k = torch.stack([torch.bmm(t, t.mT).double().sum(0) for t in blocks])
+    else:
+        k = torch.bmm(u[:, :, :w], u[:, :, :w].mT).double()
+        for i in range(w, full, w):
+            k += torch.bmm(u[:, :, i : i + w], u[:, :, i : i + w].mT).double()
+    if full < p:
+        rest = u[:, :, full:]
+        k = k + torch.bmm(rest, rest.mT).double()
+    return k
 
 
 def debiased_products(x: Tensor, y: Optional[Tensor] = None):
