@@ -39,7 +39,7 @@ test: $(STAMP)
 # peer libraries for the side-by-side benchmarks, without their dependencies so torch stays as installed
 PEERS := $(VENV)/.peers
 $(PEERS): $(STAMP)
-	$(PY) -m pip install -q --no-deps torch-cka==0.21 ckatorch==1.0.3 cka-pytorch==1.1.3 geomloss==0.3.1 pykeops==2.3 keopscore==2.3 || echo "peer libraries unavailable: their benchmark rows record the import error"
+	$(PY) -m pip install -q --no-deps torch-cka==0.21 ckatorch==1.0.3 cka-pytorch==1.1.3 geomloss==0.3.1 || echo "peer libraries unavailable: their benchmark rows record the import error"
 	$(PY) -m pip install -q --no-deps pytorch-cka==1.1.3 torchmetrics==1.9.0 lightning-utilities==0.15.3 pyyaml safetensors || echo "pytorch-cka (or a dependency) unavailable: bench_compare records the import error"
 	$(PY) -m pip install -q --no-deps seaborn==0.13.2 pandas==3.1.1 pytz tzdata lightning==2.6.6 || echo "ckatorch's or cka-pytorch's dependencies unavailable: bench_compare records the import error"
 	touch $(PEERS)
@@ -50,9 +50,9 @@ bench: $(PEERS)
 bench-quick: $(PEERS)
 	$(PY) -m benchmarks.run_all --quick
 
-# on a machine with an NVIDIA GPU: build (CUDA forced), the GPU tests, sanitizers, quick benchmarks, all into OUT
-# (stages: GPU_CHECK="--stage install+test|sanitize|bench"; `--dry-run` prints the plan anywhere)
-GPU_CHECK ?= --stage all
+# on a machine with an NVIDIA GPU: build (CUDA forced), the GPU tests, quick benchmarks and memcheck, into OUT
+# (stages: GPU_CHECK="--stage test|bench|rerun"; `--dry-run` prints the plan anywhere)
+GPU_CHECK ?= --stage test
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK) $(if $(OUT),--out $(OUT))
 

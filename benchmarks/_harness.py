@@ -88,18 +88,22 @@ class Results:
         self.results: List[dict] = []
 
     def add(self, recs: List[dict]) -> None:
+        """Record (and print) results; the JSON is rewritten each time, so a run stopped at a
+        deadline leaves what it finished."""
         for r in recs:
             print(fmt_record(r), flush=True)
         self.results += recs
+        self.write(quiet=True)
 
-    def write(self) -> Path:
+    def write(self, quiet: bool = False) -> Path:
         self.meta["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.name}_{self.args.device}{'_quick' if self.args.quick else ''}.json"
         doc = {"benchmark": self.name, "meta": self.meta, "config": self.config, "results": self.results}
         path.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
         return path
 
 
