@@ -51,8 +51,8 @@ bench-quick: $(PEERS)
 	$(PY) -m benchmarks.run_all --quick
 
 # on a machine with an NVIDIA GPU: build (CUDA forced), the GPU tests, quick benchmarks and memcheck, into OUT
-# (stages: GPU_CHECK="--stage test|bench|rerun"; `--dry-run` prints the plan anywhere)
-GPU_CHECK ?= --stage test
+# (stages: GPU_CHECK="--stage test|bench|all|rerun"; `--dry-run` prints the plan anywhere)
+GPU_CHECK ?= --stage all
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK) $(if $(OUT),--out $(OUT))
 
