@@ -207,3 +207,33 @@ def test_compiled_training_step_under_autocast(device, half):
         scaler.update()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+@pytest.mark.parametrize("case", ["cka-linear-debiased", "rcka", "cka-rbf-streamed", "mmd-rbf"])
+def test_backward_inside_autocast(case, native, monkeypatch):
+    """A backward run inside the autocast region (PyTorch advises against it, users do it): the
+    ops' own backwards keep their products in the compute dtype, so the gradient is the one of
+    the same call outside autocast (before: a dtype error, or a streamed RBF gradient off by
+    more than half)."""
+    from rcka_kernels import _native
+
+    if not native:
+        monkeypatch.setattr(_native, "op", lambda: None)
+        monkeypatch.setattr(_native, "pair_op", lambda: None)
+    if case == "cka-rbf-streamed":
+        monkeypatch.setenv("RCKA_TORCH_BLOCK_ELEMS", "64")  # tiles of 8 x 8: the streamed custom op, not the dense Grams
+    x, y = pair(N, 5, 4, f32)
+    calls = {
+        "cka-linear-debiased": lambda a: rk.cka(a, y, debiased=True),
+        "rcka": lambda a: rk.RCKALoss(inter_weight=1.0)(a, y[:, :1].repeat(1, 5) + x),
+        "cka-rbf-streamed": lambda a: rk.cka(a, y, kernel="rbf", sigma=2.0),
+        "mmd-rbf": lambda a: rk.mmd(a, y[:, :4].repeat(1, 2)[:, :5], sigma=2.0),
+    }
+    xs = x.clone().requires_grad_()
+    want, = torch.autograd.grad(calls[case](xs), xs)
+    for half in HALF:
+        with torch.autocast("cpu", dtype=half):
+            got, = torch.autograd.grad(calls[case](xs), xs)
+        assert got.dtype == f32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())

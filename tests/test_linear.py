@@ -334,6 +334,7 @@ def test_a_missing_or_stale_native_library_falls_back_with_a_reason(error, why, 
         raise error
 
     monkeypatch.setattr(_native.importlib, "import_module", fail)
+    monkeypatch.setattr(_native, "_build", lambda: "building it on first use failed: (test)")  # no first-use build either
     _native._load.cache_clear()
     try:
         assert _native.op() is None and why in rk.native_status().reason

@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -388,6 +389,7 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // a backward run inside autocast
     variable_list out(7);
     const std::array<bool, 2> need = {ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
     if (!need[0] && !need[1]) return out;
@@ -559,6 +561,7 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
   //   dQ_jp = 2 [gkl_j [j = g] G_jq - gkl_j v_j r_j o_j G_jp] Q_jp + 2 gkl_j [j = c] C_p Q_jq
   // with q = 1 - p, o_j = ll_j (p = 0) or kk_j (p = 1), C_0 = C, C_1 = C^T, gkl = gl w r.
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // a backward run inside autocast
     auto sv = ctx->get_saved_variables();
     const Tensor &q = sv[0], &gram = sv[1], &cross = sv[2], &kkll = sv[3], &r = sv[4], &v = sv[5], &inv = sv[6];
     const auto w = ctx->saved_data["w"].toDoubleVector();

@@ -54,6 +54,7 @@ import torch
 
 from .. import _native, estimators
 from .._validate import _is_compiling, non_finite_error
+from .._validate import autocast_off as _autocast_off
 from . import stats as _stats
 from . import torch_backend
 
@@ -256,6 +257,7 @@ class _LinearAlignment(torch.autograd.Function):
         return v.view(x.shape[:-2])
 
     @staticmethod
+    @_autocast_off  # a backward run inside autocast: its products stay in the compute dtype
     def backward(ctx, gv):
         x, y, a, b, inv, kk, ll, r, v, d, t, *products = saved(ctx)
         need = ctx.needs_input_grad[:2]

@@ -19,6 +19,7 @@ from typing import Tuple
 import torch
 
 from .. import _dispatch
+from .._validate import autocast_off
 from . import torch_backend
 from .torch_backend import center_columns, centre_nxn, compute_dtype, gram_matrix
 
@@ -101,6 +102,7 @@ def _rbf_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
+@autocast_off  # a backward run inside autocast: the tiles stay in the compute dtype
 def _rbf_backward(ctx, gs, grx, gry):
     x, y, gx, gy = ctx.saved_tensors
     if torch.is_grad_enabled():  # the bandwidths are constants here, as below
@@ -148,6 +150,7 @@ def _mmd_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
+@autocast_off  # a backward run inside autocast: the tiles stay in the compute dtype
 def _mmd_backward(ctx, gs):
     x, y, gamma = ctx.saved_tensors
     if torch.is_grad_enabled():
@@ -181,6 +184,7 @@ def _cg_setup(ctx, inputs, output):
     ctx.kernel, ctx.debiased = kernel, debiased
 
 
+@autocast_off  # a backward run inside autocast: the tiles stay in the compute dtype
 def _cg_backward(ctx, go):
     """Centring is self-adjoint; then the kernel's chain rule with torch ops:
     linear dX = (Gc + Gc^T) X; RBF dX = -2 gamma (rowsum(M) x - M X), M = (Gc + Gc^T) o K."""
