@@ -207,14 +207,18 @@ def _linear(fn: str, x: Tensor, y: Tensor, statistic: str, debiased: bool, group
 
 
 def _check(fn, x, y):
+    """(x, y) checked and promoted to their common float dtype (the library's precision rule)."""
     if isinstance(x, Tensor) and isinstance(y, Tensor) and (x.ndim != 2 or y.ndim != 2):
         raise ValueError(f"{fn}: x and y must be (n_local, p) and (n_local, q), got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = _validate.promote(x, y)
     _validate.check_pair(fn, x, y, same_rows=True, same_cols=False, min_rows=1)
+    return x, y
 
 
+@_validate.autocast_off
 def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: bool = False, group=None, backend: str = "auto") -> Tensor:
     """HSIC of the global batch; x (n_local, p), y (n_local, q) are this rank's rows."""
-    _check("distributed.hsic", x, y)
+    x, y = _check("distributed.hsic", x, y)
     if not is_distributed(group):
         return F.hsic(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel == "linear":
@@ -222,6 +226,7 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: 
     return F.hsic(all_gather(x, group), all_gather(y, group), kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
 
 
+@_validate.autocast_off
 def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: bool = False, group=None, backend: str = "auto") -> Tensor:
     """CKA of the global batch; x (n_local, p), y (n_local, q) are this rank's rows.
 
@@ -231,7 +236,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma=None, debiased: b
     features (the "median"/"mean" bandwidth is then that of the global batch).
     Degenerate cases as ``functional.cka`` (0 where a self-term is not positive).
     """
-    _check("distributed.cka", x, y)
+    x, y = _check("distributed.cka", x, y)
     if not is_distributed(group):
         return F.cka(x, y, kernel=kernel, sigma=sigma, debiased=debiased, backend=backend)
     if kernel != "linear":

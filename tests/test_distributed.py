@@ -209,3 +209,14 @@ def test_second_derivatives_match_single_process(results, width):
         rows = slice(lo, lo + SPLIT[r])
         for got, w in zip(results[r][("penalty", width)], want):
             torch.testing.assert_close(got, WORLD**2 * w[rows], rtol=1e-8, atol=1e-10)
+
+
+def test_mixed_dtypes_and_autocast_follow_the_precision_rule():
+    """As rk.cka: a bfloat16 input with a float32 one computes in float32, and autocast does not lower the products."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 5, generator=g), torch.randn(10, 4, generator=g)
+    want = rk.cka(x.bfloat16().float(), y)
+    assert rk.distributed.cka(x.bfloat16(), y).item() == pytest.approx(want.item(), abs=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = rk.distributed.hsic(x, y, debiased=True)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(rk.hsic(x, y, debiased=True).item(), rel=1e-6)
