@@ -240,9 +240,8 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     """
     _validate.check_flag("gram_discrepancy", "centered", centered)
     if kernel == "linear" and sigma is None:
-        ref = lambda a, b: reference.gram_discrepancy(a, b, kernel, sigma, centered)  # noqa: E731
-        v = _linear("gram_discrepancy", x, y, "cka", centered, False, backend, 2, "", ref)
-        return v if backend == "reference" else 1.0 - v
+        ref = lambda a, b: 1.0 - reference.gram_discrepancy(a, b, kernel, sigma, centered)  # noqa: E731  (the alignment, as the op)
+        return 1.0 - _linear("gram_discrepancy", x, y, "cka", centered, False, backend, 2, "", ref)
     name, x, y = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2, finite=False)
     if name == "reference":
         return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(compute_dtype(x.dtype))
