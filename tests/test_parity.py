@@ -13,6 +13,11 @@ and on a GPU torch, Triton and CUDA C++ there. Two levels:
   ragged last tiles, sample- and feature-space linear, features wider than a chunk).
 Plus ``gradcheck`` in float64 for every differentiable function, the reference
 included. The bad-input catalogue is tests/test_catalogue.py, on the same environments.
+
+Each test's cases (``grid``) are generated only in the environments that run them
+(tests/utils.py: ``runs``); where a case repeats what another environment or case
+already checks it is not generated, and where it is the exhaustive rest of the cross
+it is marked `slow` (``pytest -m slow``; `make test` and CI leave those out).
 """
 
 import torch
