@@ -66,3 +66,10 @@ def cka(hxy: Tensor, hxx: Tensor, hyy: Tensor, degenerate: Optional[Tensor] = No
         ok = ok & ~degenerate
     safe = torch.where(ok, hxx * hyy, torch.ones_like(hxx * hyy))
     return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy)) + 0.0 * (hxy + hxx + hyy)
+
+
+def alignment(kl: Tensor, kk: Tensor, ll: Tensor) -> Tensor:
+    """The uncentred alignment <K,L> / sqrt(<K,K> <L,L>) (the official RCKA code's), 0 where
+    an input's Gram is 0."""
+    ok = (kk > 0) & (ll > 0)
+    return torch.where(ok, kl / torch.sqrt(torch.where(ok, kk * ll, torch.ones_like(kk))), torch.zeros_like(kl))

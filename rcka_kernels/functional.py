@@ -31,7 +31,7 @@ import torch
 from . import _bandwidth, _dispatch, _validate, estimators, reference
 from .ops import stats as _ops
 from .ops.linear import linear_alignment
-from .ops.torch_backend import block_elems, center_columns, centre_nxn, compute_dtype, gram_matrix
+from .ops.torch_backend import block_elems, center_columns, centre_nxn, compute_dtype, gram_matrix, use_feature_space
 
 Tensor = torch.Tensor
 Sigma = Union[None, float, str, Tensor]
@@ -214,9 +214,13 @@ def official_alignment(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor
 
 def _raw_stats(x3, y3, kernel, sigma, backend):
     """Uncentred sum K∘L, sum K∘K, sum L∘L and totals 1^T K 1, 1^T L 1 (float64)."""
-    if kernel == "linear":  # a diagnostic: plain autograd over the feature-space products
+    if kernel == "linear":  # a diagnostic: plain autograd over the feature- or sample-space products, whichever is smaller
         xd, yd = x3.double(), y3.double()
-        sq = [(m * m).sum((1, 2)) for m in (xd.mT @ yd, xd.mT @ xd, yd.mT @ yd)]
+        if use_feature_space(*x3.shape[1:], y3.shape[2]):
+            sq = [(m * m).sum((1, 2)) for m in (xd.mT @ yd, xd.mT @ xd, yd.mT @ yd)]
+        else:
+            k, l = xd @ xd.mT, yd @ yd.mT
+            sq = [(k * l).sum((1, 2)), (k * k).sum((1, 2)), (l * l).sum((1, 2))]
         return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
     if _dense_fits(x3, backend):
         kl = torch.stack([_dense_rbf(x3, sigma), _dense_rbf(y3, sigma)], 1)
@@ -251,9 +255,7 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     else:
         _validate.scan_groups("gram_discrepancy", x3, y3)
         s, _, _ = _raw_stats(x3, y3, kernel, sigma, name)
-        ok = (s[:, 1] > 0) & (s[:, 2] > 0)
-        denom = torch.sqrt(torch.where(ok, s[:, 1] * s[:, 2], torch.ones_like(s[:, 1])))
-        out = 1.0 - torch.where(ok, s[:, 0] / denom, torch.zeros_like(denom))
+        out = 1.0 - estimators.alignment(s[:, 0], s[:, 1], s[:, 2])
     return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
-from . import _dispatch, _validate, reference
+from . import _dispatch, _validate, estimators, reference
 from . import functional as F
 from .ops.linear import axis_pair_alignment
 from .ops.torch_backend import compute_dtype
@@ -110,8 +110,7 @@ def _official_l2(x: Tensor, y: Tensor) -> Tensor:
         kl = ((k * l).sum(-1) * ix * iy).sum(-1)
         kk = ((k * k).sum(-1) * ix * ix).sum(-1)
         ll = ((l * l).sum(-1) * iy * iy).sum(-1)
-    ok = (kk > 0) & (ll > 0)
-    return torch.where(ok, kl / torch.sqrt(torch.where(ok, kk * ll, torch.ones_like(kk))), torch.zeros_like(kl))
+    return estimators.alignment(kl, kk, ll)
 
 
 @_validate.autocast_off

@@ -124,3 +124,11 @@ def test_tensor_sigma_per_group():
     got = rk.cka(x, y, kernel="rbf", sigma=s)
     for g in range(2):
         accept(got[g], reference.cka(x[g], y[g], "rbf", float(s[g])), f64)
+
+
+def test_uncentred_statistics_of_wide_inputs_take_the_sample_side():
+    """gram_discrepancy(centered=False) and mmd_upper_bound on p >> n: the n x n Grams, not p x p products."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 3000, generator=g, dtype=torch.float64), torch.randn(6, 2000, generator=g, dtype=torch.float64)
+    for fn in (rk.gram_discrepancy, rk.mmd_upper_bound):
+        torch.testing.assert_close(fn(x, y, centered=False), fn(x, y, centered=False, backend="reference"))

@@ -287,13 +287,13 @@ class _Run:
         self.batch_no, self.rows = self.batch_no + 1, None
 
     def _start_exact(self) -> None:
-        need = exact_bytes(self.widths, self.layout.pairs, self.debiased)
+        dtype = work_dtype(self.feats[0].dtype, self.product_dtype)
+        need = exact_bytes(self.widths, self.layout.pairs, self.debiased, dtype.itemsize)
         if need > self.budget:
             wide = ", ".join(f"{label!r} ({w})" for label, w in sorted(zip(self.layout.labels, self.widths), key=lambda t: -t[1])[:4])
             raise ValueError(f"compare: the exact estimator needs {need / 2**30:.2f} GiB of statistics for these layers (widest: "
                              f"{wide}), over memory_budget={self.budget / 2**30:.2f} GiB; compare fewer or narrower layers, "
                              "raise memory_budget, or use estimator='minibatch'")
-        dtype = work_dtype(self.feats[0].dtype, self.product_dtype)
         self.stats = ExactStats(self.widths, self.layout.pairs, self.debiased, self.device, dtype)
         shift = [self.feats[u].to(torch.float64).mean(0) for u in range(len(self.widths))]
         self.stats.set_shift(_agree_on_shift(shift, self.widths, self.device, self.group))

@@ -26,14 +26,14 @@ def work_dtype(dtype: torch.dtype, product_dtype: Optional[torch.dtype]) -> torc
     return F64 if F64 in (dtype, product_dtype) else torch.float32
 
 
-def exact_bytes(widths: Sequence[int], pairs: Sequence[Pair], debiased: bool) -> int:
+def exact_bytes(widths: Sequence[int], pairs: Sequence[Pair], debiased: bool, itemsize: int = 4) -> int:
     """Bytes the exact statistics hold: a float64 p_u x p_v block per pair (plus, debiased,
     two vectors and a scalar per pair), float64 sums and shifts per stream, and the largest
-    float32 per-batch product before it is added."""
+    per-batch product (of ``itemsize`` bytes per entry) before it is added."""
     blocks = sum(widths[u] * widths[v] for u, v in pairs)
     extra = sum(widths[u] + widths[v] + 1 for u, v in pairs) if debiased else 0
     largest = max(widths[u] * widths[v] for u, v in pairs)
-    return 8 * (blocks + extra + 3 * sum(widths)) + 4 * largest
+    return 8 * (blocks + extra + 3 * sum(widths)) + itemsize * largest
 
 
 class ExactStats:
