@@ -36,7 +36,8 @@ def test_emulated_module_checks_arguments(cuda_emulation):
     assert emu.device_status()["device_count"] == 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# one dtype stands for the others (the same kernel templates); float64 with the slow tests
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)])
 def test_backward_is_deterministic_whatever_the_block_order(cb, monkeypatch, dtype):
     """Each block owns the rows it updates (no atomics): with the blocks run in
     shuffled orders, as a GPU may run them, the gradients are bitwise equal."""

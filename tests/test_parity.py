@@ -57,18 +57,19 @@ def _check(env, fn, ref, inputs, dtype, w):
 # ----------------------------------------------------------------------------- public functions
 
 
-def _fast(env: str, n: int, dtype: torch.dtype, kernel: str, sigma) -> bool:
+def _fast(env: str, n: int, dtype: torch.dtype, kernel: str, sigma, debiased: bool) -> bool:
     """The public functions' cases that run without the `slow` tests: each bandwidth rule's
-    representative (``one_rule``), and in the emulators float32 only. Their other dtypes
-    take the same public code in the torch environment, and the same kernels in the
-    contract tests below (every dtype on the small shapes, against the torch backend in
-    float64)."""
-    return one_rule(env, n, kernel, sigma) and (env not in EMULATORS or dtype == torch.float32)
+    representative (``one_rule``), and in the emulators one case per shape and kernel, in
+    float32 with the biased estimator. The other dtypes, estimators and rules take the same
+    public code in the torch environment (the estimators and rules are the arithmetic before
+    and after the kernels), and the emulators' kernels run in every dtype, with arbitrary
+    cotangents, in the contract tests below (against the torch backend in float64)."""
+    return one_rule(env, n, kernel, sigma) and (env not in EMULATORS or (dtype == torch.float32 and not debiased))
 
 
 @grid("n,p,q,dtype,kernel,sigma,debiased", cross(SHAPES, DTYPES, KERNELS, BOOLS),
       lambda env, n, p, q, dtype, kernel, sigma, **_: runs(env, n, dtype, kernel, sigma, p + q),
-      lambda env, n, dtype, kernel, sigma, **_: _fast(env, n, dtype, kernel, sigma))
+      lambda env, n, dtype, kernel, sigma, debiased, **_: _fast(env, n, dtype, kernel, sigma, debiased))
 def test_cka_hsic(kernel_env, n, p, q, dtype, kernel, sigma, debiased):
     if isinstance(sigma, float):  # a fixed bandwidth of the data's scale, not K = I
         sigma *= max(p, q) ** 0.5
@@ -105,7 +106,7 @@ def _mmd(env: str, kernel: str) -> bool:
 @grid("n,m,d,dtype,kernel,sigma,unbiased",  # the unbiased estimator needs two samples on each side
       [c for c in cross(MMD_SHAPES, DTYPES, KERNELS, BOOLS) if not (c[-1] and min(c[0], c[1]) < 2)],
       lambda env, n, m, d, dtype, kernel, sigma, **_: _mmd(env, kernel) and runs(env, n + m, dtype, kernel, sigma, d),
-      lambda env, n, m, dtype, kernel, sigma, **_: _fast(env, n + m, dtype, kernel, sigma))
+      lambda env, n, m, dtype, kernel, sigma, unbiased, **_: _fast(env, n + m, dtype, kernel, sigma, unbiased))
 def test_mmd(kernel_env, n, m, d, dtype, kernel, sigma, unbiased):
     x, z = _mmd_pair(2, n, m, d, dtype, kernel_env.device, seed=1)
     w = torch.randn(2, dtype=f64, device=kernel_env.device)
@@ -154,13 +155,16 @@ def test_batched_groups_equal_each_group_alone(kernel_env, kernel, sigma, debias
 
 def _gradcheck(env, fn, inputs):
     """gradcheck in float64; the emulators check a random projection of the Jacobian
-    (fast_mode: two evaluations per input instead of two per input element)."""
+    (fast_mode: two evaluations per input instead of two per input element), with the
+    biased estimator for cka, hsic and mmd unless the `slow` tests run (the estimator is
+    the same kernels' statistics combined in Python: the other environments check it)."""
     return gradcheck(fn, tuple(t.detach().requires_grad_() for t in inputs), fast_mode=env.name in EMULATORS)
 
 
 # n,p,q: sample- and feature-space linear paths
 @grid("n,p,q,kernel,sigma,debiased", cross([(5, 2, 3), (6, 4, 3)], [("linear", None), ("rbf", 1.1)], BOOLS),
-      lambda env, n, kernel, **_: runs(env, n, f64, kernel))
+      lambda env, n, kernel, **_: runs(env, n, f64, kernel),
+      lambda env, debiased, **_: env not in EMULATORS or not debiased)
 def test_gradcheck_cka_hsic(env, n, p, q, kernel, sigma, debiased):
     x, y = env.pair(n, p, q, f64, batch=(2,))
     for fn in (rk.cka, rk.hsic):
@@ -168,7 +172,8 @@ def test_gradcheck_cka_hsic(env, n, p, q, kernel, sigma, debiased):
 
 
 @grid("kernel,sigma,unbiased", cross([("linear", None), ("rbf", 0.9)], BOOLS),
-      lambda env, kernel, **_: _mmd(env, kernel) and runs(env, 9, f64, kernel))
+      lambda env, kernel, **_: _mmd(env, kernel) and runs(env, 9, f64, kernel),
+      lambda env, unbiased, **_: env not in EMULATORS or not unbiased)
 def test_gradcheck_mmd(env, kernel, sigma, unbiased):
     x, z = env.pair(5, 2, 2, f64, batch=(2,))
     z = z[:, :4] + 0.3
