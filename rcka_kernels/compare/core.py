@@ -279,7 +279,6 @@ class _Run:
             probe = self.stats.update([self.feats[u] for u in range(len(labels))])
         else:
             probe = self.stats.update()
-            probe = None if probe is None else torch.stack([probe.sum()] * len(labels))
         self.feats = {}
         if probe is not None and not math.isfinite(float(probe.sum())):  # one host read per batch
             bad = [labels[u] for u in range(len(labels)) if not math.isfinite(float(probe[u]))]

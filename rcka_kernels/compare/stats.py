@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import estimators
-from ..functional import centered_gram
+from ..functional import gram
 
 Tensor = torch.Tensor
 F64 = torch.float64
@@ -74,7 +74,7 @@ class ExactStats:
         for u, x in enumerate(xs):
             self.s[u] += x.sum(0, dtype=F64)
         for (u, v) in self.pairs:
-            self.M[(u, v)] += (xs[u].mT @ xs[v]).to(F64)
+            self.M[(u, v)].add_(xs[u].mT @ xs[v])  # float32 product, float64 sum (no float64 copy of the product)
             if self.debiased:
                 du, dv = d[u].to(F64), d[v].to(F64)
                 self.DE[(u, v)] += du @ dv
@@ -111,10 +111,13 @@ class ExactStats:
 class MinibatchStats:
     """Nguyen et al. (2021): each batch's unbiased HSIC of every pair, summed over batches.
 
-    Each stream's U-centred Gram K_u (b x b, ``rk.centered_gram(debiased=True)`` of the
-    batch's centred features, any kernel) is formed as its output arrives, so a batch's features need not all stay
-    alive; at the end of the batch <K_u, L_u> / (b (b-3)) of every pair is one product
-    of the stacked Grams. Batches of fewer than 4 samples are skipped (counted).
+    Each stream's Gram with its diagonal set to 0 (b x b: the linear Gram of the batch's
+    centred features; ``rk.gram`` for other kernels) is formed as its output arrives, so a
+    batch's features need not all stay alive. At the end of the batch the sums of
+    ``estimators.hsic`` for every pair come from the stacked Grams K (S, b^2), in float64
+    (the estimator's terms cancel; float64 keeps the digits they share): <K_u, K_v> from one
+    product, the row sums r_u = K_u 1 and totals t_u = 1' K_u 1. Batches of fewer than 4
+    samples are skipped (counted).
     """
 
     def __init__(self, n_streams: int, pairs: Sequence[Pair], kernel: str, sigma, device, dtype: torch.dtype):
@@ -129,24 +132,31 @@ class MinibatchStats:
     def add(self, u: int, f: Tensor) -> None:
         """Stream u's features for this batch (its Gram is formed now)."""
         self.b = f.shape[0]
-        if self.b >= 4:
-            f = f.to(self.dtype)
-            f = f - f.mean(0, keepdim=True)  # the U-centred Gram does not see a shift; large means would cost digits
-            self.grams[u] = centered_gram(f, kernel=self.kernel, sigma=self.sigma, debiased=True).reshape(-1)
+        if self.b < 4:
+            return
+        f = f.to(self.dtype)
+        if self.kernel == "linear":
+            f = f - f.mean(0, keepdim=True)  # the Gram's entries without the features' mean: no digits lost to it
+            k = f @ f.mT
+        else:
+            k = gram(f, kernel=self.kernel, sigma=self.sigma)
+        self.grams[u] = k.fill_diagonal_(0.0).reshape(-1)
 
     def update(self) -> Optional[Tensor]:
-        """Close the batch; returns its HSIC terms (finite exactly when its features were),
+        """Close the batch; returns a probe per stream (finite exactly when its features were),
         or None for a skipped batch."""
         if self.grams[0] is None:
             self.skipped += 1
             return None
-        k, b = torch.stack(self.grams), self.b
+        k, b = torch.stack(self.grams).to(F64), self.b
         self.grams = [None] * len(self.grams)
-        h = ((k @ k.mT).to(F64) / estimators.normaliser(b, True))[self.index]
-        self.h += h
+        r = k.view(k.shape[0], b, b).sum(2)  # row sums
+        t = r.sum(1)
+        u, v = self.index
+        self.h += estimators.hsic((k @ k.mT)[u, v], (r @ r.mT)[u, v], t[u], t[v], b, True)
         self.n += b
         self.batches += 1
-        return h
+        return t
 
     def all_reduce(self, group) -> None:
         counts = torch.tensor([self.n, self.batches, self.skipped], dtype=F64, device=self.h.device)
