@@ -1,17 +1,13 @@
-"""rcka-kernels demo: a naive CKA loss against ``rcka_kernels.cka_loss``, same inputs.
+"""rcka-kernels demo: naive CKA losses against ``rcka_kernels``, same inputs, forward + backward.
 
-For each size it runs, forward + backward:
-  - the official RCKA formula, transcribed (n x n Gram matrices, traces of n x n
-    products, no centring), and rcka_kernels' value of the same quantity
-    (1 - gram_discrepancy(centered=False));
-  - the textbook CKA (explicit centring matrix H, tr(KHLH)) and rcka_kernels.cka_loss.
-Values are checked against the float64 oracle ``rcka_kernels.reference``
-(``official_alignment`` for the official formula, ``cka`` for CKA). Time is the
-median of repeats after a warm-up; memory is the peak RSS increase of a fresh
-process that runs only that case.
+For each size: the official RCKA formula, transcribed (n x n Grams, no centring) beside
+rcka_kernels' value of the same quantity (1 - gram_discrepancy(centered=False)); the textbook
+CKA (explicit centring matrix H) and Kornblith's mean-centred Grams beside
+``rcka_kernels.cka_loss``. Values against the float64 oracle ``rcka_kernels.reference``; time
+(median, contenders interleaved) and extra peak memory from the benchmarks' one harness.
 
-    python examples/demo.py            # n = 256, 1024, 4096 (p = q = 256) and one RBF size: 45 s on 2 idle cores
-    python examples/demo.py --quick    # n = 256, 1024 only
+    python examples/demo.py            # n = 256, 1024, 2048 (p = 256) and one RBF size
+    python examples/demo.py --quick    # n = 256, 1024
 """
 
 from __future__ import annotations
@@ -21,88 +17,68 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's benchmarks/ harness
 
-from benchmarks._harness import Bench, add_common_args, fmt_bytes, fmt_ms  # noqa: E402
-
-ROWS = [  # (provider, what it computes, label)
-    ("official", "official", "official RCKA formula (naive)"),
-    ("rcka-official[torch]", "official", "rcka_kernels, same definition"),
-    ("textbook", "cka", "textbook CKA, explicit H (naive)"),
-    ("naive-centred", "cka", "mean-centred Grams (naive)"),
-    ("rcka[torch]", "cka", "rcka_kernels.cka_loss"),
-]
+import rcka_kernels as rk  # noqa: E402
+from benchmarks import _harness, naive  # noqa: E402
+from rcka_kernels import reference  # noqa: E402
 
 
-def mem_ratio(r, ours, floor=64 << 10) -> str:
-    """Ratio of extra peak memory; below 64 KiB (page-level noise) ours counts as 64 KiB."""
-    a, b = r["peak_mem_bytes"], ours["peak_mem_bytes"]
-    return _x(a / b) if b >= floor else ">" + _x(a / floor)
+def _step(fn, x, y):
+    """One forward + backward of fn(x, y) with x requiring grad; returns the value."""
+    def call():
+        xg = x.detach().requires_grad_()
+        v = fn(xg, y)
+        v.backward()
+        return v.detach()
+    return call
 
 
-def _x(r: float) -> str:
-    return f"{r:.1f}x" if r < 10 else f"{r:.0f}x"
+def contenders(kernel: str, x, y) -> dict:
+    """name -> (what it computes, call)."""
+    if kernel == "rbf":
+        return {"textbook CKA, explicit H (naive)": ("cka", _step(lambda a, b: naive.textbook_cka(a, b, "rbf"), x, y)),
+                "mean-centred Grams (naive)": ("cka", _step(lambda a, b: naive.centred_cka(a, b, "rbf"), x, y)),
+                "rcka_kernels.cka (rbf)": ("cka", _step(lambda a, b: rk.cka(a, b, kernel="rbf"), x, y))}
+    return {"official RCKA formula (naive)": ("official", _step(naive.official_alignment, x, y)),
+            "rcka_kernels, same definition": ("official", _step(lambda a, b: 1 - rk.gram_discrepancy(a, b, centered=False), x, y)),
+            "textbook CKA, explicit H (naive)": ("cka", _step(naive.textbook_cka, x, y)),
+            "mean-centred Grams (naive)": ("cka", _step(naive.centred_cka, x, y)),
+            "rcka_kernels.cka_loss (as CKA)": ("cka", _step(lambda a, b: 1 - rk.cka_loss(a, b), x, y))}
 
 
-def cases(quick: bool):
-    for n in (256, 1024) if quick else (256, 1024, 4096):
-        naive = ["official", "textbook"]
-        yield dict(op="cka", n=n, p=256, q=256, kernel="linear", debiased=False, dtype="float32"), \
-            naive[:1] + ["rcka-official[torch]"] + naive[1:] + ["rcka[torch]"]
-    n = 1024 if quick else 2048
-    yield dict(op="cka", n=n, p=64, q=64, kernel="rbf", debiased=False, dtype="float32"), \
-        ["textbook", "naive-centred", "rcka[torch]"]
-
-
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    add_common_args(ap, timeout=300.0, repeats=3)
-    ap.set_defaults(ref_max_n=1024, time_budget=6.0)
     args = ap.parse_args(argv)
-    bench = Bench("demo", args)
-    m = bench.meta
-    print(f"rcka-kernels demo on {m['device_name']} ({m['cpu_count']} cores), torch {m['torch']}; "
-          f"float64 reference up to n={args.ref_max_n}, above it the torch backend in float64.\n")
-    head = f"{'n':>5} {'p':>4} {'kernel':<6} {'implementation':<34} {'value':>10} {'fp64 ref':>10} {'|diff|':>8} " \
-           f"{'fwd+bwd':>9} {'extra mem':>10} {'vs rcka':>16}"
-    print(head)
-    print("-" * len(head))
-    t_start = time.perf_counter()
-    worst = []
-    for cfg, provs in cases(args.quick):
-        # naive baselines that run for seconds: their first run is timed (no warm-up)
-        heavy = dict(warmup=0, repeats=1) if cfg["n"] >= 4096 else {}
-        recs = {p: bench.run(p, cfg, verbose=False, **({} if p.startswith("rcka") else heavy)) for p in provs}
-        ours_of = {"cka": recs["rcka[torch]"], "official": recs.get("rcka-official[torch]")}
-        for prov, quantity, label in ROWS:
-            if prov not in recs:
-                continue
-            r = recs[prov]
-            name = label + (" [1-CKA]" if prov == "rcka[torch]" else "")
+    sizes = [("linear", n, 256) for n in ((256, 1024) if args.quick else (256, 1024, 2048))] + [("rbf", 1024, 64)]
+    t0 = time.perf_counter()
+    print(f"{'kernel':<6} {'n':>5} {'implementation':<36} {'value':>10} {'|diff| fp64':>11} {'fwd+bwd':>9} {'extra mem':>10}")
+    worst = 0.0
+    for kernel, n, p in sizes:
+        x, y = _harness.inputs((n, p), p, "cpu")
+        calls = contenders(kernel, x, y)
+        want = {"cka": reference.cka(x.double(), y.double(), kernel, "median" if kernel == "rbf" else None).item(),
+                "official": reference.official_alignment(x.double(), y.double()).item()}
+        recs = _harness.interleaved([(f"{kernel} {n}", lambda: {k: c for k, (_, c) in calls.items()})], "cpu", budget_s=1.0,
+                                    min_reps=2)
+        for r in recs:
             if r["status"] != "ok":
-                print(f"{cfg['n']:>5} {cfg['p']:>4} {cfg['kernel']:<6} {name:<34} {r['status'].upper()}: {r.get('error', '')}")
+                print(f"{kernel:<6} {n:>5} {r['contender']:<36} {r['status']}: {r.get('error', '')}")
                 continue
-            ref = r.get("ref_value")
-            diff = abs(r["value"] - ref) if ref is not None else None
-            ratio, ours = "", ours_of[quantity]
-            if ours and ours["status"] == "ok" and not prov.startswith("rcka"):
-                ratio = f"{_x(r['time_ms'] / ours['time_ms'])} t, {mem_ratio(r, ours)} mem"
-            print(f"{cfg['n']:>5} {cfg['p']:>4} {cfg['kernel']:<6} {name:<34} {r['value']:>10.6f} "
-                  f"{ref if ref is not None else float('nan'):>10.6f} {diff if diff is not None else float('nan'):>8.1e} "
-                  f"{fmt_ms(r['time_ms']):>9} {fmt_bytes(r['peak_mem_bytes']):>10} {ratio:>16}")
-            if diff is not None:
-                worst.append(diff)
+            diff = abs(r["value"] - want[calls[r["contender"]][0]])
+            worst = max(worst, diff)
+            print(f"{kernel:<6} {n:>5} {r['contender']:<36} {r['value']:>10.6f} {diff:>11.1e} {_harness.fmt_s(r['time_s']):>9} "
+                  f"{_harness.fmt_bytes(r.get('peak_bytes', 0)):>10}")
         print()
-    print("value = CKA for CKA rows (rcka_kernels.cka_loss reports 1 - CKA; shown here as CKA) and the official")
-    print("alignment tr(KL)/(|K||L|) for the official rows: a different quantity (no centring), compared with")
-    print("rcka_kernels.reference.official_alignment. 'vs rcka': time and extra-memory ratios of the naive code")
-    print("over rcka_kernels computing the same value (CKA rows: cka_loss; official rows: its same-definition row).")
-    print("The mean-centred naive recipe loses digits in float32 as n grows (it centres n x n Grams in float32);")
-    print("rcka_kernels accumulates in float32 blocks and float64 across blocks.")
-    print(f"largest |value - float64 reference| = {max(worst):.1e}; demo took {time.perf_counter() - t_start:.0f} s.")
-    return bench
+    print("value: CKA, or for the official rows the uncentred alignment tr(KL)/(|K||L|) (another quantity, compared")
+    print("with rcka_kernels.reference.official_alignment). The mean-centred recipe loses digits in float32 as n grows.")
+    print(f"largest |value - float64 reference| = {worst:.1e}; demo took {time.perf_counter() - t0:.0f} s.")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    torch.manual_seed(0)
+    sys.exit(main())
