@@ -57,6 +57,8 @@ class ExactStats:
         self.s = [torch.zeros(w, dtype=F64, device=device) for w in widths]
         self.D = torch.zeros(len(widths), dtype=F64, device=device)
         self.M = {pq: torch.zeros(widths[pq[0]], widths[pq[1]], dtype=F64, device=device) for pq in self.pairs}
+        # each batch's products land here before their float64 sum (one buffer: no allocation per product)
+        self.scratch = torch.empty(max(widths[u] * widths[v] for u, v in self.pairs), dtype=dtype, device=device)
         if debiased:
             self.DE = {pq: torch.zeros((), dtype=F64, device=device) for pq in self.pairs}
             self.U = {pq: torch.zeros(widths[pq[0]], dtype=F64, device=device) for pq in self.pairs}
@@ -74,7 +76,8 @@ class ExactStats:
         for u, x in enumerate(xs):
             self.s[u] += x.sum(0, dtype=F64)
         for (u, v) in self.pairs:
-            self.M[(u, v)].add_(xs[u].mT @ xs[v])  # float32 product, float64 sum (no float64 copy of the product)
+            prod = torch.mm(xs[u].mT, xs[v], out=self.scratch[: self.widths[u] * self.widths[v]].view(self.widths[u], self.widths[v]))
+            self.M[(u, v)].add_(prod)  # float32 product, float64 sum (no float64 copy of the product)
             if self.debiased:
                 du, dv = d[u].to(F64), d[v].to(F64)
                 self.DE[(u, v)] += du @ dv
