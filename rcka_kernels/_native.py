@@ -178,14 +178,30 @@ def reason() -> Optional[str]:
     return _load()[1]
 
 
+_python_only = False
+
+
+@contextlib.contextmanager
+def python_path():
+    """Inside this context ``op()`` and ``pair_op()`` give None, so the torch backend runs the
+    Python definition of the op (ops/linear.py) in this process: the test suite's
+    "torch-python" environment, and comparisons of the two implementations."""
+    global _python_only
+    before, _python_only = _python_only, True
+    try:
+        yield
+    finally:
+        _python_only = before
+
+
 def op():
     """``rcka_native::linear_alignment(x, y, statistic, centered, debiased, check)``, or None."""
-    ops = _load()[0]
+    ops = None if _python_only else _load()[0]
     return None if ops is None else ops[0]
 
 
 def pair_op():
     """``rcka_native::axis_pair_alignment(xs, ys, xc, yc, ws, wc, offset, centered, check)``
     (RCKA's sample and class axes in one op), or None."""
-    ops = _load()[0]
+    ops = None if _python_only else _load()[0]
     return None if ops is None else ops[1]

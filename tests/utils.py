@@ -263,8 +263,9 @@ def make_env(request, monkeypatch, param) -> Env:
     name, backend, device = param
     env = Env(name, backend, device)
     if name == "torch-python":  # the torch backend without its native linear op
-        monkeypatch.setattr(_native, "op", lambda: None)
-        monkeypatch.setattr(_native, "pair_op", lambda: None)
+        stack = contextlib.ExitStack()
+        request.addfinalizer(stack.close)
+        stack.enter_context(_native.python_path())
     elif name == "cuda-emulated":  # the CUDA C++ kernels on CPU tensors (tests/conftest.py: cuda_emulation)
         from rcka_kernels.ops import cuda_backend
 
