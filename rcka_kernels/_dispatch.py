@@ -177,7 +177,7 @@ def native_status() -> BackendStatus:
 
 
 def provides(name: str, function: str) -> bool:
-    """Whether backend ``name`` implements an optional contract member (ops/_contract.py OPTIONAL)."""
+    """Whether backend ``name`` implements an optional contract member (the "Optional" part of ops/_contract.py)."""
     return hasattr(kernels(name), function)
 
 
