@@ -85,7 +85,7 @@ def test_exact_equals_the_definition_at_every_width(wa, wb, n, b, shared, bf16, 
     batches = [x[i:i + b] for i in range(0, n, b)]  # a partial last batch when b does not divide n
     la = [f"act.{i}" for i in range(len(wa))]
     lb = la[::-1] if shared else [f"act.{i}" for i in range(len(wb))]
-    res = rk.compare(a, m_b, batches, la, lb, estimator="exact", debiased=debiased, progress=False)
+    res = rk.compare(a, m_b, batches, la, lb, estimator="exact", debiased=debiased, memory_budget="2GiB", progress=False)
     fa = _features(a, la, batches)
     fb = _features(a if shared else m_b, lb, batches)
     want = _cka64(fa, fb, debiased)

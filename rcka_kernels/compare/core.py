@@ -397,6 +397,8 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
     if run.stats is None or run.widths is None:  # an exact run whose loader was empty
         _agree_on_shift(None, [], dev, group)
         raise ValueError("compare: the loader yielded no batches")
+    if estimator == "exact":
+        run.stats.flush()  # the rows still waiting for their block's products
     if is_distributed(group):
         run.stats.all_reduce(group)
     _check_samples(run, estimator, debiased)

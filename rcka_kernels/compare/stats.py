@@ -26,14 +26,21 @@ def work_dtype(dtype: torch.dtype, product_dtype: Optional[torch.dtype]) -> torc
     return F64 if F64 in (dtype, product_dtype) else torch.float32
 
 
+#: rows whose products are summed in the work dtype (one GEMM) before they are added in float64:
+#: float32 sums over at most this many terms (as one product of a batch this size would be),
+#: and one float64 pass over the statistics per block of rows instead of per batch
+BLOCK_ROWS = 1024
+
+
 def exact_bytes(widths: Sequence[int], pairs: Sequence[Pair], debiased: bool, itemsize: int = 4) -> int:
     """Bytes the exact statistics hold: a float64 p_u x p_v block per pair (plus, debiased,
-    two vectors and a scalar per pair), float64 sums and shifts per stream, and the largest
-    per-batch product (of ``itemsize`` bytes per entry) before it is added."""
+    two vectors and a scalar per pair), float64 sums and shifts per stream, the largest
+    product (of ``itemsize`` bytes per entry) before it is added, and up to two blocks of
+    rows (the rows waiting and their concatenation)."""
     blocks = sum(widths[u] * widths[v] for u, v in pairs)
     extra = sum(widths[u] + widths[v] + 1 for u, v in pairs) if debiased else 0
     largest = max(widths[u] * widths[v] for u, v in pairs)
-    return 8 * (blocks + extra + 3 * sum(widths)) + itemsize * largest
+    return 8 * (blocks + extra + 3 * sum(widths)) + itemsize * (largest + 2 * BLOCK_ROWS * sum(widths))
 
 
 class ExactStats:
@@ -47,12 +54,15 @@ class ExactStats:
     Then the sums of ``estimators.hsic`` over the n x n Grams K = X X^T, L = Y Y^T are
         biased:    <K,L> = |M|^2,       (K1).(L1) = s'Mt,                 1'K1 = |s|^2,
         debiased:  <K,L> = |M|^2 - DE,  (K1).(L1) = s'Mt - s.U - t.V + DE,  1'K1 = |s|^2 - D
-    (debiased: the Grams with zero diagonals), so memory does not grow with n.
+    (debiased: the Grams with zero diagonals), so memory does not grow with n. Rows are
+    gathered into blocks of up to ``BLOCK_ROWS`` (more when one batch is larger): each
+    block's products are one GEMM in the work dtype, added to the float64 sums.
     """
 
     def __init__(self, widths: Sequence[int], pairs: Sequence[Pair], debiased: bool, device, dtype: torch.dtype):
         self.widths, self.pairs, self.debiased, self.dtype = list(widths), list(pairs), debiased, dtype
         self.n = 0
+        self.rows: List[List[Tensor]] = []  # shifted rows waiting for their block's products: per batch, per stream
         self.shift: Optional[List[Tensor]] = None
         self.s = [torch.zeros(w, dtype=F64, device=device) for w in widths]
         self.D = torch.zeros(len(widths), dtype=F64, device=device)
@@ -69,8 +79,19 @@ class ExactStats:
 
     def update(self, feats: Sequence[Tensor]) -> Tensor:
         """Add one batch (feats[u]: (b, p_u), every stream); returns a probe per stream,
-        finite exactly when every feature seen so far was."""
+        finite exactly when the batch's features are."""
         xs = [f.to(self.dtype) - c for f, c in zip(feats, self.shift)]
+        self.rows.append(xs)
+        if sum(x[0].shape[0] for x in self.rows) >= BLOCK_ROWS:
+            self.flush()
+        return torch.stack([x.sum(dtype=F64) for x in xs])
+
+    def flush(self) -> None:
+        """The waiting rows' products, added to the statistics."""
+        if not self.rows:
+            return
+        xs = [torch.cat(block) for block in zip(*self.rows)]
+        self.rows = []
         self.n += xs[0].shape[0]
         d = torch.stack([torch.linalg.vector_norm(x, dim=1) for x in xs]).square_() if self.debiased else None
         for u, x in enumerate(xs):
@@ -85,9 +106,9 @@ class ExactStats:
                 self.V[(u, v)] += (du.to(self.dtype) @ xs[v]).to(F64)
         if self.debiased:
             self.D += d.sum(1, dtype=F64)
-        return torch.stack([s.sum() for s in self.s])
 
     def all_reduce(self, group) -> None:
+        self.flush()
         tensors = [torch.tensor([float(self.n)], dtype=F64, device=self.D.device), *self.s, self.D, *self.M.values()]
         if self.debiased:
             tensors += [*self.DE.values(), *self.U.values(), *self.V.values()]
@@ -99,6 +120,7 @@ class ExactStats:
 
     def result(self) -> Dict[Pair, Tensor]:
         """HSIC (float64, 0-dim) of every pair."""
+        self.flush()
         out = {}
         for (u, v), m in self.M.items():
             s, t = self.s[u], self.s[v]
