@@ -204,8 +204,12 @@ def check_sigma_tensor(fn: str, sigma, batch: torch.Size, device: torch.device) 
         raise ValueError(f"{fn}: sigma is on {sigma.device} and the inputs on {device}")
     if sigma.numel() not in (1, math.prod(batch)):
         raise ValueError(f"{fn}: sigma must have 1 or {math.prod(batch)} values (one per group), got {sigma.numel()}")
-    if not wants_finite_check(sigma.device):
-        return
+    if wants_finite_check(sigma.device):
+        check_sigma_values(fn, sigma)
+
+
+def check_sigma_values(fn: str, sigma: torch.Tensor) -> None:
+    """A bandwidth tensor's values: positive and finite (reads the data: one host sync)."""
     if not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
         raise ValueError(f"{fn}: sigma must be positive and finite")
 
@@ -216,7 +220,8 @@ def check_options(fn: str, kernel: str, sigma, debiased, backend: str) -> None:
     check_kernel(fn, kernel, sigma)
     check_flag(fn, "debiased", debiased)
     if isinstance(sigma, torch.Tensor) and sigma.device.type != "meta":
-        if sigma.numel() == 0 or not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+        if sigma.numel() == 0:
             raise ValueError(f"{fn}: sigma must be positive and finite")
+        check_sigma_values(fn, sigma)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{fn}: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")

@@ -322,7 +322,7 @@ def _progress(loader, enabled: bool):
     return loader
 
 
-def _values(run: _Run, layout: _Layout, n_layers) -> Tensor:
+def _values(run: _Run, layout: _Layout) -> Tensor:
     """The CKA matrix from the accumulated HSIC; 0 with a warning where a layer's self term is not positive."""
     h = run.stats.result()
     hxy = torch.stack([torch.stack([h[(min(u, v), max(u, v))] for v in layout.ib]) for u in layout.ia])
@@ -402,7 +402,7 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
     if is_distributed(group):
         run.stats.all_reduce(group)
     _check_samples(run, estimator, debiased)
-    values = _values(run, layout, (len(names_a), len(names_b)))
+    values = _values(run, layout)
     mini = estimator == "minibatch"
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": str(dev), "world_size": torch.distributed.get_world_size(group) if is_distributed(group) else 1,
