@@ -14,7 +14,7 @@ from torch import nn
 
 import rcka_kernels as rk
 from rcka_kernels import reference
-from rcka_kernels.compare.stats import exact_bytes
+from rcka_kernels.compare.stats import exact_bytes, mirror, strips
 from rcka_kernels.distill import models as M
 
 # widths users have once outputs are flattened, the old planner's edges (1024, 1025, 2048) and odd ones
@@ -115,6 +115,32 @@ def test_minibatch_equals_nguyen_at_every_width(wa, wb, n, b, shared, bf16):
     assert res.skipped_batches == sum(s < 4 for s in sizes)
     ok = torch.isfinite(want)  # a ReLU layer that never fires does not vary: reported as 0
     torch.testing.assert_close(res.values[ok], want[ok], rtol=0, atol=1e-5)
+
+
+@settings(derandomize=True, deadline=None, max_examples=30)
+@given(m=st.integers(1, 1100), k=st.integers(1, 40))
+def test_a_symmetric_product_from_its_lower_strips(m, k):
+    """The strips cover 0..m in order, and A A^T formed from the strips on and below the
+    diagonal, then mirrored, is the full product (float64: exact up to summation order)."""
+    cuts = strips(m)
+    assert cuts[0][0] == 0 and cuts[-1][1] == m and all(a[1] == b[0] and a[0] < a[1] for a, b in zip(cuts, cuts[1:]))
+    a = torch.randn(m, k, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    out = torch.full((m, m), float("nan"), dtype=torch.float64)  # the blocks above the diagonal are never written
+    for lo, hi in cuts:
+        out[lo:hi, :hi] = a[lo:hi] @ a[:hi].mT
+    torch.testing.assert_close(mirror(out, cuts), a @ a.mT, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("b", [128, 200, 257])
+def test_minibatch_with_batches_formed_in_strips(b):
+    """Batches large enough for the Gram to be formed strip by strip (and a partial last
+    batch), wide and narrow layers, against Nguyen's float64 definition."""
+    a, m_b = Layers([1500, 64], 0), Layers([700], 1)
+    x = torch.randn(2 * b + 37, 8, generator=torch.Generator().manual_seed(b))
+    batches = [x[i:i + b] for i in range(0, len(x), b)]
+    res = rk.compare(a, m_b, batches, ["act.0", "act.1"], ["act.0"], progress=False)
+    want = _nguyen64(_features(a, ["act.0", "act.1"], batches), _features(m_b, ["act.0"], batches), [len(t) for t in batches])
+    torch.testing.assert_close(res.values, want, rtol=0, atol=1e-5)
 
 
 def test_resnet18_on_32x32_both_estimators():

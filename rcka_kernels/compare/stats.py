@@ -26,6 +26,25 @@ def work_dtype(dtype: torch.dtype, product_dtype: Optional[torch.dtype]) -> torc
     return F64 if F64 in (dtype, product_dtype) else torch.float32
 
 
+def strips(dim: int) -> List[Tuple[int, int]]:
+    """0..dim cut into k = min(8, dim // 64) (at least 1) strips (lo, hi). A symmetric
+    product A A^T (dim x dim) formed strip by strip, rows lo:hi against rows :hi (the blocks
+    on and below the diagonal), takes (k + 1) / (2k) of the full product's multiply-adds,
+    each GEMM still at least 64 wide; ``mirror`` then fills the blocks above the diagonal."""
+    k = max(1, min(8, dim // 64))
+    cuts = [dim * i // k for i in range(k + 1)]
+    return list(zip(cuts, cuts[1:]))
+
+
+def mirror(m: Tensor, cuts: Sequence[Tuple[int, int]]) -> Tensor:
+    """m with each block above the diagonal (of the strips ``cuts``) set to the transpose of
+    its mirror image below it: the symmetric matrix whose lower blocks ``m`` holds."""
+    for i, (lo, hi) in enumerate(cuts):
+        for lo2, hi2 in cuts[i + 1:]:
+            m[lo:hi, lo2:hi2] = m[lo2:hi2, lo:hi].mT
+    return m
+
+
 #: rows whose products are summed in the work dtype (one GEMM) before they are added in float64:
 #: float32 sums over at most this many terms (as one product of a batch this size would be),
 #: and one float64 pass over the statistics per block of rows instead of per batch
@@ -56,7 +75,9 @@ class ExactStats:
         debiased:  <K,L> = |M|^2 - DE,  (K1).(L1) = s'Mt - s.U - t.V + DE,  1'K1 = |s|^2 - D
     (debiased: the Grams with zero diagonals), so memory does not grow with n. Rows are
     gathered into blocks of up to ``BLOCK_ROWS`` (more when one batch is larger): each
-    block's products are one GEMM in the work dtype, added to the float64 sums.
+    block's products are GEMMs in the work dtype, added to the float64 sums; a stream's own
+    M = X^T X is symmetric, so only its strips on and below the diagonal are formed
+    (``strips``) and ``result`` mirrors them.
     """
 
     def __init__(self, widths: Sequence[int], pairs: Sequence[Pair], debiased: bool, device, dtype: torch.dtype):
@@ -96,9 +117,12 @@ class ExactStats:
         d = torch.stack([torch.linalg.vector_norm(x, dim=1) for x in xs]).square_() if self.debiased else None
         for u, x in enumerate(xs):
             self.s[u] += x.sum(0, dtype=F64)
-        for (u, v) in self.pairs:
-            prod = torch.mm(xs[u].mT, xs[v], out=self.scratch[: self.widths[u] * self.widths[v]].view(self.widths[u], self.widths[v]))
-            self.M[(u, v)].add_(prod)  # float32 product, float64 sum (no float64 copy of the product)
+        for (u, v) in self.pairs:  # float32 products, float64 sums (no float64 copy of a product)
+            if u == v:  # X^T X: the strips on and below the diagonal (``result`` mirrors them)
+                for lo, hi in strips(self.widths[u]):
+                    self.M[(u, u)][lo:hi, :hi].add_(torch.mm(xs[u][:, lo:hi].mT, xs[u][:, :hi], out=self._scratch(hi - lo, hi)))
+            else:
+                self.M[(u, v)].add_(torch.mm(xs[u].mT, xs[v], out=self._scratch(self.widths[u], self.widths[v])))
             if self.debiased:
                 du, dv = d[u].to(F64), d[v].to(F64)
                 self.DE[(u, v)] += du @ dv
@@ -106,6 +130,9 @@ class ExactStats:
                 self.V[(u, v)] += (du.to(self.dtype) @ xs[v]).to(F64)
         if self.debiased:
             self.D += d.sum(1, dtype=F64)
+
+    def _scratch(self, rows: int, cols: int) -> Tensor:
+        return self.scratch[: rows * cols].view(rows, cols)
 
     def all_reduce(self, group) -> None:
         self.flush()
@@ -123,6 +150,8 @@ class ExactStats:
         self.flush()
         out = {}
         for (u, v), m in self.M.items():
+            if u == v:
+                m = mirror(m, strips(self.widths[u]))
             s, t = self.s[u], self.s[v]
             ab, rr, ta, tb = m.square().sum(), s @ m @ t, s @ s, t @ t
             if self.debiased:
@@ -137,7 +166,8 @@ class MinibatchStats:
     """Nguyen et al. (2021): each batch's unbiased HSIC of every pair, summed over batches.
 
     Each stream's Gram with its diagonal set to 0 (b x b: the linear Gram of the batch's
-    centred features; ``rk.gram`` for other kernels) is formed as its output arrives, so a
+    centred features, formed strip by strip and mirrored (``strips``); ``rk.gram`` for other
+    kernels) is formed as its output arrives, so a
     batch's features need not all stay alive. At the end of the batch the sums of
     ``estimators.hsic`` for every pair come from the stacked Grams K (S, b^2), in float64
     (the estimator's terms cancel; float64 keeps the digits they share): <K_u, K_v> from one
@@ -162,7 +192,11 @@ class MinibatchStats:
         f = f.to(self.dtype)
         if self.kernel == "linear":
             f = f - f.mean(0, keepdim=True)  # the Gram's entries without the features' mean: no digits lost to it
-            k = f @ f.mT
+            cuts = strips(self.b)
+            k = f.new_empty(self.b, self.b)
+            for lo, hi in cuts:
+                torch.mm(f[lo:hi], f[:hi].mT, out=k[lo:hi, :hi])
+            k = mirror(k, cuts)
         else:
             k = gram(f, kernel=self.kernel, sigma=self.sigma)
         self.grams[u] = k.fill_diagonal_(0.0).reshape(-1)
