@@ -147,13 +147,19 @@ def _libc():
         return None
 
 
+_MEMORY_MODE = False  # set for good by memory_mode(): no timing in this process after it
+
+
 def memory_mode(device: str) -> None:
     """From now on allocations of 64 KiB or more are mmap-backed (returned to the OS on free),
-    so the RSS follows what is live. Called once timing is over: it makes every such
-    allocation page-fault, a cost a normal process does not pay."""
+    so the RSS follows what is live. Called once every timing of the process is over: it
+    makes every such allocation page-fault, a cost a normal process does not pay, and it
+    cannot be undone (``interleaved`` refuses to time after it)."""
+    global _MEMORY_MODE
     libc = _libc()
     if device == "cpu" and libc is not None:
         libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD, fixed
+        _MEMORY_MODE = True
 
 
 def sync(device: str) -> None:
@@ -229,7 +235,12 @@ def interleaved(cases: List[Tuple[str, Callable[[], Dict[str, Callable]]]], devi
                 min_reps: int = 5, ops: bool = False) -> List[dict]:
     """Time and memory of every contender of every case, in this process. ``cases``: (name,
     make) with make() -> {contender: call}; a call takes no argument and returns the value
-    (a loss call runs its own backward). make() runs again for the memory pass."""
+    (a loss call runs its own backward). make() runs again for the memory pass.
+    Cases are timed one at a time (each one's calls released before the next one is made),
+    then measured for memory: pass every case of a process in one call, since no timing may
+    follow a memory pass (``memory_mode``)."""
+    if _MEMORY_MODE:
+        raise RuntimeError("interleaved: timing after memory_mode() would time page faults; pass every case in one call")
     recs: Dict[Tuple[str, str], dict] = {}
 
     def run(case, name, fn, what):  # one call; a failure marks the contender and returns None

@@ -16,6 +16,23 @@ from benchmarks import _harness, efficient, naive, report  # noqa: E402
 from rcka_kernels import reference  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _timing_allowed(monkeypatch):
+    """Each test may time: the flag memory_mode() sets for good in a real run is reset after it."""
+    monkeypatch.setattr(_harness, "_MEMORY_MODE", False)
+
+
+def test_no_timing_after_a_memory_pass():
+    """memory_mode() makes large allocations page-fault for the rest of the process, so a second
+    interleaved() call (whose timing would include them) is refused: one call takes every case."""
+    def make():
+        return {"a": lambda: torch.ones(3), "b": lambda: torch.zeros(3)}
+    recs = _harness.interleaved([("one", make), ("two", make)], "cpu", budget_s=0.0, min_reps=1)
+    assert {(r["case"], r["status"]) for r in recs} == {("one", "ok"), ("two", "ok")}
+    with pytest.raises(RuntimeError, match="after memory_mode"):
+        _harness.interleaved([("three", make)], "cpu", budget_s=0.0, min_reps=1)
+
+
 def _xy(n=40, p=7, q=5):
     x, y = _harness.inputs((n, p), q, "cpu")
     return x.detach().double(), y.double()
@@ -103,7 +120,7 @@ def test_compare_benchmark_cases():
 
     s = bench_compare.setup("resnet", 8, "cpu")
     assert bench_compare.widths(s, s["la"], s["lb"])[0] == [4096, 4096, 2048, 2048, 1024, 1024, 512, 512]
-    recs = {r["contender"]: r for r in bench_compare.run_case("mlp", 100, "cpu", reps=1)}
+    recs = {r["contender"]: r for r in bench_compare.run_cases({"mlp": 100}, "cpu", reps=1)}
     for name in ("rcka minibatch", "rcka exact"):
         assert recs[name]["status"] == "ok" and recs[name]["max_abs_vs_definition"] < 1e-5, recs[name]
     assert recs["rcka exact"]["floor_madds"] > 0 and recs["float32 GEMM (b, P_A)^T (b, P_B)"]["madds"] > 0
