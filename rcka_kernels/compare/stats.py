@@ -163,57 +163,84 @@ class ExactStats:
         return out
 
 
+def _take(k: Tensor, idx: List[int]) -> Tensor:
+    """Rows ``idx`` (sorted) of k: a view where they are consecutive (one model's layers), else a copy."""
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return k[idx[0]: idx[-1] + 1]
+    return k[torch.tensor(idx, device=k.device)]
+
+
 class MinibatchStats:
     """Nguyen et al. (2021): each batch's unbiased HSIC of every pair, summed over batches.
 
     Each stream's Gram with its diagonal set to 0 (b x b: the linear Gram of the batch's
     centred features, formed strip by strip and mirrored (``strips``); ``rk.gram`` for other
-    kernels) is formed as its output arrives, so a
-    batch's features need not all stay alive. At the end of the batch the sums of
-    ``estimators.hsic`` for every pair come from the stacked Grams K (S, b^2), in float64
-    (the estimator's terms cancel; float64 keeps the digits they share): <K_u, K_v> from one
-    product, the row sums r_u = K_u 1 and totals t_u = 1' K_u 1. Batches of fewer than 4
-    samples are skipped (counted).
+    kernels) is formed as its output arrives and stored, in float64, as row u of K (S, b^2),
+    so a batch's features need not all stay alive. At the end of the batch the sums of
+    ``estimators.hsic`` for every pair come from K in float64 (the estimator's terms cancel;
+    float64 keeps the digits they share): <K_u, K_v> from one product of the pairs' two sides
+    (and each stream's own from its row), the row sums r_u = K_u 1 and totals t_u = 1' K_u 1.
+    Batches of fewer than 4 samples are skipped (counted).
     """
 
     def __init__(self, n_streams: int, pairs: Sequence[Pair], kernel: str, sigma, device, dtype: torch.dtype):
         self.pairs, self.kernel, self.sigma, self.dtype = list(pairs), kernel, sigma, dtype
         self.h = torch.zeros(len(self.pairs), dtype=F64, device=device)
-        self.grams: List[Optional[Tensor]] = [None] * n_streams
+        self.k: Optional[Tensor] = None  # K of the batch: row u = stream u's zero-diagonal Gram, flattened
+        self.formed = False
         self.n = self.batches = self.skipped = self.b = 0
         us = torch.tensor([u for u, _ in self.pairs], dtype=torch.long)
         vs = torch.tensor([v for _, v in self.pairs], dtype=torch.long)
         self.index = (us.to(device), vs.to(device))
+        cross = [(i, u, v) for i, (u, v) in enumerate(self.pairs) if u != v]
+        self.own = torch.tensor([i for i, (u, v) in enumerate(self.pairs) if u == v], dtype=torch.long, device=device)
+        self.own_u = self.index[0][self.own]
+        self.rows, self.cols = sorted({u for _, u, _ in cross}), sorted({v for _, _, v in cross})
+        self.cross = torch.tensor([i for i, _, _ in cross], dtype=torch.long, device=device)
+        self.at = (torch.tensor([self.rows.index(u) for _, u, _ in cross], dtype=torch.long, device=device),
+                   torch.tensor([self.cols.index(v) for _, _, v in cross], dtype=torch.long, device=device))
+        self.n_streams, self.device = n_streams, device
 
     def add(self, u: int, f: Tensor) -> None:
         """Stream u's features for this batch (its Gram is formed now)."""
-        self.b = f.shape[0]
-        if self.b < 4:
+        b = self.b = f.shape[0]
+        if b < 4:
             return
         f = f.to(self.dtype)
         if self.kernel == "linear":
             f = f - f.mean(0, keepdim=True)  # the Gram's entries without the features' mean: no digits lost to it
-            cuts = strips(self.b)
-            k = f.new_empty(self.b, self.b)
+            cuts = strips(b)
+            g = f.new_empty(b, b)
             for lo, hi in cuts:
-                torch.mm(f[lo:hi], f[:hi].mT, out=k[lo:hi, :hi])
-            k = mirror(k, cuts)
+                torch.mm(f[lo:hi], f[:hi].mT, out=g[lo:hi, :hi])
+            g = mirror(g, cuts)
         else:
-            k = gram(f, kernel=self.kernel, sigma=self.sigma)
-        self.grams[u] = k.fill_diagonal_(0.0).reshape(-1)
+            g = gram(f, kernel=self.kernel, sigma=self.sigma)
+        if self.k is None or self.k.shape[1] != b * b:
+            self.k = torch.empty(self.n_streams, b * b, dtype=F64, device=self.device)
+        self.k[u].view(b, b).copy_(g).fill_diagonal_(0.0)
+        self.formed = True
+
+    def _inner(self, k: Tensor) -> Tensor:
+        """<K_u, K_v> of every pair."""
+        ab = k.new_empty(len(self.pairs))
+        ab[self.own] = torch.einsum("ij,ij->i", k, k)[self.own_u]
+        if self.rows:
+            ab[self.cross] = (_take(k, self.rows) @ _take(k, self.cols).mT)[self.at]
+        return ab
 
     def update(self) -> Optional[Tensor]:
         """Close the batch; returns a probe per stream (finite exactly when its features were),
         or None for a skipped batch."""
-        if self.grams[0] is None:
+        if not self.formed:
             self.skipped += 1
             return None
-        k, b = torch.stack(self.grams).to(F64), self.b
-        self.grams = [None] * len(self.grams)
+        self.formed = False
+        k, b = self.k, self.b
         r = k.view(k.shape[0], b, b).sum(2)  # row sums
         t = r.sum(1)
         u, v = self.index
-        self.h += estimators.hsic((k @ k.mT)[u, v], (r @ r.mT)[u, v], t[u], t[v], b, True)
+        self.h += estimators.hsic(self._inner(k), (r @ r.mT)[u, v], t[u], t[v], b, True)
         self.n += b
         self.batches += 1
         return t
