@@ -154,7 +154,7 @@ class ExactStats:
             if u == v:
                 m = mirror(m, strips(self.widths[u]))
             s, t = self.s[u], self.s[v]
-            ab, rr, ta, tb = m.square().sum(), s @ m @ t, s @ s, t @ t
+            ab, rr, ta, tb = torch.dot(m.view(-1), m.view(-1)), s @ m @ t, s @ s, t @ t  # |M|^2 without an M-sized temporary
             if self.debiased:
                 de = self.DE[(u, v)]
                 ab, rr = ab - de, rr - s @ self.U[(u, v)] - t @ self.V[(u, v)] + de
