@@ -56,16 +56,26 @@ def self_term_ok(h: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     return h > torch.finfo(dtype).tiny
 
 
+def cka_scale(kk: Tensor, ll: Tensor, dtype: torch.dtype = torch.float64, guarded: bool = True) -> Tensor:
+    """r = (kk ll)^(-1/2), so that CKA = kl r for self-terms kk = HSIC(K, K), ll = HSIC(L, L) and
+    cross term kl = HSIC(K, L) (or any one positive multiple of all three), in ``dtype``: kk ll is
+    clamped at its smallest normal number, and r is 0 where a self-term is not ``self_term_ok``
+    (NaN included). ``guarded=False`` skips that rule (two ops): for callers whose self-terms are
+    >= 0 and 0 only where their cross term is exactly 0 too (the linear op's biased estimator), r
+    is then finite and the value the same."""
+    r = (kk * ll).clamp_min(torch.finfo(dtype).tiny).rsqrt()
+    return torch.where(self_term_ok(torch.minimum(kk, ll), dtype), r, 0.0) if guarded else r
+
+
 def cka(hxy: Tensor, hxx: Tensor, hyy: Tensor, degenerate: Optional[Tensor] = None,
         dtype: torch.dtype = torch.float64) -> Tensor:
     """CKA from the three HSIC terms (broadcasting: hxx may be (La, 1) and hyy (1, Lb)),
     0 where ``degenerate`` or a self-term is not ``self_term_ok`` in ``dtype`` (the
     dtype the value is computed in); NaN in any term stays NaN."""
-    ok = self_term_ok(hxx, dtype) & self_term_ok(hyy, dtype)
+    r = cka_scale(hxx, hyy, dtype)
     if degenerate is not None:
-        ok = ok & ~degenerate
-    safe = torch.where(ok, hxx * hyy, torch.ones_like(hxx * hyy))
-    return torch.where(ok, hxy / torch.sqrt(safe), torch.zeros_like(hxy)) + 0.0 * (hxy + hxx + hyy)
+        r = torch.where(degenerate, 0.0, r)
+    return hxy * r + 0.0 * (hxy + hxx + hyy)
 
 
 def alignment(kl: Tensor, kk: Tensor, ll: Tensor) -> Tensor:

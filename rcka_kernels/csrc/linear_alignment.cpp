@@ -298,6 +298,13 @@ double tiny(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
 }
 
+// estimators.cka_scale: r = (kk ll)^(-1/2), which turns the cross term into CKA; ``guarded``: 0 where a
+// self-term is not above the dtype's smallest normal number (estimators.self_term_ok).
+Tensor cka_scale(const Tensor& kk, const Tensor& ll, bool guarded) {
+  Tensor r = (kk * ll).clamp_min(tiny(kk)).rsqrt();
+  return guarded ? at::where(at::minimum(kk, ll) > tiny(kk), r, 0.0) : r;
+}
+
 struct Value {
   Tensor kk, ll, r, v;
 };
@@ -309,13 +316,11 @@ Value value(const Tensor& s, const Tensor& scale_, int64_t statistic, int64_t n,
   Tensor kk = s.narrow(1, 0, 1).narrow(2, 0, 1), kl = s.narrow(1, 0, 1).narrow(2, 1, 1),
          ll = s.narrow(1, 1, 1).narrow(2, 1, 1);
   Tensor r;
-  if (statistic == kHsic) {
+  if (statistic == kHsic) {  // (s_x s_y)^2 / estimators.normaliser(n, debiased)
     const double norm = debiased ? double(n) * double(n - 3) : double(n - 1) * double(n - 1);
     r = scale_.view({-1, 2}).prod(1).square().div(norm).view({-1, 1, 1});
-  } else if (debiased) {  // 0 where a self-term is not positive
-    r = at::where(at::minimum(kk, ll) > tiny(s), (kk * ll).clamp_min(tiny(s)).rsqrt(), 0.0);
   } else {
-    r = (kk * ll).clamp_min(tiny(s)).rsqrt();
+    r = cka_scale(kk, ll, debiased);
   }
   return {kk, ll, r, at::mul(kl.view(shape), r.view(shape))};
 }

@@ -171,22 +171,19 @@ def _products_backward(a, b, g, saved, backend: str, need, dtype: torch.dtype):
 # ----------------------------------------------------------------------------- value and its derivative
 
 
-_TINY = {dt: torch.finfo(dt).tiny for dt in (torch.float32, torch.float64)}
-
-
 def value(s: Tensor, scale: Tensor, statistic: str, n: int, debiased: bool):
     """(kk, ll, r, v), each (G, 1, 1): the statistic v = kl r from S (G, 2, 2) of the
-    prepared inputs (debiased: n (n-3) times the unbiased HSIC terms).
+    prepared inputs (debiased: n (n-3) times the unbiased HSIC terms), with
+    r = ``estimators.cka_scale`` (cka; guarded for the debiased estimator only: the biased
+    self-terms are >= 0, and 0 only for a degenerate input, whose kl is then exactly 0)
+    or (s_x s_y)^2 / ``estimators.normaliser`` (hsic).
     scale (2G, 1, 1): each group's s_x, s_y (hsic). Out of place: autograd can record it."""
     kk, kl, ll = s[:, :1, :1], s[:, :1, 1:], s[:, 1:, 1:]
     if statistic == "hsic":
         r = scale.view(-1, 2).prod(1).square().div(estimators.normaliser(n, debiased)).view(-1, 1, 1)
-    elif debiased:  # 0 where a self-term is not positive
-        m = torch.minimum(kk, ll)
-        r = torch.where(estimators.self_term_ok(m, s.dtype), (kk * ll).clamp_min(_TINY[s.dtype]).rsqrt(), 0.0)
-    else:  # kk, ll >= 0, and 0 only for a degenerate input, whose kl is then exactly 0
-        r = (kk * ll).clamp_min(_TINY[s.dtype]).rsqrt()
-    return kk, ll, r, kl * r  # r = (kk ll)^(-1/2) (cka) or (s_x s_y)^2 / N (hsic)
+    else:
+        r = estimators.cka_scale(kk, ll, s.dtype, guarded=debiased)
+    return kk, ll, r, kl * r
 
 
 def coefficients(gv: Tensor, kk, ll, r, v, statistic: str, need, diagonals: bool):
