@@ -4,6 +4,7 @@ float64 reference for every combination of which inputs require grad, stacked
 the uncentred alignment; scale invariance; NaN policy; and op counts (deterministic,
 never a time) against the efficient plain-PyTorch formula."""
 
+import contextlib
 import os
 import re
 import sys
@@ -163,6 +164,29 @@ def test_axis_pair_gradcheck(n, p, centered, needs, weights):
     gen = torch.Generator().manual_seed(1)
     xs, ys, xc, yc = (torch.randn(n, p, generator=gen, dtype=torch.float64, requires_grad=bool(k)) for k in needs)
     assert gradcheck(lambda *t: linear.axis_pair_alignment(*t, *weights, 2.0, centered, "torch"), (xs, ys, xc, yc))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,p", [(9, 6), (6, 9), (64, 100), (300, 220)])
+@pytest.mark.parametrize("centered", [True, False])
+def test_native_axis_pair_implements_the_python_definition(impl, n, p, centered, dtype):
+    """The native two-axis op against its definition, ops/linear.axis_pair_alignment's two
+    calls of the Python op: value and the four gradients, to the rounding of the dtype
+    (stacked small inputs and, at 300 x 220, separately prepared ones)."""
+    if not impl.startswith("native"):
+        pytest.skip("compares the native op with the Python definition")
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(n, p, generator=gen, dtype=dtype) for _ in range(4)]
+    out = []
+    for python in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with _native.python_path() if python else contextlib.nullcontext():
+            v = linear.axis_pair_alignment(*leaves, 0.7, -1.3, 2.0, centered, "torch") * 1.7
+            out.append((v.detach(), *torch.autograd.grad(v, leaves)))
+    assert out[0][0].dtype == dtype
+    eps = 1e-12 if dtype == torch.float64 else 2e-5
+    for got, want in zip(*out):
+        torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("official", [False, True])

@@ -3,12 +3,12 @@
 // (which documents it step by step), with the per-call Python gone: at the paper's
 // batch sizes (64 x 100 logits) the Python autograd.Function doing the same work costs
 // more in interpreter time than in arithmetic. Also here: rcka_native::axis_pair_alignment,
-// RCKA's sample and class axes in one op. Apart from one CPU loop that prepares small
-// inputs (centring and scaling, a dozen tiny ATen calls otherwise), only ATen ops are
-// called, so the ops run on any device ATen does (CPU, CUDA via cuBLAS). A backward that
-// runs with grad mode on (create_graph=True) differentiates a recomputation of the forward
-// from the ATen pieces with autograd recording (forward_value, recomputed_grads), as
-// ops/linear.py does, so that second derivatives are right.
+// RCKA's sample and class axes in one autograd node built from the same pieces. Apart from
+// one CPU loop that prepares small inputs (centring and scaling, a dozen tiny ATen calls
+// otherwise), only ATen ops are called, so the ops run on any device ATen does (CPU, CUDA
+// via cuBLAS). A backward that runs with grad mode on (create_graph=True) differentiates a
+// recomputation of the forward from the ATen pieces with autograd recording (forward_value,
+// recomputed_grads), as ops/linear.py does, so that second derivatives are right.
 //
 // Python side: rcka_kernels/_native.py (guarded import), ops/linear.py (dispatch).
 
@@ -82,27 +82,25 @@ struct Prepared {
 
 // The small stacked cases on the CPU in one loop per matrix instead of ~9 ATen calls (at
 // 64 x 100 their dispatch, not their arithmetic, is the time): u = ((z - z_0) - mean) / s,
-// centred over the rows (z_0 the first row, column means; ``over_rows``) or over the
-// columns (z_0 the first column, row means), sums in double; s = max |entry| (NaN when any
+// z_0 the first row, the column means summed in double; s = max |entry| (NaN when any
 // entry is NaN); inv = 1/s, or 0 where that is not finite, as ``scale`` computes them.
+// z is read with its strides (rs, cs), so a transposed view (RCKA's class axis) needs no copy.
 bool cpu_loops = true;  // rcka_native::set_cpu_loops: tests run the ATen path on the CPU too
 
 template <typename T>
-void prepare_cpu_loop(const T* src, T* dst, T* s_out, T* inv_out, int64_t n, int64_t p, bool centered,
-                      bool over_rows) {
-  std::vector<double> mean(centered ? (over_rows ? p : n) : 0);
+void prepare_cpu_loop(const T* z, int64_t rs, int64_t cs, T* dst, T* s_out, T* inv_out, int64_t n, int64_t p,
+                      bool centered) {
+  std::vector<double> mean(centered ? p : 0);
   if (centered) {
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < p; ++j)
-        mean[over_rows ? j : i] += double(src[i * p + j] - src[over_rows ? j : i * p]);
-    for (auto& m : mean) m /= double(over_rows ? n : p);
+      for (int64_t j = 0; j < p; ++j) mean[j] += double(z[i * rs + j * cs] - z[j * cs]);
+    for (auto& m : mean) m /= double(n);
   }
   T s = 0;
   bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < p; ++j) {
-      const T u = centered ? T((src[i * p + j] - src[over_rows ? j : i * p]) - T(mean[over_rows ? j : i]))
-                           : src[i * p + j];
+      const T u = centered ? T((z[i * rs + j * cs] - z[j * cs]) - T(mean[j])) : z[i * rs + j * cs];
       dst[i * p + j] = u;
       const T a = std::abs(u);
       nan = nan || std::isnan(a);
@@ -123,31 +121,22 @@ bool use_cpu_loop(const Tensor& x) {
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
-// Matrices srcs[k] (each ``groups`` contiguous (n, p) blocks) into z (groups * K, n, p)
-// interleaved per group, with s, inv (groups * K, 1, 1); over_rows[k] as above.
-void prepare_cpu_into(const std::vector<Tensor>& srcs, const std::vector<bool>& over_rows, const Tensor& z,
-                      const Tensor& s, const Tensor& inv, int64_t groups, int64_t n, int64_t p, bool centered) {
-  const int64_t k_count = static_cast<int64_t>(srcs.size());
+// x, y (..., n, p) into u (2G, n, p), each group's x and y side by side, with s, inv (2G, 1, 1).
+Prepared prepare_cpu(const Tensor& x, const Tensor& y, bool centered) {
+  const int64_t n = x.size(-2), p = x.size(-1);
+  const std::array<Tensor, 2> src = {x.reshape({-1, n, p}), y.reshape({-1, n, p})};  // views, unless they cannot be
+  const int64_t groups = src[0].size(0);
+  Tensor z = at::empty({2 * groups, n, p}, x.options());
+  Tensor s = at::empty({2 * groups, 1, 1}, x.options()), inv = at::empty({2 * groups, 1, 1}, x.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rcka_native_prepare", [&] {
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t k = 0; k < k_count; ++k) {
-        const int64_t slot = g * k_count + k;
-        prepare_cpu_loop<scalar_t>(srcs[k].const_data_ptr<scalar_t>() + g * n * p, z.data_ptr<scalar_t>() + slot * n * p,
-                                   s.data_ptr<scalar_t>() + slot, inv.data_ptr<scalar_t>() + slot, n, p, centered,
-                                   over_rows[k]);
-      }
+    for (int64_t k = 0; k < 2 * groups; ++k) {
+      const Tensor& a = src[k % 2];
+      prepare_cpu_loop<scalar_t>(a.const_data_ptr<scalar_t>() + (k / 2) * a.stride(0), a.stride(1), a.stride(2),
+                                 z.data_ptr<scalar_t>() + k * n * p, s.data_ptr<scalar_t>() + k,
+                                 inv.data_ptr<scalar_t>() + k, n, p, centered);
     }
   });
-}
-
-Prepared prepare_cpu(const Tensor& x, const Tensor& y, bool centered) {
-  const int64_t n = x.size(-2), p = x.size(-1), groups = x.numel() / (n * p);
-  auto shape = x.sizes().vec();
-  shape.insert(shape.end() - 2, 2);
-  Tensor z = at::empty(shape, x.options());
-  Tensor s = at::empty({2 * groups, 1, 1}, x.options()), inv = at::empty({2 * groups, 1, 1}, x.options());
-  prepare_cpu_into({x.contiguous(), y.contiguous()}, {true, true}, z, s, inv, groups, n, p, centered);
-  return {z.view({-1, n, p}), Tensor(), s, inv};
+  return {z, Tensor(), s, inv};
 }
 
 Prepared prepare(const Tensor& x, const Tensor& y, bool centered) {
@@ -325,12 +314,42 @@ Value value(const Tensor& s, const Tensor& scale_, int64_t statistic, int64_t n,
   return {kk, ll, r, at::mul(kl.view(shape), r.view(shape))};
 }
 
-// The forward's value alone (linear._forward): what a backward differentiates, with autograd
-// recording, when it runs with grad mode on (create_graph=True).
+// What one alignment's backward needs, as linear._LinearAlignment saves it: the prepared inputs h
+// (undefined where not needed), 1/s, the value's terms, the diagonals d, t (debiased in feature space;
+// else undefined) and the products the backward reuses.
+struct State {
+  std::array<Tensor, 2> h;
+  Tensor inv, kk, ll, r, v, d, t;
+  std::vector<Tensor> saved;
+
+  void pack(variable_list& out) const {
+    out.insert(out.end(), {h[0], h[1], inv, kk, ll, r, v, d, t});
+    out.insert(out.end(), saved.begin(), saved.end());
+  }
+  static State unpack(variable_list::const_iterator it, variable_list::const_iterator end) {
+    return {{it[0], it[1]}, it[2], it[3], it[4], it[5], it[6], it[7], it[8], std::vector<Tensor>(it + 9, end)};
+  }
+};
+
+// linear._forward from the prepared inputs: products, value (in ``shape``) and what the backward keeps.
+// need[i]: whether input i's gradient can be asked for (in sample space an input serves only its own).
+State forward_state(const Prepared& p, int64_t statistic, bool debiased, int64_t n, at::IntArrayRef shape,
+                    std::array<bool, 2> need) {
+  Products prod = products(p, debiased);
+  Value val = value(prod.s, p.s, statistic, n, debiased, shape);
+  auto h = halves(p);
+  if (prod.saved.size() == 2 && !prod.d.defined()) {
+    for (int i = 0; i < 2; ++i)
+      if (!need[i]) h[i] = Tensor();
+  }
+  return {h, p.inv, val.kk, val.ll, val.r, val.v, prod.d, prod.t, std::move(prod.saved)};
+}
+
+// The forward's value alone: what a backward differentiates, with autograd recording, when it runs
+// with grad mode on (create_graph=True).
 Tensor forward_value(const Tensor& x, const Tensor& y, int64_t statistic, bool centered, bool debiased) {
-  Prepared p = prepare(x, y, centered);
-  Products pr = products(p, debiased);
-  return value(pr.s, p.s, statistic, x.size(-2), debiased, x.sizes().slice(0, x.dim() - 2)).v;
+  return forward_state(prepare(x, y, centered), statistic, debiased, x.size(-2), x.sizes().slice(0, x.dim() - 2),
+                       {true, true}).v;
 }
 
 // linear.recomputed_grads: the gradient of fn(inputs) for upstream gv, by autograd on a recomputation
@@ -374,23 +393,65 @@ std::array<Tensor, 2> products_backward(const std::array<Tensor, 2>& h, const st
   return out;
 }
 
+// linear.add_diagonal_grad, then the centring projection: the diagonals' share 2 (dv/dd_i) u_i, with
+// dv/dd = -c1 gs d + c2 (gs t) 1', gs = [[2 gkk, gkl], [gkl, 2 gll]] = gkl [[-tf_x, 1], [1, -tf_y]].
+void add_diagonal_grad(std::array<Tensor, 2>& grads, const State& st, const Tensor& gkl,
+                       const std::array<Tensor, 2>& tf, bool centered) {
+  auto c = debias_terms(st.d.size(-1));
+  Tensor one = at::ones_like(gkl), zero = at::zeros_like(gkl);
+  Tensor gs = at::cat({tf[0].defined() ? -tf[0] : zero, one, one, tf[1].defined() ? -tf[1] : zero}, 1)
+                  .view({-1, 2, 2})
+                  .mul_(gkl);
+  Tensor gd = at::add(at::matmul(gs, st.t) * c.second, at::matmul(gs, st.d), -c.first);
+  for (int i = 0; i < 2; ++i) {
+    if (!grads[i].defined()) continue;
+    grads[i].addcmul_(gd.select(1, i).unsqueeze(-1), st.h[i], 2.0);
+    if (centered) grads[i].sub_(grads[i].mean({1}, true));  // the diagonals' share has nonzero column sums
+  }
+}
+
+// linear._LinearAlignment.backward without grad mode: the gradients of grad * v with respect to the
+// inputs, (G, n, p) and (G, n, q) in the compute dtype; undefined where need[i] is false.
+std::array<Tensor, 2> backward_state(const State& st, const Tensor& grad, int64_t statistic, bool centered,
+                                     std::array<bool, 2> need) {
+  const bool one = need[0] != need[1];
+  Tensor gv = grad.reshape({-1, 1, 1});
+  if (one) gv = gv * st.inv.slice(0, need[0] ? 0 : 1, c10::nullopt, 2);  // the one input's 1/s, folded in
+  Tensor gkl = gv * st.r;    // dv/d<K,L>
+  std::array<Tensor, 2> tf;  // (dv/d<K,K>, dv/d<L,L>) = -gkl tf / 2
+  if (statistic == kCka) {
+    Tensor vr = st.v.view({-1, 1, 1}) * st.r;
+    if (need[0] || st.d.defined()) tf[0] = vr * st.ll;
+    if (need[1] || st.d.defined()) tf[1] = vr * st.kk;
+  }
+  auto grads = products_backward(st.h, tf, st.saved, need);
+  for (auto& gi : grads) {
+    if (gi.defined()) gi.mul_(gkl);
+  }
+  if (st.d.defined()) add_diagonal_grad(grads, st, gkl, tf, centered);
+  if (need[0] && need[1]) {
+    grads[0].mul_(even(st.inv));
+    grads[1].mul_(odd(st.inv));
+  }
+  return grads;
+}
+
+// A gradient in the compute dtype, as the input it belongs to (its dtype and shape).
+Tensor as_input(const Tensor& g, const Tensor& input) {
+  return (g.scalar_type() == input.scalar_type() ? g : g.to(input.scalar_type())).view(input.sizes());
+}
+
 struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, int64_t statistic, bool centered,
                         bool debiased, bool need_x, bool need_y) {
-    Prepared p = prepare(x, y, centered);
-    Products prod = products(p, debiased);
-    Value val = value(prod.s, p.s, statistic, x.size(-2), debiased, x.sizes().slice(0, x.dim() - 2));
-    auto h = halves(p);
-    if (prod.saved.size() == 2 && !prod.d.defined()) {  // sample space: an input is used only for its own gradient
-      if (!need_x) h[0] = Tensor();
-      if (!need_y) h[1] = Tensor();
-    }
-    variable_list keep = {x, y, h[0], h[1], p.inv, val.kk, val.ll, val.r, val.v, prod.d, prod.t};
-    keep.insert(keep.end(), prod.saved.begin(), prod.saved.end());
+    State st = forward_state(prepare(x, y, centered), statistic, debiased, x.size(-2),
+                             x.sizes().slice(0, x.dim() - 2), {need_x, need_y});
+    variable_list keep = {x, y};
+    st.pack(keep);
     ctx->save_for_backward(keep);
-    // one entry (each costs a hash-map insert): statistic, centered, debiased, dtype
-    ctx->saved_data["meta"] = std::vector<int64_t>{statistic, centered, debiased, static_cast<int64_t>(x.scalar_type())};
-    return val.v;
+    // one entry (each costs a hash-map insert): statistic, centered, debiased
+    ctx->saved_data["meta"] = std::vector<int64_t>{statistic, centered, debiased};
+    return st.v;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
@@ -402,56 +463,15 @@ struct LinearAlignment : public torch::autograd::Function<LinearAlignment> {
     const auto meta = ctx->saved_data["meta"].toIntVector();
     const int64_t statistic = meta[0];
     const bool centered = meta[1] != 0, debiased = meta[2] != 0;
-    const auto dtype = static_cast<at::ScalarType>(meta[3]);
     const Tensor &x = sv[0], &y = sv[1];
     if (at::GradMode::is_enabled()) {  // create_graph=True: a gradient autograd can differentiate again
       auto g = recomputed_grads({x, y}, grad_out[0], {need[0], need[1]},
                                 [&] { return forward_value(x, y, statistic, centered, debiased); });
-      out[0] = g[0];
-      out[1] = g[1];
-      return out;
+      return {g[0], g[1], Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
-    const std::array<Tensor, 2> h = {sv[2], sv[3]};
-    const Tensor &inv = sv[4], &kk = sv[5], &ll = sv[6], &r = sv[7], &d = sv[9], &t = sv[10];
-    const Tensor v = sv[8].view({-1, 1, 1});
-    const std::vector<Tensor> saved(sv.begin() + 11, sv.end());
-    const bool one = need[0] != need[1];
-    Tensor gv = grad_out[0].reshape({-1, 1, 1});
-    if (one) gv = gv * inv.slice(0, need[0] ? 0 : 1, c10::nullopt, 2);  // the one input's 1/s, folded in
-    Tensor gkl = gv * r;  // dv/d<K,L>
-    std::array<Tensor, 2> tf;  // (dv/d<K,K>, dv/d<L,L>) = -gkl tf / 2
-    if (statistic == kCka) {
-      Tensor vr = v * r;
-      if (need[0] || d.defined()) tf[0] = vr * ll;
-      if (need[1] || d.defined()) tf[1] = vr * kk;
-    }
-    auto grads = products_backward(h, tf, saved, need);
-    for (auto& gi : grads) {
-      if (gi.defined()) gi.mul_(gkl);
-    }
-    if (d.defined()) {  // the diagonals' share: 2 (dv/dd_i) u_i, dv/dd = -c1 gs d + c2 (gs t) 1'
-      auto c = debias_terms(d.size(-1));
-      Tensor one_ = at::ones_like(gkl);  // gs = gkl [[-tf_x, 1], [1, -tf_y]] = [[2 gkk, gkl], [gkl, 2 gll]]
-      Tensor zero = at::zeros_like(gkl);
-      Tensor gs = at::cat({tf[0].defined() ? -tf[0] : zero, one_, one_, tf[1].defined() ? -tf[1] : zero}, 1)
-                      .view({-1, 2, 2})
-                      .mul_(gkl);
-      Tensor gd = at::add(at::matmul(gs, t) * c.second, at::matmul(gs, d), -c.first);
-      for (int i = 0; i < 2; ++i) {
-        if (!grads[i].defined()) continue;
-        grads[i].addcmul_(gd.select(1, i).unsqueeze(-1), h[i], 2.0);
-        if (centered) grads[i].sub_(grads[i].mean({1}, true));
-      }
-    }
-    if (!one) {
-      grads[0].mul_(even(inv));
-      grads[1].mul_(odd(inv));
-    }
-
+    auto grads = backward_state(State::unpack(sv.begin() + 2, sv.end()), grad_out[0], statistic, centered, need);
     for (int i = 0; i < 2; ++i) {
-      if (!grads[i].defined()) continue;
-      Tensor gi = grads[i].scalar_type() == dtype ? grads[i] : grads[i].to(dtype);
-      out[i] = gi.view((i == 0 ? x : y).sizes());
+      if (grads[i].defined()) out[i] = as_input(grads[i], sv[i]);
     }
     return out;
   }
@@ -486,94 +506,37 @@ Tensor linear_alignment(const Tensor& x, const Tensor& y, int64_t statistic, boo
 
 // ----------------------------------------------------------------------------- both axes of RCKA
 //
-// RCKA on logits (N, P) aligns the sample axis (CKA of x, y: N x N relations) and the
-// class axis (CKA of x^T, y^T: P x P relations). Both come from the four prepared
-// matrices U = [xs, ys, xc, yc] (4, N, P): xs, ys centred over the samples (columns
-// centred), xc, yc over the classes (rows centred), each scaled into [-1, 1]. With
-// Q = U (N <= P) or U^T (N > P), Q is (4, m, k) with m = min(N, P), and every product
-// is m x m: G = Q Q^T holds the Grams of one axis (the "Gram axis": the sample axis
-// when N <= P) and the feature-space products X^T X of the other (the "cross axis"),
-// which also needs C = Qx Qy^T. With F the Gram matrix of the flattened G (4 x 4):
-//   Gram axis g:  kl = F[2g, 2g+1], kk = F[2g, 2g], ll = F[2g+1, 2g+1]
-//   cross axis c: kl = |C|^2,        kk = F[2c, 2c], ll = F[2c+1, 2c+1]
-// and the gradients in Q space are
-//   dQx = (2 gkl Gy + 4 gkk Gx) Qx, dQy = (2 gkl Gx + 4 gll Gy) Qy           (Gram axis)
-//   dQx = 4 gkk Gx Qx + 2 gkl C Qy,  dQy = 4 gll Gy Qy + 2 gkl C^T Qx        (cross axis)
-// All of it is a handful of batched ops for both axes; the value returned is
-// offset + ws v_sample + wc v_class (the loss, as RCKALoss weighs it).
-
+// RCKA on logits (N, P) aligns the sample axis, A(xs, ys) (N x N relations), and the class axis,
+// A(xc^T, yc^T) (P x P relations), A the linear CKA (centred) or the uncentred alignment. One autograd
+// node for both, built from LinearAlignment's pieces (prepare, forward_state, backward_state), whose value
+// is offset + ws A(xs, ys) + wc A(xc^T, yc^T) (the loss, as RCKALoss weighs it): the definition is
+// ops/linear.axis_pair_alignment's two calls of the linear op, with the per-call overhead of the second
+// node gone.
 struct AxisPair : public torch::autograd::Function<AxisPair> {
   static Tensor forward(AutogradContext* ctx, const Tensor& xs, const Tensor& ys, const Tensor& xc, const Tensor& yc,
-                        double ws, double wc, double offset, bool centered) {
-    const int64_t N = xs.size(0), P = xs.size(1);
-    const bool half = xs.scalar_type() != at::kFloat && xs.scalar_type() != at::kDouble;
-    Tensor z, inv;
-    if (use_cpu_loop(xs)) {  // sample axis centred over the rows, class axis over the columns
-      z = at::empty({4, N, P}, xs.options());
-      Tensor s = at::empty({4, 1, 1}, xs.options());
-      inv = at::empty({4, 1, 1}, xs.options());
-      prepare_cpu_into({xs.contiguous(), ys.contiguous(), xc.contiguous(), yc.contiguous()}, {true, true, false, false},
-                       z, s, inv, 1, N, P, centered);
-    } else if (centered && !half) {  // stacked with the first row (sample axis) or column (class axis) subtracted
-      z = at::empty({4, N, P}, xs.options());
-      Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2), z3 = z.select(0, 3);
-      at::sub_out(z0, xs, xs.narrow(0, 0, 1));
-      at::sub_out(z1, ys, ys.narrow(0, 0, 1));
-      at::sub_out(z2, xc, xc.narrow(1, 0, 1));
-      at::sub_out(z3, yc, yc.narrow(1, 0, 1));
-    } else {
-      z = at::stack({xs, ys, xc, yc}, 0);
-      if (half) z = z.to(at::kFloat);
-      if (centered) {
-        Tensor a = z.narrow(0, 0, 2), b = z.narrow(0, 2, 2);
-        a.sub_(a.narrow(1, 0, 1).clone());
-        b.sub_(b.narrow(2, 0, 1).clone());
-      }
-    }
-    if (!inv.defined()) {
-      if (centered) {  // sample axis: over the rows; class axis: over the columns
-        Tensor a = z.narrow(0, 0, 2), b = z.narrow(0, 2, 2);
-        a.sub_(a.mean({1}, true));
-        b.sub_(b.mean({2}, true));
-      }
-      inv = safe_reciprocal(z.abs().amax({1, 2}, true));
-      z.mul_(inv);
-    }
-    const bool t = N > P;
-    const int64_t g = t ? 1 : 0, c = 1 - g;
-    Tensor q = t ? mT(z) : z;
-    Tensor gram = at::bmm(q, mT(q));                                        // (4, m, m)
-    Tensor cross = at::mm(q.select(0, 2 * c), mT(q.select(0, 2 * c + 1)));  // (m, m), contiguous
-    Tensor fl = gram.view({1, 4, -1});
-    Tensor f = at::bmm(fl, mT(fl)).view({4, 4});
-    Tensor kkll = f.diagonal().view({2, 2});  // [[kk, ll] per axis]
-    Tensor klg = f.select(0, 2 * g).select(0, 2 * g + 1);
-    Tensor klc = at::dot(cross.view(-1), cross.view(-1));
-    Tensor kl = g == 0 ? at::stack({klg, klc}) : at::stack({klc, klg});  // (2,): sample axis, class axis
-    Tensor r = kkll.prod(1).clamp_min_(tiny(z)).rsqrt_();
-    Tensor v = kl * r;
-    Tensor loss = at::add(v.select(0, 0) * ws, v.select(0, 1), wc).add_(offset);
-    ctx->save_for_backward({q, gram, cross, kkll, r, v, inv, xs, ys, xc, yc});
+                        double ws, double wc, double offset, bool centered, std::array<bool, 4> need) {
+    State s = forward_state(prepare(xs, ys, centered), kCka, false, xs.size(0), {}, {need[0], need[1]});
+    State c = forward_state(prepare(mT(xc), mT(yc), centered), kCka, false, xc.size(1), {}, {need[2], need[3]});
+    variable_list keep = {xs, ys, xc, yc};
+    s.pack(keep);
+    const int64_t split = static_cast<int64_t>(keep.size());  // where the class axis's state begins
+    c.pack(keep);
+    ctx->save_for_backward(keep);
     ctx->saved_data["w"] = std::vector<double>{ws, wc, offset};
-    ctx->saved_data["centered"] = centered;
-    ctx->saved_data["g"] = g;
-    ctx->saved_data["transposed"] = t;
-    ctx->saved_data["dtype"] = static_cast<int64_t>(xs.scalar_type());
-    return loss;
+    ctx->saved_data["meta"] = std::vector<int64_t>{centered, split};
+    Tensor v = at::add(s.v * ws, c.v, wc);
+    return offset != 0.0 ? v.add_(offset) : v;
   }
 
-  // For the inputs of one side p (0: the x's, 1: the y's) of both axes j, in Q space:
-  //   dQ_jp = 2 [gkl_j [j = g] G_jq - gkl_j v_j r_j o_j G_jp] Q_jp + 2 gkl_j [j = c] C_p Q_jq
-  // with q = 1 - p, o_j = ll_j (p = 0) or kk_j (p = 1), C_0 = C, C_1 = C^T, gkl = gl w r.
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // a backward run inside autocast
     auto sv = ctx->get_saved_variables();
-    const Tensor &q = sv[0], &gram = sv[1], &cross = sv[2], &kkll = sv[3], &r = sv[4], &v = sv[5], &inv = sv[6];
     const auto w = ctx->saved_data["w"].toDoubleVector();
-    variable_list out(8);
+    const auto meta = ctx->saved_data["meta"].toIntVector();
+    const bool centered = meta[0] != 0;
+    const variable_list in(sv.begin(), sv.begin() + 4);
+    variable_list out(9);
     if (at::GradMode::is_enabled()) {  // create_graph=True: the two axes' values, recomputed with autograd recording
-      const variable_list in(sv.begin() + 7, sv.end());
-      const bool centered = ctx->saved_data["centered"].toBool();
       std::vector<bool> need;
       for (int i = 0; i < 4; ++i) need.push_back(ctx->needs_input_grad(i));
       auto g = recomputed_grads(in, grad_out[0], need, [&] {
@@ -583,43 +546,27 @@ struct AxisPair : public torch::autograd::Function<AxisPair> {
       std::copy(g.begin(), g.end(), out.begin());
       return out;
     }
-    const int64_t g = ctx->saved_data["g"].toInt(), c = 1 - g;
-    const bool transposed = ctx->saved_data["transposed"].toBool();
-    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    Tensor wr = r * w[0];  // (2,) w_j r_j
-    if (w[1] != w[0]) {
-      if (w[0] != 0.0) {
-        wr.narrow(0, 1, 1).mul_(w[1] / w[0]);
-      } else {
-        wr.narrow(0, 1, 1).copy_(r.narrow(0, 1, 1) * w[1]);
+    for (int axis = 0; axis < 2; ++axis) {  // 0: the sample axis (xs, ys); 1: the class axis (xc^T, yc^T)
+      const std::array<bool, 2> need = {ctx->needs_input_grad(2 * axis), ctx->needs_input_grad(2 * axis + 1)};
+      if (!need[0] && !need[1]) continue;
+      const auto from = sv.begin() + (axis == 0 ? 4 : meta[1]), to = axis == 0 ? sv.begin() + meta[1] : sv.end();
+      auto g = backward_state(State::unpack(from, to), grad_out[0] * w[axis], kCka, centered, need);
+      for (int i = 0; i < 2; ++i) {
+        if (!g[i].defined()) continue;
+        const Tensor& input = in[2 * axis + i];
+        out[2 * axis + i] = axis == 0 ? as_input(g[i], input) : mT(as_input(g[i], mT(input)));
       }
-    }
-    Tensor gkl = wr * grad_out[0];
-    Tensor svr = (v * r).mul_(gkl);  // gkl_j v_j r_j
-    for (int64_t p = 0; p < 2; ++p) {
-      if (!ctx->needs_input_grad(p) && !ctx->needs_input_grad(2 + p)) continue;
-      const Tensor gp = gram.slice(0, p, c10::nullopt, 2), gq = gram.slice(0, 1 - p, c10::nullopt, 2);
-      const Tensor qp = q.slice(0, p, c10::nullopt, 2), qq = q.slice(0, 1 - p, c10::nullopt, 2);
-      Tensor a = gp * (svr * kkll.select(1, 1 - p)).neg_().view({2, 1, 1});
-      a.narrow(0, g, 1).addcmul_(gq.narrow(0, g, 1), gkl.narrow(0, g, 1).view({1, 1, 1}));
-      Tensor d = at::baddbmm(qp, a, qp, 0.0, 2.0);  // beta = 0: the input is ignored
-      Tensor cp = (p == 0 ? cross : mT(cross)) * gkl.narrow(0, c, 1);
-      d.narrow(0, c, 1).baddbmm_(cp.unsqueeze(0), qq.narrow(0, c, 1), 1.0, 2.0);
-      d.mul_(inv.slice(0, p, c10::nullopt, 2));
-      if (transposed) d = mT(d);  // dU = dQ^T
-      if (d.scalar_type() != dtype) d = d.to(dtype);
-      out[p] = d.select(0, 0);      // xs or ys
-      out[2 + p] = d.select(0, 1);  // xc or yc
     }
     return out;
   }
 };
 
-// offset + ws CKA(xs, ys) + wc CKA(xc^T, yc^T) for (N, P) inputs (centered=False: the
-// uncentred alignments); N, P >= 2 when centred.
 Tensor axis_pair_alignment(const Tensor& xs, const Tensor& ys, const Tensor& xc, const Tensor& yc, double ws,
                            double wc, double offset, bool centered, std::optional<c10::string_view> check) {
-  Tensor v = AxisPair::apply(xs, ys, xc, yc, ws, wc, offset, centered);
+  const bool grad = at::GradMode::is_enabled();
+  const std::array<bool, 4> need = {grad && xs.requires_grad(), grad && ys.requires_grad(),
+                                    grad && xc.requires_grad(), grad && yc.requires_grad()};
+  Tensor v = AxisPair::apply(xs, ys, xc, yc, ws, wc, offset, centered, need);
   check_not_nan(v, check);
   return v;
 }

@@ -313,10 +313,10 @@ def linear_alignment(x: Tensor, y: Tensor, statistic: str, centered: bool, debia
 def axis_pair_alignment(xs: Tensor, ys: Tensor, xc: Tensor, yc: Tensor, ws: float, wc: float, offset: float,
                         centered: bool, backend: str, check: Optional[str] = None) -> Tensor:
     """offset + ws A(xs, ys) + wc A(xc^T, yc^T) for checked (N, P) inputs, A the linear
-    CKA (``centered``) or the uncentred alignment: RCKA's sample and class axes. At
-    small sizes the native op computes both from one stacked batch of m x m products
-    (m = min(N, P)); otherwise, or without it, two calls of ``linear_alignment``."""
-    native = _native.pair_op() if backend == "torch" and xs.numel() < _SMALL and not _is_compiling() else None
+    CKA (``centered``) or the uncentred alignment: RCKA's sample and class axes. This is
+    two calls of ``linear_alignment``; the native op, where it runs, computes the same
+    from the same pieces (prepare, products, value, backward) in one autograd node."""
+    native = _native.pair_op() if backend == "torch" and not _is_compiling() else None
     if native is not None:
         return native(xs, ys, xc, yc, ws, wc, offset, centered, check)
     vs = linear_alignment(xs, ys, "cka", centered, False, backend, check)
