@@ -384,6 +384,7 @@ SPLIT = [23, 30]  # uneven shards; batches of 10 on each rank (a 3-sample batch:
 # (estimator, debiased, product_dtype): the all-reduce algebra with float64 products (to rounding),
 # the default float32 products to the 1e-6 target (each rank shifts by its own first batch)
 DIST_CASES = [("exact", False, F64), ("exact", True, F64), ("exact", True, None), ("minibatch", False, None)]
+FAILURES = [("exact", "nan"), ("minibatch", "nan"), ("exact", "empty"), ("minibatch", "empty")]
 
 
 
@@ -402,6 +403,16 @@ def _dist_worker(rank, port, out_dir):
                 r = rk.compare(a, b, _batches(shard, 10), LAYERS, LAYERS[2:], estimator=est, debiased=deb, product_dtype=pd,
                                progress=False)
                 res[(est, deb, pd)] = (r.values, r.n_samples)
+            for est, bad in FAILURES:  # rank 1 fails (NaN features in its second batch, or no batch): nobody hangs
+                mine = shard.clone()
+                if rank == 1 and bad == "nan":
+                    mine[12] = float("nan")
+                try:
+                    rk.compare(a, b, [] if rank == 1 and bad == "empty" else _batches(mine, 10), LAYERS, LAYERS[2:],
+                               estimator=est, progress=False)
+                    res[(est, bad)] = None
+                except (ValueError, RuntimeError) as e:  # PeerFailed is a RuntimeError
+                    res[(est, bad)] = (type(e).__name__, str(e))
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -429,6 +440,17 @@ def test_distributed_equals_single_process(dist_results, est, deb, pd):
         values, n = dist_results[r][(est, deb, pd)]
         torch.testing.assert_close(values, want, rtol=rtol, atol=atol)
         assert n == (N if est == "exact" else N - 3)
+
+
+@pytest.mark.parametrize("est,bad", FAILURES)
+def test_distributed_failure_on_one_rank_stops_every_rank(dist_results, est, bad):
+    """The failing rank raises its own error; the others raise instead of waiting for it."""
+    mine, other = dist_results[1][(est, bad)], dist_results[0][(est, bad)]
+    if bad == "nan":
+        assert mine[0] == "ValueError" and "batch 1" in mine[1] and "NaN or Inf" in mine[1], mine
+    else:
+        assert mine == ("ValueError", "compare: the loader yielded no batches (on this rank)"), mine
+    assert other[0] == "PeerFailed" and "another rank failed" in other[1], other
 
 
 # ----------------------------------------------------------------------------- command line

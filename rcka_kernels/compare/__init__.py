@@ -3,7 +3,7 @@
 over as the forward pass produces it, ``stats`` holds the two accumulators (exact,
 minibatch), ``core`` orchestrates."""
 
-from .core import DEFAULT_MEMORY_BUDGET, CompareResult, compare
+from .core import DEFAULT_MEMORY_BUDGET, CompareResult, PeerFailed, compare
 from .hooks import INPUT_KEYS, default_layers
 
-__all__ = ["compare", "CompareResult", "default_layers", "INPUT_KEYS", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["compare", "CompareResult", "PeerFailed", "default_layers", "INPUT_KEYS", "DEFAULT_MEMORY_BUDGET"]

@@ -298,15 +298,27 @@ class _Run:
         self.stats.set_shift(_agree_on_shift(shift, self.widths, self.device, self.group))
 
 
-def _agree_on_shift(shift: Optional[List[Tensor]], widths, device, group) -> Optional[List[Tensor]]:
-    """Under torch.distributed every rank shifts by rank 0's (the first collective of a run: a rank
-    whose loader was empty calls it with None, and every rank then raises)."""
+class PeerFailed(RuntimeError):
+    """Another rank of the process group failed (its own error says why)."""
+
+
+def _settle(failed: bool, device, group) -> None:
+    """Under torch.distributed, whether any rank failed, learnt by every rank in one collective
+    (the first of a run, and again after the batches): a rank that raises takes part in it
+    before raising, so the others raise too instead of waiting for it in the next collective."""
+    if not is_distributed(group):
+        return
+    flag = torch.tensor([float(failed)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    if flag.item() > 0 and not failed:
+        raise PeerFailed("compare: another rank failed (its error says why); every rank stops")
+
+
+def _agree_on_shift(shift: List[Tensor], widths, device, group) -> List[Tensor]:
+    """Under torch.distributed every rank shifts by rank 0's."""
     if not is_distributed(group):
         return shift
-    ran = torch.tensor([0.0 if shift is None else 1.0], device=device)
-    torch.distributed.all_reduce(ran, op=torch.distributed.ReduceOp.MIN, group=group)
-    if ran.item() == 0.0:
-        raise ValueError("compare: a rank's loader yielded no batches; under torch.distributed every rank needs at least one")
+    _settle(False, device, group)
     flat = torch.cat(shift)
     torch.distributed.broadcast(flat, src=torch.distributed.get_global_rank(group, 0) if group is not None else 0, group=group)
     return list(flat.split(widths))
@@ -384,19 +396,14 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
     run = _Run(layout, estimator, kernel, sigma, debiased, budget, product_dtype, dev, group)
     models = [ma] if layout.same else [ma, mb]
     rank0 = not is_distributed(group) or torch.distributed.get_rank(group) == 0
-    with EvalMode(*models), torch.no_grad(), LayerOutputs(ma, layout.hooked[0], run.sink) as ha, \
-            LayerOutputs(mb, layout.hooked[1], run.sink) as hb:
-        calls = [(Caller(m, inputs), h) for m, h in zip(models, (ha, hb))]
-        for batch in _progress(loader, progress and rank0):
-            if max_batches is not None and run.batch_no >= max_batches:
-                break
-            for call, hooks in calls:
-                call(*to_device(call.args(batch), dev))
-                hooks.done()
-            run.end_batch()
-    if run.stats is None or run.widths is None:  # an exact run whose loader was empty
-        _agree_on_shift(None, [], dev, group)
-        raise ValueError("compare: the loader yielded no batches")
+    try:
+        _feed(run, models, inputs, loader, max_batches, progress and rank0, dev)
+    except PeerFailed:  # learnt in the shift agreement of the exact estimator's first batch
+        raise
+    except Exception:
+        _settle(True, dev, group)
+        raise
+    _settle(False, dev, group)
     if estimator == "exact":
         run.stats.flush()  # the rows still waiting for their block's products
     if is_distributed(group):
@@ -412,6 +419,23 @@ def compare(model_a: nn.Module, model_b: Optional[nn.Module], loader: Iterable, 
                          widths_a=[run.widths[u] for u in layout.ia], widths_b=[run.widths[u] for u in layout.ib],
                          batches=run.stats.batches + run.stats.skipped if mini else run.batch_no,
                          skipped_batches=run.stats.skipped if mini else 0, meta=meta)
+
+
+def _feed(run: _Run, models: List[nn.Module], inputs, loader, max_batches, progress: bool, dev) -> None:
+    """Every batch through the models, each hooked layer's output to ``run``."""
+    ma, mb = models[0], models[-1]
+    with EvalMode(*models), torch.no_grad(), LayerOutputs(ma, run.layout.hooked[0], run.sink) as ha, \
+            LayerOutputs(mb, run.layout.hooked[1], run.sink) as hb:
+        calls = [(Caller(m, inputs), h) for m, h in zip(models, (ha, hb))]
+        for batch in _progress(loader, progress):
+            if max_batches is not None and run.batch_no >= max_batches:
+                break
+            for call, hooks in calls:
+                call(*to_device(call.args(batch), dev))
+                hooks.done()
+            run.end_batch()
+    if run.stats is None or run.widths is None:
+        raise ValueError("compare: the loader yielded no batches" + (" (on this rank)" if is_distributed(run.group) else ""))
 
 
 def _check_samples(run: _Run, estimator: str, debiased: bool) -> None:
