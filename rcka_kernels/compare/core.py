@@ -242,7 +242,8 @@ class _Run:
         self.layout, self.estimator, self.debiased, self.budget = layout, estimator, debiased, budget
         self.product_dtype, self.device, self.group = product_dtype, device, group
         self.widths: Optional[List[int]] = None
-        self.feats: Dict[int, Tensor] = {}
+        self.feats: Dict[int, Tensor] = {}  # the exact estimator's batch, whole
+        self.first_widths: Dict[int, int] = {}
         self.stats: Any = None
         if estimator == "minibatch":
             self.stats = MinibatchStats(len(layout.labels), layout.pairs, kernel, sigma, device,
@@ -259,7 +260,9 @@ class _Run:
         if self.widths is not None and f.shape[1] != self.widths[u]:
             raise ValueError(f"compare: batch {self.batch_no}: layer {label!r} has {f.shape[1]} features, {self.widths[u]} in "
                              "the first batch; the widths must not change")
-        if self.estimator == "exact" or self.widths is None:
+        if self.widths is None:
+            self.first_widths[u] = f.shape[1]
+        if self.estimator == "exact":
             self.feats[u] = f
         if self.estimator == "minibatch":
             try:
@@ -272,7 +275,7 @@ class _Run:
     def end_batch(self) -> None:
         labels = self.layout.labels
         if self.widths is None:
-            self.widths = [self.feats[u].shape[1] for u in range(len(labels))]
+            self.widths = [self.first_widths[u] for u in range(len(labels))]
             if self.estimator == "exact":
                 self._start_exact()
         if self.estimator == "exact":

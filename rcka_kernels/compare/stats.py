@@ -46,6 +46,14 @@ def mirror(m: Tensor, cuts: Sequence[Tuple[int, int]]) -> Tensor:
     return m
 
 
+def add_into(total: Tensor, part: Tensor) -> None:
+    """total (float64) += part (a product in the work dtype), about 2^20 entries at a time: an
+    add_ across dtypes first makes a float64 copy of its whole right-hand side."""
+    rows = max(1, (1 << 20) // max(1, part.shape[1]))
+    for i in range(0, part.shape[0], rows):
+        total[i:i + rows].add_(part[i:i + rows])
+
+
 #: rows whose products are summed in the work dtype (one GEMM) before they are added in float64:
 #: float32 sums over at most this many terms (as one product of a batch this size would be),
 #: and one float64 pass over the statistics per block of rows instead of per batch
@@ -121,9 +129,9 @@ class ExactStats:
         for (u, v) in self.pairs:  # float32 products, float64 sums (no float64 copy of a product)
             if u == v:  # X^T X: the strips on and below the diagonal (``result`` mirrors them)
                 for lo, hi in strips(self.widths[u]):
-                    self.M[(u, u)][lo:hi, :hi].add_(torch.mm(xs[u][:, lo:hi].mT, xs[u][:, :hi], out=self._scratch(hi - lo, hi)))
+                    add_into(self.M[(u, u)][lo:hi, :hi], torch.mm(xs[u][:, lo:hi].mT, xs[u][:, :hi], out=self._scratch(hi - lo, hi)))
             else:
-                self.M[(u, v)].add_(torch.mm(xs[u].mT, xs[v], out=self._scratch(self.widths[u], self.widths[v])))
+                add_into(self.M[(u, v)], torch.mm(xs[u].mT, xs[v], out=self._scratch(self.widths[u], self.widths[v])))
             if self.debiased:
                 du, dv = d[u].to(F64), d[v].to(F64)
                 self.DE[(u, v)] += du @ dv
