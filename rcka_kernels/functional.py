@@ -31,7 +31,7 @@ import torch
 from . import _bandwidth, _dispatch, _validate, estimators, reference
 from .ops import stats as _ops
 from .ops.linear import linear_alignment
-from .ops.torch_backend import block_elems, center_columns, centre_nxn, compute_dtype, gram_matrix, use_feature_space
+from .ops.torch_backend import block_elems, center_columns, compute_dtype, dense_rbf_grams, dense_rbf_stats, gram_matrix, use_feature_space
 
 Tensor = torch.Tensor
 Sigma = Union[None, float, str, Tensor]
@@ -106,50 +106,28 @@ def _dense_fits(x3: Tensor, backend: str) -> bool:
     return backend == "torch" and x3.shape[0] * x3.shape[1] * x3.shape[1] <= block_elems()
 
 
-def _dense_rbf(x3: Tensor, sigma: Sigma) -> Tensor:
-    """exp(-|x_i - x_j|^2 / (2 sigma^2)) (G, n, n) in the compute dtype, from the Gram matrix G
-    of the centred rows (d_ij = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1),
-    with plain torch ops: autograd differentiates it to any order. The bandwidth is taken
-    from the same distances (a constant for autograd, as everywhere)."""
-    xc = center_columns(x3.to(compute_dtype(x3.dtype)))
-    gm = xc @ xc.mT
-    sq = gm.diagonal(dim1=-2, dim2=-1)
-    d = (sq[:, :, None] + sq[:, None, :]).sub_(gm, alpha=2.0).clamp_min(0.0)
-    s2 = _bandwidth.sigma2(x3, "median" if sigma is None else sigma, d.detach())
-    return torch.exp(d / (-2.0 * s2)[:, None, None])
-
-
-def _gram_of_grams(kl: Tensor) -> Tensor:
-    """[[<K,K>, <K,L>], [<L,K>, <L,L>]] (G, 2, 2) of the Grams kl (G, 2, n, n), in float64 (one
-    product; the entries' products are exact there, so the sums do not grow their rounding with n^2)."""
-    f = kl.flatten(2).double()
-    return f @ f.mT
-
-
-def _rbf_hsic_terms(x3: Tensor, y3: Tensor, sigma: Sigma, debiased: bool, backend: str):
-    """(hxy, hxx, hyy) float64, each (G,), of RBF Grams for groups x3 (G, n, p), y3 (G, n, q):
-    from the whole Grams, centred (H K H, or U-centred when debiased: then HSIC is
-    <K~, L~> / normaliser), where they fit (``_dense_fits``); else from the backend's
-    streamed statistics (diagonals left out, see ops/_contract.py)."""
-    n = x3.shape[1]
-    if _dense_fits(x3, backend):
-        kl = centre_nxn(torch.stack([_dense_rbf(x3, sigma), _dense_rbf(y3, sigma)], 1), debiased)
-        s = _gram_of_grams(kl) / estimators.normaliser(n, debiased)
-        return s[:, 0, 1], s[:, 0, 0], s[:, 1, 1]
-    s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
-    rx, ry = rx.double(), ry.double()
-    dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
-    hxy = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
-    hxx = _hsic_from_stats(s[:, 1], rx, rx, dx, dx, n, debiased)
-    hyy = _hsic_from_stats(s[:, 2], ry, ry, dy, dy, n, debiased)
-    return hxy, hxx, hyy
-
-
-def _rbf_cka(x3, y3, sigma, debiased, backend, fn):
-    """RBF CKA per group (G,), from the statistics combined here."""
+def _rbf(x: Tensor, y: Tensor, sigma: Sigma, debiased: bool, backend: str, fn: str, cka: bool) -> Tensor:
+    """RBF CKA (``cka``) or HSIC of x (..., n, p) and y (..., n, q), x.shape[:-2] in the compute
+    dtype, 0 where an input has no variation: from the whole Grams where they fit
+    (``_dense_fits``; ops/stats.py's dense op, with its gradient in closed form), else from the
+    backend's streamed statistics (diagonals left out, see ops/_contract.py)."""
+    x3, y3 = _as_groups(x), _as_groups(y)
     cx, cy = _validate.scan_groups(fn, x3, y3)
-    hxy, hxx, hyy = _rbf_hsic_terms(x3, y3, sigma, debiased, backend)
-    return estimators.cka(hxy, hxx, hyy, cx | cy, compute_dtype(x3.dtype))
+    degenerate = cx | cy
+    if _dense_fits(x3, backend):
+        out = _ops.dense_rbf(x, y, degenerate, "median" if sigma is None else sigma, debiased, cka)
+    else:
+        n = x3.shape[1]
+        s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+        rx, ry = rx.double(), ry.double()
+        dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
+        out = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
+        if cka:
+            hxx = _hsic_from_stats(s[:, 1], rx, rx, dx, dx, n, debiased)
+            hyy = _hsic_from_stats(s[:, 2], ry, ry, dy, dy, n, debiased)
+            out = estimators.cka(out, hxx, hyy, degenerate, compute_dtype(x3.dtype))
+        out = out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
+    return out if cka else torch.where(degenerate.view(out.shape), torch.zeros_like(out), out)
 
 
 @_validate.autocast_off
@@ -168,11 +146,7 @@ def hsic(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, d
     name, x, y = _prepare("hsic", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
     if name == "reference":
         return reference.hsic(x, y, kernel, sigma, debiased).to(compute_dtype(x.dtype))
-    x3, y3 = _as_groups(x), _as_groups(y)
-    cx, cy = _validate.scan_groups("hsic", x3, y3)
-    hxy = _rbf_hsic_terms(x3, y3, sigma, debiased, name)[0]
-    hxy = torch.where(cx | cy, torch.zeros_like(hxy), hxy)
-    return hxy.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
+    return _rbf(x, y, sigma, debiased, name, "hsic", False)
 
 
 @_validate.autocast_off
@@ -183,7 +157,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, de
     unbiased HSIC (Kornblith et al.'s debiased CKA). Linear CKA costs
     O(n (p + q)^2) in feature space or O(n^2 (p + q)) in sample space, whichever
     is cheaper; RBF CKA streams over blocks of the Gram matrices, or forms them
-    whole (with plain autograd) where they are no larger than one block.
+    whole (the gradient in closed form) where they are no larger than one block.
     """
     _validate.check_flag("cka", "debiased", debiased)
     m, why = estimators.min_rows(debiased)
@@ -192,8 +166,7 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sigma = None, de
     name, x, y = _prepare("cka", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=m, why=why, finite=False)
     if name == "reference":
         return reference.cka(x, y, kernel, sigma, debiased).to(compute_dtype(x.dtype))
-    out = _rbf_cka(_as_groups(x), _as_groups(y), sigma, debiased, name, "cka")
-    return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
+    return _rbf(x, y, sigma, debiased, name, "cka", True)
 
 
 def cka_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:
@@ -222,10 +195,11 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
             k, l = xd @ xd.mT, yd @ yd.mT
             sq = [(k * l).sum((1, 2)), (k * k).sum((1, 2)), (l * l).sum((1, 2))]
         return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
-    if _dense_fits(x3, backend):
-        kl = torch.stack([_dense_rbf(x3, sigma), _dense_rbf(y3, sigma)], 1)
-        t = kl.sum((2, 3), dtype=torch.float64)
-        return _gram_of_grams(kl).flatten(1)[:, (1, 0, 3)], t[:, 0], t[:, 1]
+    if _dense_fits(x3, backend):  # the whole Grams, with plain autograd
+        rule = "median" if sigma is None else sigma
+        s, r = dense_rbf_stats(dense_rbf_grams(x3, y3, lambda d: _ops.pair_sigma2(x3, d, rule), False)[0])
+        t = r.sum(-1)
+        return s.flatten(1)[:, (1, 0, 3)], t[:, 0], t[:, 1]
     # RBF Grams do not change under a translation of the inputs
     s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
     n = x3.shape[1]
@@ -249,13 +223,12 @@ def gram_discrepancy(x: Tensor, y: Tensor, *, kernel: str = "linear", sigma: Sig
     name, x, y = _prepare("gram_discrepancy", x, y, kernel, sigma, backend, same_rows=True, same_cols=False, min_rows=2, finite=False)
     if name == "reference":
         return reference.gram_discrepancy(x, y, kernel, sigma, centered).to(compute_dtype(x.dtype))
-    x3, y3 = _as_groups(x), _as_groups(y)
     if centered:
-        out = 1.0 - _rbf_cka(x3, y3, sigma, False, name, "gram_discrepancy")
-    else:
-        _validate.scan_groups("gram_discrepancy", x3, y3)
-        s, _, _ = _raw_stats(x3, y3, kernel, sigma, name)
-        out = 1.0 - estimators.alignment(s[:, 0], s[:, 1], s[:, 2])
+        return 1.0 - _rbf(x, y, sigma, False, name, "gram_discrepancy", True)
+    x3, y3 = _as_groups(x), _as_groups(y)
+    _validate.scan_groups("gram_discrepancy", x3, y3)
+    s, _, _ = _raw_stats(x3, y3, kernel, sigma, name)
+    out = 1.0 - estimators.alignment(s[:, 0], s[:, 1], s[:, 2])
     return out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
 
 

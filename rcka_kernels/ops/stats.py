@@ -4,7 +4,9 @@ Each statistic of ops/_contract.py is one custom op taking the backend's name,
 with a fake (meta) implementation so torch.compile traces it without a graph
 break. The RBF and MMD statistics register their backward here (itself a custom
 op: the backends recompute tiles there; nothing n x n is saved); the linear
-statistics' autograd is ops/linear.py.
+statistics' autograd is ops/linear.py. RBF CKA and HSIC at small n (the torch
+backend, Grams no larger than one tile) are one autograd Function instead
+(``dense_rbf``), which forms the Grams once and the gradient with the value.
 
 Second derivatives: a backward that runs with grad mode on (create_graph=True)
 returns the gradient of a recomputation of its forward with plain torch ops (the
@@ -18,7 +20,7 @@ from typing import Tuple
 
 import torch
 
-from .. import _dispatch
+from .. import _bandwidth, _dispatch, estimators
 from .._validate import autocast_off
 from . import torch_backend
 from .torch_backend import center_columns, centre_nxn, compute_dtype, gram_matrix
@@ -118,6 +120,99 @@ def _rbf_backward(ctx, gs, grx, gry):
 
 
 rbf_stats.register_autograd(_rbf_backward, setup_context=_rbf_setup)
+
+
+# ----------------------------------------------------------------------------- rbf HSIC, dense (small n)
+
+
+def pair_sigma2(x: Tensor, d: Tensor, sigma):
+    """sigma^2 of the Grams of x (G, n, p) and of its partner from their squared distances d
+    (G, 2, n, n): (G, 2) for a heuristic ("median", "mean"), (G, 1) for a tensor of G
+    bandwidths, a float for a float."""
+    if isinstance(sigma, str):  # given the distances, sigma2 reads only its first argument's shape and dtype
+        dd = d.flatten(0, 1)
+        return _bandwidth.sigma2(dd, sigma, dd).view(-1, 2)
+    if isinstance(sigma, Tensor):
+        return _bandwidth.sigma2(x, sigma)[:, None]
+    return float(sigma) ** 2
+
+
+def hsic_coefficients(n: int, debiased: bool) -> Tuple[float, float, float]:
+    """(c_s, c_r, c_t): HSIC(A, B) = c_s <A, B> + c_r (A 1).(B 1) + c_t (1'A1)(1'B1) for the
+    estimator's Grams (full when biased, zero diagonals when debiased; see ``estimators``),
+    read off ``estimators.hsic``."""
+    return tuple(estimators.hsic(*unit, n, debiased) for unit in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 1)))
+
+
+def _dense_value(x, y, degenerate, s2, debiased: bool, cka: bool, need=(False, False)):
+    """(value (G,) float64, (dvalue/dx, dvalue/dy) in the compute dtype or None where not in
+    ``need``, s2): CKA (0 where ``degenerate``) or HSIC(K, L) of the dense RBF Grams of x (G, n, p)
+    and y (G, n, q). dvalue/dA = sum_B c_s gsym_AB C(B) for gsym = dv + dv^T, dv = dvalue/dHSIC
+    (G, 2, 2) (CKA is linear in HSIC(K, L): estimators.cka at HSIC(K, L) = 1 is the slope), and the
+    estimator's centring C(B) = B + (c_r / 2 c_s) (B 1 1' + 1 1'B) + (c_t / c_s) 1'B1."""
+    n = x.shape[1]
+    kl, s2, xc, yc = torch_backend.dense_rbf_grams(x, y, s2, debiased)
+    s, r = torch_backend.dense_rbf_stats(kl)
+    t = r.sum(-1, keepdim=True)
+    c_s, c_r, c_t = hsic_coefficients(n, debiased)
+    h = torch.baddbmm(s, r, r.mT, beta=c_s, alpha=c_r).baddbmm_(t, t.mT, alpha=c_t)  # HSIC of every pair
+    hxx, hxy, _, hyy = h.view(-1, 4).unbind(1)
+    if cka:
+        value, slope = estimators.cka(torch.stack([hxy, torch.ones_like(hxy)]), hxx, hyy, degenerate, compute_dtype(x.dtype))
+    else:
+        value = hxy
+    if not any(need):
+        return value, (None, None), s2
+    if cka:  # d CKA / d HSIC(K, K) = -CKA slope^2 HSIC(L, L) / 2, likewise for L
+        na = value * slope * slope * -c_s
+        w = torch.stack([na * hyy, slope * c_s, slope * c_s, na * hxx], -1).view(-1, 2, 2)
+    else:
+        w = torch.tensor([[0.0, c_s], [c_s, 0.0]], dtype=h.dtype, device=h.device).expand_as(h)
+    u = torch.bmm(w, (r * (0.5 * c_r / c_s)).add_(t * (0.5 * c_t / c_s)))
+    return value, torch_backend.dense_rbf_backward(kl, s2, xc, yc, w, u, need), s2
+
+
+class _DenseRBF(torch.autograd.Function):
+    """dense_rbf's value. Its gradient is formed in the forward pass, from the Grams, which
+    are then let go; the backward scales it."""
+
+    @staticmethod
+    def forward(ctx, x, y, degenerate, sigma, debiased, cka, grad):
+        n = x.shape[-2]
+        x3, y3 = x.reshape(-1, n, x.shape[-1]), y.reshape(-1, n, y.shape[-1])
+        need = ctx.needs_input_grad[:2] if grad else (False, False)
+        value, (dx, dy), s2 = _dense_value(x3, y3, degenerate, lambda d: pair_sigma2(x3, d, sigma), debiased, cka, need)
+        ctx.s2 = s2 if isinstance(s2, float) else None
+        ctx.save_for_backward(x, y, degenerate, dx, dy, None if ctx.s2 is not None else s2)
+        ctx.debiased, ctx.cka = debiased, cka
+        return value.to(compute_dtype(x.dtype)).view(x.shape[:-2])
+
+    @staticmethod
+    @autocast_off  # a backward run inside autocast: the products stay in the compute dtype
+    def backward(ctx, g):
+        x, y, degenerate, dx, dy, s2 = ctx.saved_tensors
+        s2 = ctx.s2 if s2 is None else s2
+        need = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # the bandwidth a constant, as in the forward's gradient
+            def fn(a, b):
+                n = a.shape[-2]
+                v = _dense_value(a.reshape(-1, n, a.shape[-1]), b.reshape(-1, n, b.shape[-1]), degenerate, s2, ctx.debiased, ctx.cka)[0]
+                return v.to(compute_dtype(a.dtype)).view(a.shape[:-2])
+            return (*recomputed_grads((x, y), g, need, fn), None, None, None, None, None)
+        g = g.reshape(-1, 1, 1)
+        dx = (dx * g).to(x.dtype).view(x.shape) if need[0] else None
+        dy = (dy * g).to(y.dtype).view(y.shape) if need[1] else None
+        return dx, dy, None, None, None, None, None
+
+
+def dense_rbf(x: Tensor, y: Tensor, degenerate: Tensor, sigma, debiased: bool, cka: bool) -> Tensor:
+    """CKA (``cka``; 0 where ``degenerate``, (G,) for the G groups) or HSIC(K, L), x.shape[:-2] in
+    the compute dtype, of the RBF Grams K of x (..., n, p) and L of y (..., n, q) formed whole
+    (sigma: a float, a tensor of G values, "median" or "mean"; the bandwidth is a constant for
+    autograd). The gradient is formed with the value, in closed form
+    (torch_backend.dense_rbf_backward), where grad mode is on and an input requires it; a
+    backward with grad mode on differentiates a recomputation instead."""
+    return _DenseRBF.apply(x, y, degenerate, sigma, debiased, cka, torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------- rbf MMD

@@ -6,7 +6,9 @@ accumulated in float32 (float64 for float64 inputs) inside a block and in
 float64 across blocks. No n x n matrix is held: the RBF paths walk tiles of at
 most ``block_elems()`` kernel entries (the symmetric Grams only the tiles on
 and above the diagonal) and the backward passes recompute those tiles (as
-FlashAttention recomputes attention tiles), so extra memory is O(block).
+FlashAttention recomputes attention tiles), so extra memory is O(block). Where the
+Grams of a group batch are no larger than one tile, the dense functions form them
+whole, once, for the value and its gradient together (``dense_rbf_*``).
 """
 
 from __future__ import annotations
@@ -234,6 +236,76 @@ def centre_nxn(g: Tensor, debiased: bool) -> Tensor:
 def centered_gram(x: Tensor, kernel: str, gamma: Tensor, debiased: bool) -> Tensor:
     """Optional contract member: the centred Gram (G, n, n) in the compute dtype."""
     return centre_nxn(gram_matrix(x, kernel, gamma), debiased)
+
+
+# ----------------------------------------------------------------------------- rbf HSIC statistics, dense (small n)
+
+
+def _per_gram(v, lo: int = 0, hi: int = 2, trailing: int = 2):
+    """A per-Gram factor for (G, k, ...) tensors with ``trailing`` dims after k: a float as it is;
+    a (G, 2) or (G, 1) tensor as (G, k, 1, ...), k = hi - lo Grams from the lo-th."""
+    if isinstance(v, float):
+        return v
+    v = v.expand(-1, 2)[:, lo:hi]
+    return v.view(*v.shape, *(1,) * trailing)
+
+
+def dense_rbf_grams(x: Tensor, y: Tensor, s2, zero_diagonal: bool) -> Tuple[Tensor, object, Tensor, Tensor]:
+    """(KL, s2, xc, yc): the RBF Grams K of x (G, n, p) and L of y (G, n, q) formed whole, stacked
+    KL (G, 2, n, n) in the compute dtype, from the Gram matrices of the centred rows xc, yc
+    (|x_i - x_j|^2 = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1), with
+    ``zero_diagonal`` their diagonals set to exactly 0. ``s2``: sigma^2, a float or a (G, 2) or
+    (G, 1) tensor, or a function of the squared distances (G, 2, n, n) that returns one. Plain
+    torch ops, in place where autograd allows: it differentiates them to any order."""
+    cd = compute_dtype(x.dtype)
+    g, n, p = x.shape
+    if p == y.shape[-1]:  # one product for both
+        z = torch.stack([x, y], 1).to(cd).view(2 * g, n, p)
+        z = z.sub_(z.mean(1, keepdim=True))
+        gm = torch.bmm(z, z.mT).view(g, 2, n, n)
+        xc, yc = z.view(g, 2, n, p).unbind(1)
+    else:
+        xc, yc = center_columns(x.to(cd)), center_columns(y.to(cd))
+        gm = torch.stack([torch.bmm(xc, xc.mT), torch.bmm(yc, yc.mT)], 1)
+    sq = gm.diagonal(dim1=-2, dim2=-1)
+    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2)).sub_(gm, alpha=2.0).clamp_min_(0.0)
+    del gm, sq  # before the bandwidth's selection, which takes memory of its own
+    if callable(s2):
+        s2 = s2(d)
+    if zero_diagonal:
+        d.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # exp(-inf) = 0
+    return d.mul_(_per_gram(-0.5 / s2)).exp_(), s2, xc, yc
+
+
+def dense_rbf_stats(kl: Tensor) -> Tuple[Tensor, Tensor]:
+    """The statistics of the Grams KL (G, 2, n, n) in float64, where the products of their
+    entries are exact: S (G, 2, 2) = [[<K,K>, <K,L>], [<L,K>, <L,L>]] and the row sums
+    R (G, 2, n). The HSIC identity cancels most of S and R where the kernel values concentrate
+    (wide inputs), so float32 sums would not do. S is summed row by row (one batched product of
+    2 x n rows), not as one 2 x n^2 product."""
+    g, _, n, _ = kl.shape
+    k = kl.double()
+    rows = k.transpose(1, 2).reshape(g * n, 2, n)  # a view for one group
+    return torch.bmm(rows, rows.mT).view(g, n, 2, 2).sum(1), k.sum(-1)
+
+
+def dense_rbf_backward(kl: Tensor, s2, xc: Tensor, yc: Tensor, w: Tensor, u: Tensor, need=(True, True)):
+    """(dx, dy) in the compute dtype, None where not in ``need``, of a value whose derivative in
+    each Gram A of dense_rbf_grams(x, y, s2)[0] (symmetrised, the bandwidth a constant) is
+    D_A = sum_B w_AB B + u_A,i + u_A,j, for w (G, 2, 2) and u (G, 2, n) float64. With
+    gamma = 1 / (2 sigma^2): dX = -4 gamma (diag(M 1) - M) X for M = D_K o K (the Laplacian
+    of M, whose zero row sums make it blind to X's mean; K's diagonal does not move, and
+    cancels there); dY likewise."""
+    lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
+    g, n = kl.shape[0], kl.shape[-1]
+    g4 = _per_gram(2.0 / s2, lo, hi, 1)  # 4 gamma per Gram
+    w, u = (w[:, lo:hi] * g4).to(kl.dtype), (u[:, lo:hi] * g4).to(kl.dtype).unsqueeze(-1)
+    m = torch.bmm(w, kl.view(g, 2, n * n)).view(g, hi - lo, n, n).add_(u).add_(u.mT).mul_(kl[:, lo:hi])
+    m.diagonal(dim1=-2, dim2=-1).sub_(m.sum(-1))
+    out = [None, None]
+    for a in range(lo, hi):
+        out[a] = torch.bmm(m[:, a - lo], (xc, yc)[a])
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- rbf HSIC statistics

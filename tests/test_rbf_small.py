@@ -1,0 +1,116 @@
+"""The torch backend's dense RBF path (ops/stats.py ``dense_rbf``: the whole n x n Grams, the
+gradient in closed form): values and gradients against the float64 definitions of
+rcka_kernels/reference.py at the sizes the benchmarks measure (benchmarks/bench_efficient.py's
+RBF cases, a wide input standing in for the flattened feature maps), either side of the size
+at which the streamed path takes over (``functional._dense_fits``), for both branches of the
+Grams' products (p = q and p != q), and with a gradient that is differentiated again."""
+
+import pytest
+import torch
+
+import rcka_kernels as rk
+from rcka_kernels import functional, reference
+
+from .utils import accept, pair
+
+f32, f64 = torch.float32, torch.float64
+FNS = {"cka": (rk.cka, reference.cka), "hsic": (rk.hsic, reference.hsic)}
+
+
+def _grads(fn, x, y, need, **kw):
+    """(value, dx, dy) of fn(x, y).sum() weighted by a gradient that is not all ones."""
+    x, y = x.detach().clone().requires_grad_(need[0]), y.detach().clone().requires_grad_(need[1])
+    v = fn(x, y, **kw)
+    w = torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype).view(v.shape)
+    (v * w).sum().backward()
+    return v.detach(), x.grad, y.grad
+
+
+def _check(name, x, y, sigma, debiased, need=(True, False), dtype=f64):
+    """rk's value and gradients (torch backend, inputs in ``dtype``) against the reference's on
+    the same inputs in float64."""
+    ours, ref = FNS[name]
+    xq, yq = x.to(dtype), y.to(dtype)
+    got = _grads(ours, xq, yq, need, kernel="rbf", sigma=sigma, debiased=debiased, backend="torch")
+    want = _grads(lambda a, b, **kw: ref(a, b, "rbf", sigma, debiased), xq.double(), yq.double(), need)
+    accept(got[0], want[0], dtype, what=f"{name} value")
+    for i, what in ((1, "dx"), (2, "dy")):
+        if need[i - 1]:
+            accept(got[i], want[i], dtype, what=f"{name} {what}")
+        else:
+            assert got[i] is None
+
+
+@pytest.mark.parametrize("name", list(FNS))
+@pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
+@pytest.mark.parametrize("n,p,q,sigma", [(64, 100, 100, None), (64, 100, 100, 10.0), (256, 100, 100, None),
+                                         (64, 3136, 3136, None), (64, 100, 37, "mean")],
+                         ids=["64x100-median", "64x100-sigma10", "256x100-median", "64-wide-maps", "64-p!=q-mean"])
+@pytest.mark.parametrize("dtype", [f64, f32], ids=["float64", "float32"])
+def test_measured_sizes_match_the_definition(name, debiased, n, p, q, sigma, dtype):
+    x, y = pair(n, p, q)
+    assert functional._dense_fits(x[None], "torch")
+    _check(name, x, y, sigma, debiased, dtype=dtype)
+
+
+@pytest.mark.parametrize("need", [(True, True), (False, True)], ids=["both", "y"])
+@pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
+def test_gradient_of_either_input(need, debiased):
+    x, y = pair(40, 7, 5)
+    _check("cka", x, y, 1.3, debiased, need)
+    _check("hsic", x, y, None, debiased, need)
+
+
+@pytest.mark.parametrize("p,q", [(6, 6), (6, 4)], ids=["p=q", "p!=q"])
+@pytest.mark.parametrize("sigma", [None, "mean", 1.3, "tensor"])
+def test_groups_match_the_definition(p, q, sigma):
+    x, y = pair(17, p, q, batch=(3, 2))
+    if sigma == "tensor":
+        sigma = torch.tensor([0.9, 1.3, 2.0, 1.1, 1.7, 2.5], dtype=f64).view(3, 2)
+    for debiased in (False, True):
+        _check("cka", x, y, sigma, debiased, (True, True))
+
+
+@pytest.mark.parametrize("name", list(FNS))
+@pytest.mark.parametrize("sigma", [None, 1.3])
+@pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
+def test_either_side_of_the_dense_size(monkeypatch, name, sigma, debiased):
+    """The size rule stated in ``functional._dense_fits``: G n^2 <= block is dense, beyond it
+    streamed; values and gradients are the definition's on both sides."""
+    from rcka_kernels.ops import stats
+
+    g, n = 2, 23
+    x, y = pair(n, 5, 4, batch=(g,))
+    calls = []
+    real = stats.dense_rbf
+    monkeypatch.setattr(stats, "dense_rbf", lambda *a: calls.append(1) or real(*a))
+    for block, dense in ((g * n * n, True), (g * n * n - 1, False)):
+        monkeypatch.setenv("RCKA_TORCH_BLOCK_ELEMS", str(block))
+        calls.clear()
+        _check(name, x, y, sigma, debiased, (True, True))
+        assert bool(calls) == dense, (block, calls)
+
+
+@pytest.mark.parametrize("dtype", [f64, f32])
+def test_gradient_with_a_graph_is_the_gradient(dtype):
+    """A backward with create_graph=True takes the recomputation: the same first derivative, in
+    the input's dtype, and one that can be differentiated again."""
+    x, y = pair(20, 6, 6, dtype=dtype)
+    x.requires_grad_()
+    plain = torch.autograd.grad(rk.cka(x, y, kernel="rbf", sigma=1.5), x)[0]
+    graph = torch.autograd.grad(rk.cka(x, y, kernel="rbf", sigma=1.5), x, create_graph=True)[0]
+    assert graph.dtype == dtype and graph.requires_grad
+    torch.testing.assert_close(graph.detach(), plain, rtol=1e-4 if dtype == f32 else 1e-10, atol=1e-7 if dtype == f32 else 1e-13)
+    (graph * graph).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_no_grad_and_detached_inputs_give_the_same_value():
+    x, y = pair(30, 8, 8)
+    xg = x.clone().requires_grad_()
+    v = rk.cka(xg, y, kernel="rbf")
+    with torch.no_grad():
+        v0 = rk.cka(xg, y, kernel="rbf")
+    assert not v0.requires_grad
+    assert torch.equal(v.detach(), v0)
+    assert torch.equal(v0, rk.cka(x, y, kernel="rbf"))
