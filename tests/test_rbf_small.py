@@ -114,3 +114,16 @@ def test_no_grad_and_detached_inputs_give_the_same_value():
     assert not v0.requires_grad
     assert torch.equal(v.detach(), v0)
     assert torch.equal(v0, rk.cka(x, y, kernel="rbf"))
+
+
+@pytest.mark.parametrize("p,q", [(4, 4), (4, 3)], ids=["p=q", "p!=q"])
+@pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
+def test_second_derivatives(p, q, debiased):
+    """Both branches of the Grams' products, differentiated twice (the recomputation) and once
+    with plain autograd (the uncentred statistics)."""
+    x, y = pair(7, p, q)
+    x.requires_grad_(), y.requires_grad_()
+    kw = dict(kernel="rbf", sigma=1.7)
+    assert torch.autograd.gradgradcheck(lambda a, b: rk.cka(a, b, debiased=debiased, **kw), (x, y))
+    assert torch.autograd.gradgradcheck(lambda a, b: rk.hsic(a, b, debiased=debiased, **kw), (x, y))
+    assert torch.autograd.gradcheck(lambda a, b: rk.gram_discrepancy(a, b, centered=False, **kw), (x, y))

@@ -151,7 +151,7 @@ def _dense_value(x, y, degenerate, s2, debiased: bool, cka: bool, need=(False, F
     (G, 2, 2) (CKA is linear in HSIC(K, L): estimators.cka at HSIC(K, L) = 1 is the slope), and the
     estimator's centring C(B) = B + (c_r / 2 c_s) (B 1 1' + 1 1'B) + (c_t / c_s) 1'B1."""
     n = x.shape[1]
-    kl, s2, xc, yc = torch_backend.dense_rbf_grams(x, y, s2, debiased)
+    kl, s2 = torch_backend.dense_rbf_grams(x, y, s2, debiased)
     s, r = torch_backend.dense_rbf_stats(kl)
     t = r.sum(-1, keepdim=True)
     c_s, c_r, c_t = hsic_coefficients(n, debiased)
@@ -167,9 +167,10 @@ def _dense_value(x, y, degenerate, s2, debiased: bool, cka: bool, need=(False, F
         na = value * slope * slope * -c_s
         w = torch.stack([na * hyy, slope * c_s, slope * c_s, na * hxx], -1).view(-1, 2, 2)
     else:
-        w = torch.tensor([[0.0, c_s], [c_s, 0.0]], dtype=h.dtype, device=h.device).expand_as(h)
+        zero, one = torch.zeros_like(hxy), torch.full_like(hxy, c_s)
+        w = torch.stack([zero, one, one, zero], -1).view(-1, 2, 2)
     u = torch.bmm(w, (r * (0.5 * c_r / c_s)).add_(t * (0.5 * c_t / c_s)))
-    return value, torch_backend.dense_rbf_backward(kl, s2, xc, yc, w, u, need), s2
+    return value, torch_backend.dense_rbf_backward(x, y, kl, s2, w, u, need), s2
 
 
 class _DenseRBF(torch.autograd.Function):

@@ -250,23 +250,27 @@ def _per_gram(v, lo: int = 0, hi: int = 2, trailing: int = 2):
     return v.view(*v.shape, *(1,) * trailing)
 
 
-def dense_rbf_grams(x: Tensor, y: Tensor, s2, zero_diagonal: bool) -> Tuple[Tensor, object, Tensor, Tensor]:
-    """(KL, s2, xc, yc): the RBF Grams K of x (G, n, p) and L of y (G, n, q) formed whole, stacked
-    KL (G, 2, n, n) in the compute dtype, from the Gram matrices of the centred rows xc, yc
+def _centred_products(x: Tensor, y: Tensor) -> Tensor:
+    """The Gram matrices of the centred rows of x (G, n, p) and y (G, n, q), stacked (G, 2, n, n) in
+    the compute dtype: one batched product where p = q."""
+    cd = compute_dtype(x.dtype)
+    g, n, p = x.shape
+    if p != y.shape[-1]:
+        xc, yc = center_columns(x.to(cd)), center_columns(y.to(cd))
+        return torch.stack([torch.bmm(xc, xc.mT), torch.bmm(yc, yc.mT)], 1)
+    z = torch.stack([x, y], 1).to(cd).view(2 * g, n, p)
+    z = z.sub_(z.mean(1, keepdim=True))
+    return torch.bmm(z, z.mT).view(g, 2, n, n)
+
+
+def dense_rbf_grams(x: Tensor, y: Tensor, s2, zero_diagonal: bool) -> Tuple[Tensor, object]:
+    """(KL, s2): the RBF Grams K of x (G, n, p) and L of y (G, n, q) formed whole, stacked
+    KL (G, 2, n, n) in the compute dtype, from the Gram matrices of the centred rows
     (|x_i - x_j|^2 = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1), with
     ``zero_diagonal`` their diagonals set to exactly 0. ``s2``: sigma^2, a float or a (G, 2) or
     (G, 1) tensor, or a function of the squared distances (G, 2, n, n) that returns one. Plain
     torch ops, in place where autograd allows: it differentiates them to any order."""
-    cd = compute_dtype(x.dtype)
-    g, n, p = x.shape
-    if p == y.shape[-1]:  # one product for both
-        z = torch.stack([x, y], 1).to(cd).view(2 * g, n, p)
-        z = z.sub_(z.mean(1, keepdim=True))
-        gm = torch.bmm(z, z.mT).view(g, 2, n, n)
-        xc, yc = z.view(g, 2, n, p).unbind(1)
-    else:
-        xc, yc = center_columns(x.to(cd)), center_columns(y.to(cd))
-        gm = torch.stack([torch.bmm(xc, xc.mT), torch.bmm(yc, yc.mT)], 1)
+    gm = _centred_products(x, y)
     sq = gm.diagonal(dim1=-2, dim2=-1)
     d = (sq.unsqueeze(-1) + sq.unsqueeze(-2)).sub_(gm, alpha=2.0).clamp_min_(0.0)
     del gm, sq  # before the bandwidth's selection, which takes memory of its own
@@ -274,7 +278,7 @@ def dense_rbf_grams(x: Tensor, y: Tensor, s2, zero_diagonal: bool) -> Tuple[Tens
         s2 = s2(d)
     if zero_diagonal:
         d.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # exp(-inf) = 0
-    return d.mul_(_per_gram(-0.5 / s2)).exp_(), s2, xc, yc
+    return d.mul_(_per_gram(-0.5 / s2)).exp_(), s2
 
 
 def dense_rbf_stats(kl: Tensor) -> Tuple[Tensor, Tensor]:
@@ -289,13 +293,13 @@ def dense_rbf_stats(kl: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.bmm(rows, rows.mT).view(g, n, 2, 2).sum(1), k.sum(-1)
 
 
-def dense_rbf_backward(kl: Tensor, s2, xc: Tensor, yc: Tensor, w: Tensor, u: Tensor, need=(True, True)):
+def dense_rbf_backward(x: Tensor, y: Tensor, kl: Tensor, s2, w: Tensor, u: Tensor, need=(True, True)):
     """(dx, dy) in the compute dtype, None where not in ``need``, of a value whose derivative in
-    each Gram A of dense_rbf_grams(x, y, s2)[0] (symmetrised, the bandwidth a constant) is
+    each Gram A of KL = dense_rbf_grams(x, y, s2)[0] (symmetrised, the bandwidth a constant) is
     D_A = sum_B w_AB B + u_A,i + u_A,j, for w (G, 2, 2) and u (G, 2, n) float64. With
     gamma = 1 / (2 sigma^2): dX = -4 gamma (diag(M 1) - M) X for M = D_K o K (the Laplacian
-    of M, whose zero row sums make it blind to X's mean; K's diagonal does not move, and
-    cancels there); dY likewise."""
+    of M, whose zero row sums make it blind to X's mean, which is taken out for precision;
+    K's diagonal does not move, and cancels there); dY likewise."""
     lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
     g, n = kl.shape[0], kl.shape[-1]
     g4 = _per_gram(2.0 / s2, lo, hi, 1)  # 4 gamma per Gram
@@ -304,7 +308,7 @@ def dense_rbf_backward(kl: Tensor, s2, xc: Tensor, yc: Tensor, w: Tensor, u: Ten
     m.diagonal(dim1=-2, dim2=-1).sub_(m.sum(-1))
     out = [None, None]
     for a in range(lo, hi):
-        out[a] = torch.bmm(m[:, a - lo], (xc, yc)[a])
+        out[a] = torch.bmm(m[:, a - lo], center_columns((x, y)[a].to(kl.dtype)))
     return tuple(out)
 
 
