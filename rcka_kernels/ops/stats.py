@@ -147,8 +147,8 @@ def hsic_coefficients(n: int, debiased: bool) -> Tuple[float, float, float]:
 def _dense_value(x, y, degenerate, s2, debiased: bool, cka: bool, need=(False, False)):
     """(value (G,) float64, (dvalue/dx, dvalue/dy) in the compute dtype or None where not in
     ``need``, s2): CKA (0 where ``degenerate``) or HSIC(K, L) of the dense RBF Grams of x (G, n, p)
-    and y (G, n, q). dvalue/dA = sum_B c_s gsym_AB C(B) for gsym = dv + dv^T, dv = dvalue/dHSIC
-    (G, 2, 2) (CKA is linear in HSIC(K, L): estimators.cka at HSIC(K, L) = 1 is the slope), and the
+    and y (G, n, q). dvalue/dA = sum_B c_s (dv + dv^T)_AB C(B) for dv = dvalue/dHSIC (G, 2, 2)
+    (CKA is linear in HSIC(K, L): estimators.cka at HSIC(K, L) = 1 is the slope) and the
     estimator's centring C(B) = B + (c_r / 2 c_s) (B 1 1' + 1 1'B) + (c_t / c_s) 1'B1."""
     n = x.shape[1]
     kl, s2 = torch_backend.dense_rbf_grams(x, y, s2, debiased)
@@ -163,14 +163,13 @@ def _dense_value(x, y, degenerate, s2, debiased: bool, cka: bool, need=(False, F
         value = hxy
     if not any(need):
         return value, (None, None), s2
-    if cka:  # d CKA / d HSIC(K, K) = -CKA slope^2 HSIC(L, L) / 2, likewise for L
-        na = value * slope * slope * -c_s
-        w = torch.stack([na * hyy, slope * c_s, slope * c_s, na * hxx], -1).view(-1, 2, 2)
-    else:
-        zero, one = torch.zeros_like(hxy), torch.full_like(hxy, c_s)
-        w = torch.stack([zero, one, one, zero], -1).view(-1, 2, 2)
-    u = torch.bmm(w, (r * (0.5 * c_r / c_s)).add_(t * (0.5 * c_t / c_s)))
-    return value, torch_backend.dense_rbf_backward(x, y, kl, s2, w, u, need), s2
+    cross = slope * c_s if cka else torch.full_like(hxy, c_s)
+    # the rows of c_s (dv + dv^T): d CKA / d HSIC(K, K) = -CKA slope^2 HSIC(L, L) / 2, likewise for L
+    na = cross * value * slope * -1.0 if cka else torch.zeros_like(hxy)
+    rows = ([na * hyy, cross] if need[0] else []) + ([cross, na * hxx] if need[1] else [])
+    w = torch.stack(rows, -1).view(-1, len(rows) // 2, 2)
+    v = (r * (0.5 * c_r / c_s)).add_(t * (0.5 * c_t / c_s))
+    return value, torch_backend.dense_rbf_backward(x, y, kl, s2, w, v, need), s2
 
 
 class _DenseRBF(torch.autograd.Function):

@@ -278,7 +278,7 @@ def dense_rbf_grams(x: Tensor, y: Tensor, s2, zero_diagonal: bool) -> Tuple[Tens
         s2 = s2(d)
     if zero_diagonal:
         d.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # exp(-inf) = 0
-    return d.mul_(_per_gram(-0.5 / s2)).exp_(), s2
+    return d.div_(_per_gram(-2.0 * s2)).exp_(), s2
 
 
 def dense_rbf_stats(kl: Tensor) -> Tuple[Tensor, Tensor]:
@@ -293,18 +293,18 @@ def dense_rbf_stats(kl: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.bmm(rows, rows.mT).view(g, n, 2, 2).sum(1), k.sum(-1)
 
 
-def dense_rbf_backward(x: Tensor, y: Tensor, kl: Tensor, s2, w: Tensor, u: Tensor, need=(True, True)):
+def dense_rbf_backward(x: Tensor, y: Tensor, kl: Tensor, s2, w: Tensor, v: Tensor, need=(True, True)):
     """(dx, dy) in the compute dtype, None where not in ``need``, of a value whose derivative in
     each Gram A of KL = dense_rbf_grams(x, y, s2)[0] (symmetrised, the bandwidth a constant) is
-    D_A = sum_B w_AB B + u_A,i + u_A,j, for w (G, 2, 2) and u (G, 2, n) float64. With
-    gamma = 1 / (2 sigma^2): dX = -4 gamma (diag(M 1) - M) X for M = D_K o K (the Laplacian
-    of M, whose zero row sums make it blind to X's mean, which is taken out for precision;
-    K's diagonal does not move, and cancels there); dY likewise."""
+    D_A = sum_B w_AB (B + v_B,i + v_B,j) for v (G, 2, n) and the rows w (G, k, 2) of the k Grams
+    in ``need``, float64. With gamma = 1 / (2 sigma^2): dX = -4 gamma (diag(M 1) - M) X for
+    M = D_K o K (the Laplacian of M, whose zero row sums make it blind to X's mean, which is
+    taken out for precision; K's diagonal does not move, and cancels there); dY likewise."""
     lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
     g, n = kl.shape[0], kl.shape[-1]
-    g4 = _per_gram(2.0 / s2, lo, hi, 1)  # 4 gamma per Gram
-    w, u = (w[:, lo:hi] * g4).to(kl.dtype), (u[:, lo:hi] * g4).to(kl.dtype).unsqueeze(-1)
-    m = torch.bmm(w, kl.view(g, 2, n * n)).view(g, hi - lo, n, n).add_(u).add_(u.mT).mul_(kl[:, lo:hi])
+    w = w * _per_gram(2.0 / s2, lo, hi, 1)  # 4 gamma per Gram
+    u = torch.bmm(w, v).to(kl.dtype).unsqueeze(-1)
+    m = torch.bmm(w.to(kl.dtype), kl.view(g, 2, n * n)).view(g, hi - lo, n, n).add_(u).add_(u.mT).mul_(kl[:, lo:hi])
     m.diagonal(dim1=-2, dim2=-1).sub_(m.sum(-1))
     out = [None, None]
     for a in range(lo, hi):
