@@ -124,7 +124,7 @@ def test_a_symmetric_product_from_its_lower_strips(m, k):
     diagonal, then mirrored, is the full product (float64: exact up to summation order)."""
     cuts = strips(m)
     assert cuts[0][0] == 0 and cuts[-1][1] == m and all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
-    assert all(hi - lo >= min(m, 128) for lo, hi in cuts) and len(cuts) <= 8
+    assert all(hi - lo >= min(m, 96) for lo, hi in cuts) and len(cuts) <= 8
     a = torch.randn(m, k, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
     out = torch.full((m, m), float("nan"), dtype=torch.float64)  # the blocks above the diagonal are never written
     for lo, hi in cuts:
@@ -132,7 +132,7 @@ def test_a_symmetric_product_from_its_lower_strips(m, k):
     torch.testing.assert_close(mirror(out, cuts), a @ a.mT, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("b", [256, 390, 1030])  # 2, 3 and 8 strips
+@pytest.mark.parametrize("b", [200, 390, 1030])  # 2, 4 and 8 strips
 def test_minibatch_with_batches_formed_in_strips(b):
     """Batches large enough for the Gram to be formed strip by strip (and a partial last
     batch), wide and narrow layers, against Nguyen's float64 definition."""

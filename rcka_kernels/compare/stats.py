@@ -27,12 +27,12 @@ def work_dtype(dtype: torch.dtype, product_dtype: Optional[torch.dtype]) -> torc
 
 
 def strips(dim: int) -> List[Tuple[int, int]]:
-    """0..dim cut into k = min(8, dim // 128) (at least 1) strips (lo, hi). A symmetric
+    """0..dim cut into k = min(8, dim // 96) (at least 1) strips (lo, hi). A symmetric
     product A A^T (dim x dim) formed strip by strip, rows lo:hi against rows :hi (the blocks
     on and below the diagonal), takes (k + 1) / (2k) of the full product's multiply-adds,
-    each GEMM at least 128 wide (narrower ones cost more in calls than they save);
+    each GEMM at least 96 wide (narrower ones cost more in calls than they save);
     ``mirror`` then fills the blocks above the diagonal."""
-    k = max(1, min(8, dim // 128))
+    k = max(1, min(8, dim // 96))
     cuts = [dim * i // k for i in range(k + 1)]
     return list(zip(cuts, cuts[1:]))
 
