@@ -168,9 +168,10 @@ def run_cases(sizes: Dict[str, int], device: str, reps: int) -> List[dict]:
         if "pytorch-cka 1.1.3 error" in values[case]:
             err = values[case]["pytorch-cka 1.1.3 error"]
             recs.append({"case": case, "contender": "pytorch-cka 1.1.3", "status": "error", "error": err})
+    exact_widths = {case: widths(s, *s["exact"]) for case, s in setups.items()}  # one forward pass per case
     for r in recs:
         case, s, got = r["case"], setups[r["case"]], values[r["case"]]
-        wa, wb = widths(s, *s["exact"])
+        wa, wb = exact_widths[case]
         r.update(n=sizes[case], batch_size=s["bs"], layers=[len(s["la"]), len(s["lb"])])
         if r["contender"] in got:
             exact = r["contender"] == "rcka exact"
