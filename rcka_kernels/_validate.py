@@ -104,7 +104,7 @@ def check_tensor(fn: str, name: str, t) -> None:
 
 def check_pair(fn: str, x, y, *, same_rows: bool, same_cols: bool, min_rows: int, why: str = "", finite: bool = True) -> None:
     """Checks for a pair of sample matrices x (..., n, p), y (..., m, q).
-    ``finite=False`` leaves the NaN/Inf check to the caller (see ``scan_groups``)."""
+    ``finite=False`` leaves the NaN/Inf check to the caller (``scan_groups``, ``check_statistics``)."""
     check_tensor(fn, "x", x)
     check_tensor(fn, "y", y)
     if x.device != y.device:
@@ -166,18 +166,27 @@ def check_finite(fn: str, *tensors: torch.Tensor) -> None:
     _raise_non_finite(fn, torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+def rows_equal(t: torch.Tensor) -> torch.Tensor:
+    """Per group of t (G, n, p), whether all its rows are equal (no variation: CKA is 0 there)."""
+    return (t == t[:, :1]).flatten(1).all(1)
+
+
 def scan_groups(fn: str, *groups: torch.Tensor):
-    """One pass over each (G, n, p) group batch: the column minima and maxima give
-    both the NaN/Inf check (they propagate NaN and hold any Inf) and, per group,
-    whether all rows are equal (min == max in every column). Returns the flags."""
-    flags, ends = [], []
-    for t in groups:
-        mn, mx = torch.aminmax(t, dim=1)
-        flags.append((mn == mx).all(-1))
-        ends += [mn.flatten(), mx.flatten()]
-    if wants_finite_check(groups[0].device):
-        _raise_non_finite(fn, torch.isfinite(torch.cat(ends)).all())
-    return flags
+    """The NaN/Inf check of the (G, n, p) group batches, and per group whether all its rows are
+    equal (``rows_equal``). Returns the flags."""
+    check_finite(fn, *groups)
+    return [rows_equal(t) for t in groups]
+
+
+def check_statistics(fn: str, stats: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """The NaN/Inf check of an op that reads its inputs once, read off float64 statistics of them
+    (a few values: HSIC of its Grams) that a NaN or Inf anywhere in the inputs turns into NaN:
+    a sum of the statistics and one host read, where ``check_finite`` reads all the inputs. A NaN
+    statistic from finite inputs is an overflow of their dtype, named as such."""
+    if math.isfinite(stats.sum().item()):
+        return
+    check_finite(fn, *inputs)
+    raise ValueError(f"{fn}: the inputs' squared distances overflow {inputs[0].dtype}; scale the inputs down or pass float64")
 
 
 def check_kernel(fn: str, kernel: str, sigma) -> None:

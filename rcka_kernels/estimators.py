@@ -68,14 +68,16 @@ def cka_scale(kk: Tensor, ll: Tensor, dtype: torch.dtype = torch.float64, guarde
 
 
 def cka(hxy: Tensor, hxx: Tensor, hyy: Tensor, degenerate: Optional[Tensor] = None,
-        dtype: torch.dtype = torch.float64) -> Tensor:
+        dtype: torch.dtype = torch.float64, with_scale: bool = False):
     """CKA from the three HSIC terms (broadcasting: hxx may be (La, 1) and hyy (1, Lb)),
     0 where ``degenerate`` or a self-term is not ``self_term_ok`` in ``dtype`` (the
-    dtype the value is computed in); NaN in any term stays NaN."""
+    dtype the value is computed in); NaN in any term stays NaN. ``with_scale``: returns
+    (CKA, r) with r = dCKA/dHSIC(K, L), the ``cka_scale`` (0 where CKA is)."""
     r = cka_scale(hxx, hyy, dtype)
     if degenerate is not None:
         r = torch.where(degenerate, 0.0, r)
-    return hxy * r + 0.0 * (hxy + hxx + hyy)
+    value = hxy * r + 0.0 * (hxy + hxx + hyy)
+    return (value, r) if with_scale else value
 
 
 def alignment(kl: Tensor, kk: Tensor, ll: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ import torch
 from . import _bandwidth, _dispatch, _validate, estimators, reference
 from .ops import stats as _ops
 from .ops.linear import linear_alignment
-from .ops.torch_backend import block_elems, center_columns, compute_dtype, dense_rbf_grams, dense_rbf_stats, gram_matrix, use_feature_space
+from .ops.torch_backend import block_elems, center_columns, compute_dtype, dense_rbf_grams, gram_matrix, use_feature_space
 
 Tensor = torch.Tensor
 Sigma = Union[None, float, str, Tensor]
@@ -112,21 +112,22 @@ def _rbf(x: Tensor, y: Tensor, sigma: Sigma, debiased: bool, backend: str, fn: s
     (``_dense_fits``; ops/stats.py's dense op, with its gradient in closed form), else from the
     backend's streamed statistics (diagonals left out, see ops/_contract.py)."""
     x3, y3 = _as_groups(x), _as_groups(y)
+    if _dense_fits(x3, backend):  # the op reads NaN/Inf off its statistics
+        degenerate = _validate.rows_equal(x3) | _validate.rows_equal(y3)
+        check = fn if _validate.wants_finite_check(x.device) else None
+        return _ops.dense_rbf(x, y, degenerate, "median" if sigma is None else sigma, debiased, cka, check)
     cx, cy = _validate.scan_groups(fn, x3, y3)
     degenerate = cx | cy
-    if _dense_fits(x3, backend):
-        out = _ops.dense_rbf(x, y, degenerate, "median" if sigma is None else sigma, debiased, cka)
-    else:
-        n = x3.shape[1]
-        s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
-        rx, ry = rx.double(), ry.double()
-        dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
-        out = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
-        if cka:
-            hxx = _hsic_from_stats(s[:, 1], rx, rx, dx, dx, n, debiased)
-            hyy = _hsic_from_stats(s[:, 2], ry, ry, dy, dy, n, debiased)
-            out = estimators.cka(out, hxx, hyy, degenerate, compute_dtype(x3.dtype))
-        out = out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
+    n = x3.shape[1]
+    s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)
+    rx, ry = rx.double(), ry.double()
+    dx = dy = torch.ones_like(rx)  # the unit diagonal, left out of the contract's sums
+    out = _hsic_from_stats(s[:, 0], rx, ry, dx, dy, n, debiased)
+    if cka:
+        hxx = _hsic_from_stats(s[:, 1], rx, rx, dx, dx, n, debiased)
+        hyy = _hsic_from_stats(s[:, 2], ry, ry, dy, dy, n, debiased)
+        out = estimators.cka(out, hxx, hyy, degenerate, compute_dtype(x3.dtype))
+    out = out.to(compute_dtype(x.dtype)).reshape(x.shape[:-2])
     return out if cka else torch.where(degenerate.view(out.shape), torch.zeros_like(out), out)
 
 
@@ -197,8 +198,10 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
         return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
     if _dense_fits(x3, backend):  # the whole Grams, with plain autograd
         rule = "median" if sigma is None else sigma
-        s, r = dense_rbf_stats(dense_rbf_grams(x3, y3, lambda d: _ops.pair_sigma2(x3, d, rule), False)[0])
-        t = r.sum(-1)
+        cd = compute_dtype(x3.dtype)
+        grams = dense_rbf_grams(center_columns(x3.to(cd)), center_columns(y3.to(cd)), lambda d: _ops.pair_sigma2(x3, d, rule), False)[0]
+        k = grams.double().flatten(2)
+        s, t = torch.bmm(k, k.mT), k.sum(-1)
         return s.flatten(1)[:, (1, 0, 3)], t[:, 0], t[:, 1]
     # RBF Grams do not change under a translation of the inputs
     s, rx, ry = _ops.rbf_stats(center_columns(x3), center_columns(y3), _gamma(x3, sigma), _gamma(y3, sigma), backend)

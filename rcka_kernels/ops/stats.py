@@ -20,7 +20,7 @@ from typing import Tuple
 
 import torch
 
-from .. import _bandwidth, _dispatch, estimators
+from .. import _bandwidth, _dispatch, _validate, estimators
 from .._validate import autocast_off
 from . import torch_backend
 from .torch_backend import center_columns, centre_nxn, compute_dtype, gram_matrix
@@ -137,39 +137,32 @@ def pair_sigma2(x: Tensor, d: Tensor, sigma):
     return float(sigma) ** 2
 
 
-def hsic_coefficients(n: int, debiased: bool) -> Tuple[float, float, float]:
-    """(c_s, c_r, c_t): HSIC(A, B) = c_s <A, B> + c_r (A 1).(B 1) + c_t (1'A1)(1'B1) for the
-    estimator's Grams (full when biased, zero diagonals when debiased; see ``estimators``),
-    read off ``estimators.hsic``."""
-    return tuple(estimators.hsic(*unit, n, debiased) for unit in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 1)))
-
-
 def _dense_value(x, y, degenerate, s2, debiased: bool, cka: bool, need=(False, False)):
     """(value (G,) float64, (dvalue/dx, dvalue/dy) in the compute dtype or None where not in
-    ``need``, s2): CKA (0 where ``degenerate``) or HSIC(K, L) of the dense RBF Grams of x (G, n, p)
-    and y (G, n, q). dvalue/dA = sum_B c_s (dv + dv^T)_AB C(B) for dv = dvalue/dHSIC (G, 2, 2)
-    (CKA is linear in HSIC(K, L): estimators.cka at HSIC(K, L) = 1 is the slope) and the
-    estimator's centring C(B) = B + (c_r / 2 c_s) (B 1 1' + 1 1'B) + (c_t / c_s) 1'B1."""
-    n = x.shape[1]
-    kl, s2 = torch_backend.dense_rbf_grams(x, y, s2, debiased)
-    s, r = torch_backend.dense_rbf_stats(kl)
-    t = r.sum(-1, keepdim=True)
-    c_s, c_r, c_t = hsic_coefficients(n, debiased)
-    h = torch.baddbmm(s, r, r.mT, beta=c_s, alpha=c_r).baddbmm_(t, t.mT, alpha=c_t)  # HSIC of every pair
+    ``need``, s2, H (G, 2, 2) float64 the HSIC of every pair of the Grams): CKA (0 where
+    ``degenerate``) or HSIC(K, L) (likewise) of the dense RBF Grams of x (G, n, p) and y (G, n, q).
+    HSIC(A, B) = <C(A), C(B)> / N for the estimator's centring C (``centre_nxn``, a self-adjoint
+    projection) and denominator N, so dHSIC(A, B)/dA = C(B) / N, and with r = cka_scale:
+    dCKA/dK = (r C(L) - CKA r^2 HSIC(L, L) C(K)) / N, dCKA/dL likewise."""
+    n, cd = x.shape[1], compute_dtype(x.dtype)
+    xc, yc = center_columns(x.to(cd)), center_columns(y.to(cd))  # RBF Grams do not change under a shift
+    kl, s2 = torch_backend.dense_rbf_grams(xc, yc, s2, debiased)
+    c = centre_nxn(kl.to(torch.float64, copy=True), debiased).flatten(2)  # float64: the centring cancels most of each entry
+    h = torch.bmm(c, c.mT).div_(estimators.normaliser(n, debiased))
     hxx, hxy, _, hyy = h.view(-1, 4).unbind(1)
     if cka:
-        value, slope = estimators.cka(torch.stack([hxy, torch.ones_like(hxy)]), hxx, hyy, degenerate, compute_dtype(x.dtype))
+        value, r = estimators.cka(hxy, hxx, hyy, degenerate, cd, with_scale=True)
+        minus = value * r * r  # -dCKA/dHSIC(K, K) = CKA r^2 HSIC(L, L) / 2, the 2 of dHSIC(K, K) taken
+        rows = [(-minus * hyy, r), (r, -minus * hxx)]
     else:
-        value = hxy
+        value = torch.where(degenerate, 0.0, hxy)
+        one, zero = (~degenerate).to(h.dtype), torch.zeros_like(hxy)
+        rows = [(zero, one), (one, zero)]
     if not any(need):
-        return value, (None, None), s2
-    cross = slope * c_s if cka else torch.full_like(hxy, c_s)
-    # the rows of c_s (dv + dv^T): d CKA / d HSIC(K, K) = -CKA slope^2 HSIC(L, L) / 2, likewise for L
-    na = cross * value * slope * -1.0 if cka else torch.zeros_like(hxy)
-    rows = ([na * hyy, cross] if need[0] else []) + ([cross, na * hxx] if need[1] else [])
-    w = torch.stack(rows, -1).view(-1, len(rows) // 2, 2)
-    v = (r * (0.5 * c_r / c_s)).add_(t * (0.5 * c_t / c_s))
-    return value, torch_backend.dense_rbf_backward(x, y, kl, s2, w, v, need), s2
+        return value, (None, None), s2, h
+    w = torch.stack([t for row, want in zip(rows, need) if want for t in row], -1).view(-1, sum(need), 2)
+    dk = torch.bmm(w.div_(estimators.normaliser(n, debiased)), c).view(-1, sum(need), n, n)
+    return value, torch_backend.dense_rbf_backward(kl, xc, yc, s2, dk, need), s2, h
 
 
 class _DenseRBF(torch.autograd.Function):
@@ -177,11 +170,13 @@ class _DenseRBF(torch.autograd.Function):
     are then let go; the backward scales it."""
 
     @staticmethod
-    def forward(ctx, x, y, degenerate, sigma, debiased, cka, grad):
+    def forward(ctx, x, y, degenerate, sigma, debiased, cka, grad, check):
         n = x.shape[-2]
         x3, y3 = x.reshape(-1, n, x.shape[-1]), y.reshape(-1, n, y.shape[-1])
         need = ctx.needs_input_grad[:2] if grad else (False, False)
-        value, (dx, dy), s2 = _dense_value(x3, y3, degenerate, lambda d: pair_sigma2(x3, d, sigma), debiased, cka, need)
+        value, (dx, dy), s2, h = _dense_value(x3, y3, degenerate, lambda d: pair_sigma2(x3, d, sigma), debiased, cka, need)
+        if check is not None:
+            _validate.check_statistics(check, h, x, y)
         ctx.s2 = s2 if isinstance(s2, float) else None
         ctx.save_for_backward(x, y, degenerate, dx, dy, None if ctx.s2 is not None else s2)
         ctx.debiased, ctx.cka = debiased, cka
@@ -198,21 +193,23 @@ class _DenseRBF(torch.autograd.Function):
                 n = a.shape[-2]
                 v = _dense_value(a.reshape(-1, n, a.shape[-1]), b.reshape(-1, n, b.shape[-1]), degenerate, s2, ctx.debiased, ctx.cka)[0]
                 return v.to(compute_dtype(a.dtype)).view(a.shape[:-2])
-            return (*recomputed_grads((x, y), g, need, fn), None, None, None, None, None)
+            return (*recomputed_grads((x, y), g, need, fn), None, None, None, None, None, None)
         g = g.reshape(-1, 1, 1)
         dx = (dx * g).to(x.dtype).view(x.shape) if need[0] else None
         dy = (dy * g).to(y.dtype).view(y.shape) if need[1] else None
-        return dx, dy, None, None, None, None, None
+        return dx, dy, None, None, None, None, None, None
 
 
-def dense_rbf(x: Tensor, y: Tensor, degenerate: Tensor, sigma, debiased: bool, cka: bool) -> Tensor:
-    """CKA (``cka``; 0 where ``degenerate``, (G,) for the G groups) or HSIC(K, L), x.shape[:-2] in
-    the compute dtype, of the RBF Grams K of x (..., n, p) and L of y (..., n, q) formed whole
+def dense_rbf(x: Tensor, y: Tensor, degenerate: Tensor, sigma, debiased: bool, cka: bool, check=None) -> Tensor:
+    """CKA (``cka``; 0 where ``degenerate``, (G,) for the G groups) or HSIC(K, L) (likewise), x.shape[:-2]
+    in the compute dtype, of the RBF Grams K of x (..., n, p) and L of y (..., n, q) formed whole
     (sigma: a float, a tensor of G values, "median" or "mean"; the bandwidth is a constant for
     autograd). The gradient is formed with the value, in closed form
     (torch_backend.dense_rbf_backward), where grad mode is on and an input requires it; a
-    backward with grad mode on differentiates a recomputation instead."""
-    return _DenseRBF.apply(x, y, degenerate, sigma, debiased, cka, torch.is_grad_enabled())
+    backward with grad mode on differentiates a recomputation instead. ``check``: the public
+    function's name, to raise for a NaN/Inf input, read off the statistics
+    (``_validate.check_statistics``), or None."""
+    return _DenseRBF.apply(x, y, degenerate, sigma, debiased, cka, torch.is_grad_enabled(), check)
 
 
 # ----------------------------------------------------------------------------- rbf MMD
@@ -285,7 +282,7 @@ def _cg_backward(ctx, go):
     linear dX = (Gc + Gc^T) X; RBF dX = -2 gamma (rowsum(M) x - M X), M = (Gc + Gc^T) o K."""
     x, gamma = ctx.saved_tensors
     cd = compute_dtype(x.dtype)
-    gc = centre_nxn(go.to(cd), ctx.debiased)
+    gc = centre_nxn(go.to(cd, copy=True), ctx.debiased)
     s = gc + gc.transpose(-1, -2)
     xd = center_columns(x.to(cd))  # translation-invariant for both kernels (Gc has zero row sums)
     if ctx.kernel == "linear":

@@ -7,8 +7,8 @@ float64 across blocks. No n x n matrix is held: the RBF paths walk tiles of at
 most ``block_elems()`` kernel entries (the symmetric Grams only the tiles on
 and above the diagonal) and the backward passes recompute those tiles (as
 FlashAttention recomputes attention tiles), so extra memory is O(block). Where the
-Grams of a group batch are no larger than one tile, the dense functions form them
-whole, once, for the value and its gradient together (``dense_rbf_*``).
+Grams of a group batch are no larger than one tile, ``dense_rbf_grams`` forms them
+whole, once, for the value and its gradient together (ops/stats.py's ``dense_rbf``).
 """
 
 from __future__ import annotations
@@ -221,16 +221,19 @@ def gram_matrix(x: Tensor, kernel: str, gamma: Tensor) -> Tensor:
 
 
 def centre_nxn(g: Tensor, debiased: bool) -> Tensor:
-    """The centring map on any (G, n, n) matrix, with row sums for rows and column
-    sums for columns, so it is its own adjoint (H K H on a symmetric K; with
-    ``debiased`` the U-centring, zero diagonal)."""
+    """The centring map on any (G, n, n) matrices g, in place (g is returned), with row sums for
+    rows and column sums for columns, so it is its own adjoint and a projection: H g H, or with
+    ``debiased`` the U-centring (zero diagonal; Song et al. 2012). Autograd differentiates it
+    (no op in it saves its input)."""
     n = g.shape[-1]
-    if not debiased:
-        return g - g.mean(-1, keepdim=True) - g.mean(-2, keepdim=True) + g.mean((-2, -1), keepdim=True)
-    eye = torch.eye(n, dtype=torch.bool, device=g.device)
-    g = g.masked_fill(eye, 0.0)
-    u = g - g.sum(-1, keepdim=True) / (n - 2) - g.sum(-2, keepdim=True) / (n - 2) + g.sum((-2, -1), keepdim=True) / ((n - 1) * (n - 2))
-    return u.masked_fill(eye, 0.0)
+    if not debiased:  # (g - row means) - its column means = g - row - column + total means
+        g.sub_(g.mean(-1, keepdim=True))
+        return g.sub_(g.mean(-2, keepdim=True))
+    g.diagonal(dim1=-2, dim2=-1).zero_()
+    rows, cols, total = g.sum(-1, keepdim=True), g.sum(-2, keepdim=True), g.sum((-2, -1), keepdim=True)
+    g.sub_(rows, alpha=1.0 / (n - 2)).sub_(cols, alpha=1.0 / (n - 2)).add_(total, alpha=1.0 / ((n - 1) * (n - 2)))
+    g.diagonal(dim1=-2, dim2=-1).zero_()
+    return g
 
 
 def centered_gram(x: Tensor, kernel: str, gamma: Tensor, debiased: bool) -> Tensor:
@@ -241,36 +244,22 @@ def centered_gram(x: Tensor, kernel: str, gamma: Tensor, debiased: bool) -> Tens
 # ----------------------------------------------------------------------------- rbf HSIC statistics, dense (small n)
 
 
-def _per_gram(v, lo: int = 0, hi: int = 2, trailing: int = 2):
-    """A per-Gram factor for (G, k, ...) tensors with ``trailing`` dims after k: a float as it is;
-    a (G, 2) or (G, 1) tensor as (G, k, 1, ...), k = hi - lo Grams from the lo-th."""
+def _per_gram(v, lo: int = 0, hi: int = 2):
+    """A per-Gram factor for (G, k, n, n) tensors: a float as it is; a (G, 2) or (G, 1) tensor as
+    (G, k, 1, 1), k = hi - lo Grams from the lo-th."""
     if isinstance(v, float):
         return v
-    v = v.expand(-1, 2)[:, lo:hi]
-    return v.view(*v.shape, *(1,) * trailing)
+    return v.expand(-1, 2)[:, lo:hi, None, None]
 
 
-def _centred_products(x: Tensor, y: Tensor) -> Tensor:
-    """The Gram matrices of the centred rows of x (G, n, p) and y (G, n, q), stacked (G, 2, n, n) in
-    the compute dtype: one batched product where p = q."""
-    cd = compute_dtype(x.dtype)
-    g, n, p = x.shape
-    if p != y.shape[-1]:
-        xc, yc = center_columns(x.to(cd)), center_columns(y.to(cd))
-        return torch.stack([torch.bmm(xc, xc.mT), torch.bmm(yc, yc.mT)], 1)
-    z = torch.stack([x, y], 1).to(cd).view(2 * g, n, p)
-    z = z.sub_(z.mean(1, keepdim=True))
-    return torch.bmm(z, z.mT).view(g, 2, n, n)
-
-
-def dense_rbf_grams(x: Tensor, y: Tensor, s2, zero_diagonal: bool) -> Tuple[Tensor, object]:
-    """(KL, s2): the RBF Grams K of x (G, n, p) and L of y (G, n, q) formed whole, stacked
-    KL (G, 2, n, n) in the compute dtype, from the Gram matrices of the centred rows
+def dense_rbf_grams(xc: Tensor, yc: Tensor, s2, zero_diagonal: bool) -> Tuple[Tensor, object]:
+    """(KL, s2): the RBF Grams K of xc (G, n, p) and L of yc (G, n, q), centred rows in the compute
+    dtype, formed whole and stacked, KL (G, 2, n, n), from the rows' Gram matrices
     (|x_i - x_j|^2 = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1), with
     ``zero_diagonal`` their diagonals set to exactly 0. ``s2``: sigma^2, a float or a (G, 2) or
     (G, 1) tensor, or a function of the squared distances (G, 2, n, n) that returns one. Plain
     torch ops, in place where autograd allows: it differentiates them to any order."""
-    gm = _centred_products(x, y)
+    gm = torch.stack([torch.bmm(xc, xc.mT), torch.bmm(yc, yc.mT)], 1)
     sq = gm.diagonal(dim1=-2, dim2=-1)
     d = (sq.unsqueeze(-1) + sq.unsqueeze(-2)).sub_(gm, alpha=2.0).clamp_min_(0.0)
     del gm, sq  # before the bandwidth's selection, which takes memory of its own
@@ -281,34 +270,20 @@ def dense_rbf_grams(x: Tensor, y: Tensor, s2, zero_diagonal: bool) -> Tuple[Tens
     return d.div_(_per_gram(-2.0 * s2)).exp_(), s2
 
 
-def dense_rbf_stats(kl: Tensor) -> Tuple[Tensor, Tensor]:
-    """The statistics of the Grams KL (G, 2, n, n) in float64, where the products of their
-    entries are exact: S (G, 2, 2) = [[<K,K>, <K,L>], [<L,K>, <L,L>]] and the row sums
-    R (G, 2, n). The HSIC identity cancels most of S and R where the kernel values concentrate
-    (wide inputs), so float32 sums would not do. S is summed row by row (one batched product of
-    2 x n rows), not as one 2 x n^2 product."""
-    g, _, n, _ = kl.shape
-    k = kl.double()
-    rows = k.transpose(1, 2).reshape(g * n, 2, n)  # a view for one group
-    return torch.bmm(rows, rows.mT).view(g, n, 2, 2).sum(1), k.sum(-1)
-
-
-def dense_rbf_backward(x: Tensor, y: Tensor, kl: Tensor, s2, w: Tensor, v: Tensor, need=(True, True)):
+def dense_rbf_backward(kl: Tensor, xc: Tensor, yc: Tensor, s2, dk: Tensor, need=(True, True)):
     """(dx, dy) in the compute dtype, None where not in ``need``, of a value whose derivative in
-    each Gram A of KL = dense_rbf_grams(x, y, s2)[0] (symmetrised, the bandwidth a constant) is
-    D_A = sum_B w_AB (B + v_B,i + v_B,j) for v (G, 2, n) and the rows w (G, k, 2) of the k Grams
-    in ``need``, float64. With gamma = 1 / (2 sigma^2): dX = -4 gamma (diag(M 1) - M) X for
-    M = D_K o K (the Laplacian of M, whose zero row sums make it blind to X's mean, which is
-    taken out for precision; K's diagonal does not move, and cancels there); dY likewise."""
+    the Grams of KL = dense_rbf_grams(xc, yc, s2)[0] that are in ``need`` is dk (G, k, n, n),
+    float64 and symmetric (the bandwidth a constant; dk is overwritten). With
+    gamma = 1 / (2 sigma^2) and M = dk o K: dX = 4 gamma (M - diag(M 1)) X for the centred rows X
+    (the chain rule through |x_i - x_j|^2; K's diagonal does not move, and cancels there);
+    dY likewise."""
     lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
-    g, n = kl.shape[0], kl.shape[-1]
-    w = w * _per_gram(2.0 / s2, lo, hi, 1)  # 4 gamma per Gram
-    u = torch.bmm(w, v).to(kl.dtype).unsqueeze(-1)
-    m = torch.bmm(w.to(kl.dtype), kl.view(g, 2, n * n)).view(g, hi - lo, n, n).add_(u).add_(u.mT).mul_(kl[:, lo:hi])
+    m = dk.mul_(kl[:, lo:hi]).mul_(_per_gram(2.0 / s2, lo, hi))  # 4 gamma per Gram
     m.diagonal(dim1=-2, dim2=-1).sub_(m.sum(-1))
+    m = m.to(kl.dtype)
     out = [None, None]
     for a in range(lo, hi):
-        out[a] = torch.bmm(m[:, a - lo], center_columns((x, y)[a].to(kl.dtype)))
+        out[a] = torch.bmm(m[:, a - lo], (xc, yc)[a])
     return tuple(out)
 
 
