@@ -48,7 +48,7 @@ def _torch_extension():
         return None, f"PyTorch is not importable in the build environment ({type(e).__name__}); pip install --no-build-isolation prebuilds"
     ext = CppExtension(
         "rcka_kernels._rcka_native",
-        ["rcka_kernels/csrc/linear_alignment.cpp"],
+        ["rcka_kernels/csrc/native.cpp"],
         extra_compile_args=["-O3"],
         optional=not _flag("RCKA_FORCE_NATIVE"),
     )

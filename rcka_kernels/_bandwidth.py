@@ -7,10 +7,10 @@ backward pass treats as a constant (as Kornblith et al. and most CKA code do).
 - "median": the exact median of all n^2 squared distances (diagonal zeros
   included, NumPy's convention: the mean of the two middle values when n^2 is
   even). When a group batch's n x n distances fit one block (``block_elems``) they
-  are formed once and the median is a k-th value selection over them; otherwise it
-  is found by a radix select over the bit patterns of those distances (16 bits per
-  pass, 2 passes for float32 and 4 for float64), each pass recomputing the distances
-  block by block: memory O(block), no sort of n^2 values. If the median
+  are formed once and the median is a k-th value selection over their strictly-upper
+  entries; otherwise it is found by a radix select over the bit patterns of those
+  distances (16 bits per pass, 2 passes for float32 and 4 for float64), each pass
+  recomputing the distances block by block: memory O(block), no sort of n^2 values. If the median
   is 0 (more than half of all pairs coincide) the "mean" value is used instead.
 - "mean": the mean of all n^2 squared distances, 2 mean_i |x_i - mean x|^2, in O(n p).
 """
@@ -118,30 +118,35 @@ def _select_upper(xc: Tensor, ranks: Tensor) -> Tensor:
     return torch.stack([_from_key(p, xc.dtype) for p in prefix])
 
 
+def _select_dense(d: Tensor, ranks) -> Tensor:
+    """The ranks[t]-th smallest (0-based) strictly-upper entry of each (n, n) matrix of d (G, n, n)."""
+    n = d.shape[1]
+    iu = torch.triu_indices(n, n, 1, device=d.device)
+    upper = d[:, iu[0], iu[1]]
+    return [upper.kthvalue(r + 1, dim=1).values for r in ranks]
+
+
 def median_sq_distance(x: Tensor, d: Optional[Tensor] = None) -> Tensor:
     """NumPy's median of the n^2 squared distances of each group of x (G, n, p);
-    ``d``: those distances (G, n, n) in the compute dtype, with an exact zero diagonal, if the
-    caller has them.
+    ``d``: those distances (G, n, n) in the compute dtype, if the caller has them.
 
-    Where the distances are (or fit one block) they are formed and the two middle values are
-    selected from them. Otherwise, sorted, the n^2 values are the n diagonal zeros followed by
-    every strictly upper value twice, so the k-th of them (k >= n) is the ((k - n) // 2)-th
-    upper value, which a radix select finds."""
+    Sorted, the n^2 values are the n diagonal zeros followed by every strictly
+    upper value twice, so the k-th of them (k >= n) is the ((k - n) // 2)-th
+    upper value: only the upper triangle is searched."""
     g, n = x.shape[0], x.shape[1]
     ks = [(n * n - 1) // 2, (n * n) // 2]
     if n < 2:
         return torch.zeros(g, dtype=compute_dtype(x.dtype), device=x.device)
+    ranks = [max(0, (k - n) // 2) for k in ks]
     if d is None and g * n * n <= block_elems():  # one block holds them all
         xc = _center(x)
         nx = (xc * xc).sum(-1)
-        d = sq_dist_block(xc, xc, nx, nx, diag_at=0, diag=0.0)
+        d = sq_dist_block(xc, xc, nx, nx)
     if d is not None:
-        flat = d.flatten(1)
-        low, high = (flat.kthvalue(k + 1, dim=1).values for k in ks)
+        low, high = _select_dense(d, ranks)
     else:
-        ranks = torch.tensor([max(0, (k - n) // 2) for k in ks], dtype=torch.int64, device=x.device)
-        low, high = _select_upper(_center(x), ranks[:, None].repeat(1, g))
-        low, high = (torch.zeros_like(v) if k < n else v for v, k in zip((low, high), ks))  # a diagonal zero
+        low, high = _select_upper(_center(x), torch.tensor(ranks, dtype=torch.int64, device=x.device)[:, None].repeat(1, g))
+    low, high = (torch.zeros_like(v) if k < n else v for v, k in zip((low, high), ks))  # a diagonal zero
     return 0.5 * (low + high)
 
 

@@ -1,6 +1,6 @@
 """Guarded access to the native (C++, ATen) linear-alignment op.
 
-The ops (rcka_kernels/csrc/linear_alignment.cpp) are the torch backend's linear CKA, HSIC
+The ops (rcka_kernels/csrc/native.cpp) are the torch backend's linear CKA, HSIC
 and alignment, and RCKA's two axes in one op, with forward and closed-form backward in C++: the arithmetic of
 ops/linear.py without its per-call Python, which costs more than the arithmetic
 at the paper's batch sizes. Where the library comes from, in this order:
@@ -34,8 +34,9 @@ from typing import Optional
 import torch
 
 NOT_BUILT = "not built at install time"
-STATISTICS = {"cka": 0, "hsic": 1}  # the op's statistic argument
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "linear_alignment.cpp")
+STATISTICS = {"cka": 0, "hsic": 1}  # the linear op's statistic argument
+RULES = {"median": 0, "mean": 1, "given": 2}  # the dense RBF op's bandwidth rule argument
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "native.cpp")
 NAME = "rcka_native"  # the library built on first use (cpp_extension's name for it and its build directory)
 # the flags the install-time build compiles with (setup.py's -O3; Python's CFLAGS carry -DNDEBUG)
 FLAGS = ["-O3", "-DNDEBUG"]
@@ -57,7 +58,7 @@ def _load():
     try:
         ops = torch.ops.rcka_native
         # the overloads' C++ callables (what OpOverload.__call__ calls, one Python frame less)
-        return tuple(getattr(o, "_op", o) for o in (ops.linear_alignment.default, ops.axis_pair_alignment.default)), None
+        return tuple(getattr(o, "_op", o) for o in (ops.linear_alignment.default, ops.axis_pair_alignment.default, ops.dense_rbf.default)), None
     except Exception as e:  # noqa: BLE001 - e.g. a prebuilt library from older sources
         return _unavailable(f"loaded but an op is not registered (built from older sources? reinstall): {type(e).__name__}: {e}")
 
@@ -205,3 +206,10 @@ def pair_op():
     (RCKA's sample and class axes in one op), or None."""
     ops = None if _python_only else _load()[0]
     return None if ops is None else ops[1]
+
+
+def dense_rbf_op():
+    """``rcka_native::dense_rbf(x, y, sigma, sigma_value, rule, debiased, cka, check)`` (ops/stats.py's
+    dense RBF CKA and HSIC; ``rule`` from RULES), or None."""
+    ops = None if _python_only else _load()[0]
+    return None if ops is None else ops[2]

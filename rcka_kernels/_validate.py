@@ -167,8 +167,9 @@ def check_finite(fn: str, *tensors: torch.Tensor) -> None:
 
 
 def rows_equal(t: torch.Tensor) -> torch.Tensor:
-    """Per group of t (G, n, p), whether all its rows are equal (no variation: CKA is 0 there)."""
-    return (t == t[:, :1]).flatten(1).all(1)
+    """Per group of t (G, n, p), whether all its rows are equal (no variation: CKA is 0 there):
+    every column's largest value is its smallest (a NaN makes both NaN, and unequal)."""
+    return (t.amax(1) == t.amin(1)).all(-1)
 
 
 def scan_groups(fn: str, *groups: torch.Tensor):
@@ -186,7 +187,7 @@ def check_statistics(fn: str, stats: torch.Tensor, *inputs: torch.Tensor) -> Non
     if math.isfinite(stats.sum().item()):
         return
     check_finite(fn, *inputs)
-    raise ValueError(f"{fn}: the inputs' squared distances overflow {inputs[0].dtype}; scale the inputs down or pass float64")
+    raise ValueError(f"{fn}: the inputs' squared distances overflow their dtype; scale the inputs down or pass float64")
 
 
 def check_kernel(fn: str, kernel: str, sigma) -> None:

@@ -31,7 +31,7 @@ import torch
 from . import _bandwidth, _dispatch, _validate, estimators, reference
 from .ops import stats as _ops
 from .ops.linear import linear_alignment
-from .ops.torch_backend import block_elems, center_columns, compute_dtype, dense_rbf_grams, gram_matrix, use_feature_space
+from .ops.torch_backend import block_elems, center_columns, compute_dtype, dense_rbf_grams, gram_matrix, stacked_rows, use_feature_space
 
 Tensor = torch.Tensor
 Sigma = Union[None, float, str, Tensor]
@@ -113,9 +113,8 @@ def _rbf(x: Tensor, y: Tensor, sigma: Sigma, debiased: bool, backend: str, fn: s
     backend's streamed statistics (diagonals left out, see ops/_contract.py)."""
     x3, y3 = _as_groups(x), _as_groups(y)
     if _dense_fits(x3, backend):  # the op reads NaN/Inf off its statistics
-        degenerate = _validate.rows_equal(x3) | _validate.rows_equal(y3)
         check = fn if _validate.wants_finite_check(x.device) else None
-        return _ops.dense_rbf(x, y, degenerate, "median" if sigma is None else sigma, debiased, cka, check)
+        return _ops.dense_rbf(x, y, "median" if sigma is None else sigma, debiased, cka, check)
     cx, cy = _validate.scan_groups(fn, x3, y3)
     degenerate = cx | cy
     n = x3.shape[1]
@@ -198,9 +197,8 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
         return torch.stack(sq, -1), (xd.sum(1) ** 2).sum(-1), (yd.sum(1) ** 2).sum(-1)
     if _dense_fits(x3, backend):  # the whole Grams, with plain autograd
         rule = "median" if sigma is None else sigma
-        cd = compute_dtype(x3.dtype)
-        grams = dense_rbf_grams(center_columns(x3.to(cd)), center_columns(y3.to(cd)), lambda d: _ops.pair_sigma2(x3, d, rule), False)[0]
-        k = grams.double().flatten(2)
+        z = stacked_rows(x3, y3)
+        k = dense_rbf_grams(z - z.mean(1, keepdim=True), lambda d: _ops.pair_sigma2(x3, d, rule), False)[0].double().flatten(2)
         s, t = torch.bmm(k, k.mT), k.sum(-1)
         return s.flatten(1)[:, (1, 0, 3)], t[:, 0], t[:, 1]
     # RBF Grams do not change under a translation of the inputs

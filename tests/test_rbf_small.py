@@ -1,5 +1,6 @@
 """The torch backend's dense RBF path (ops/stats.py ``dense_rbf``: the whole n x n Grams, the
-gradient in closed form): values and gradients against the float64 definitions of
+gradient in closed form), natively (rcka_kernels/csrc/) and in Python (the "torch-python"
+environment of the parity suite): values and gradients against the float64 definitions of
 rcka_kernels/reference.py at the sizes the benchmarks measure (benchmarks/bench_efficient.py's
 RBF cases, a wide input standing in for the flattened feature maps), either side of the size
 at which the streamed path takes over (``functional._dense_fits``), for both branches of the
@@ -9,12 +10,24 @@ import pytest
 import torch
 
 import rcka_kernels as rk
-from rcka_kernels import functional, reference
+from rcka_kernels import _native, functional, reference
 
-from .utils import accept, pair
+from .utils import REQUIRE, accept, lacks, pair, require
 
 f32, f64 = torch.float32, torch.float64
 FNS = {"cka": (rk.cka, reference.cka), "hsic": (rk.hsic, reference.hsic)}
+
+
+@pytest.fixture(autouse=True, params=["torch", "torch-python"])
+def implementation(request):
+    """Every test here runs with the native op (where it is built: CI requires it) and with the
+    Python definition it mirrors."""
+    if request.param == "torch":
+        require(REQUIRE["torch"], lacks("torch"))
+        yield request.param
+    else:
+        with _native.python_path():
+            yield request.param
 
 
 def _grads(fn, x, y, need, **kw):
@@ -127,3 +140,4 @@ def test_second_derivatives(p, q, debiased):
     assert torch.autograd.gradgradcheck(lambda a, b: rk.cka(a, b, debiased=debiased, **kw), (x, y))
     assert torch.autograd.gradgradcheck(lambda a, b: rk.hsic(a, b, debiased=debiased, **kw), (x, y))
     assert torch.autograd.gradcheck(lambda a, b: rk.gram_discrepancy(a, b, centered=False, **kw), (x, y))
+

@@ -4,7 +4,7 @@
     (ops/_contract.py: linear_stats_saving, linear_stats_backward) -> kernels
 
 This file is the definition of the op's arithmetic; the native op
-(rcka_kernels/csrc/linear_alignment.cpp) implements the same steps, function for
+(rcka_kernels/csrc/native.cpp) implements the same steps, function for
 function, and tests/test_linear.py holds the two to each other.
 
 Forward (``_forward``), for groups x (G, n, p), y (G, n, q):

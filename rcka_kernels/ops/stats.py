@@ -20,7 +20,7 @@ from typing import Tuple
 
 import torch
 
-from .. import _bandwidth, _dispatch, _validate, estimators
+from .. import _bandwidth, _dispatch, _native, _validate, estimators
 from .._validate import autocast_off
 from . import torch_backend
 from .torch_backend import center_columns, centre_nxn, compute_dtype, gram_matrix
@@ -137,32 +137,36 @@ def pair_sigma2(x: Tensor, d: Tensor, sigma):
     return float(sigma) ** 2
 
 
-def _dense_value(x, y, degenerate, s2, debiased: bool, cka: bool, need=(False, False)):
+def _dense_value(x, y, s2, debiased: bool, cka: bool, need=(False, False)):
     """(value (G,) float64, (dvalue/dx, dvalue/dy) in the compute dtype or None where not in
-    ``need``, s2, H (G, 2, 2) float64 the HSIC of every pair of the Grams): CKA (0 where
-    ``degenerate``) or HSIC(K, L) (likewise) of the dense RBF Grams of x (G, n, p) and y (G, n, q).
+    ``need``, s2, H (G, 2, 2) float64 the HSIC of every pair of the Grams): CKA or HSIC(K, L) of
+    the dense RBF Grams of x (G, n, p) and y (G, n, q), 0 where an input's rows are all equal.
     HSIC(A, B) = <C(A), C(B)> / N for the estimator's centring C (``centre_nxn``, a self-adjoint
     projection) and denominator N, so dHSIC(A, B)/dA = C(B) / N, and with r = cka_scale:
     dCKA/dK = (r C(L) - CKA r^2 HSIC(L, L) C(K)) / N, dCKA/dL likewise."""
-    n, cd = x.shape[1], compute_dtype(x.dtype)
-    xc, yc = center_columns(x.to(cd)), center_columns(y.to(cd))  # RBF Grams do not change under a shift
-    kl, s2 = torch_backend.dense_rbf_grams(xc, yc, s2, debiased)
+    n, norm = x.shape[1], estimators.normaliser(x.shape[1], debiased)
+    z = torch_backend.stacked_rows(x, y)
+    degenerate = _validate.rows_equal(z).view(-1, 2).any(1)
+    z = z - z.mean(1, keepdim=True)  # RBF Grams do not change under a shift
+    kl, s2 = torch_backend.dense_rbf_grams(z, s2, debiased)
     c = centre_nxn(kl.to(torch.float64, copy=True), debiased).flatten(2)  # float64: the centring cancels most of each entry
-    h = torch.bmm(c, c.mT).div_(estimators.normaliser(n, debiased))
+    h = torch.bmm(c, c.mT).div_(norm)
     hxx, hxy, _, hyy = h.view(-1, 4).unbind(1)
     if cka:
-        value, r = estimators.cka(hxy, hxx, hyy, degenerate, cd, with_scale=True)
+        value, r = estimators.cka(hxy, hxx, hyy, degenerate, compute_dtype(x.dtype), with_scale=True)
         minus = value * r * r  # -dCKA/dHSIC(K, K) = CKA r^2 HSIC(L, L) / 2, the 2 of dHSIC(K, K) taken
-        rows = [(-minus * hyy, r), (r, -minus * hxx)]
+        w = torch.stack([-minus * hyy, r, r, -minus * hxx], -1)
     else:
         value = torch.where(degenerate, 0.0, hxy)
         one, zero = (~degenerate).to(h.dtype), torch.zeros_like(hxy)
-        rows = [(zero, one), (one, zero)]
+        w = torch.stack([zero, one, one, zero], -1)
     if not any(need):
         return value, (None, None), s2, h
-    w = torch.stack([t for row, want in zip(rows, need) if want for t in row], -1).view(-1, sum(need), 2)
-    dk = torch.bmm(w.div_(estimators.normaliser(n, debiased)), c).view(-1, sum(need), n, n)
-    return value, torch_backend.dense_rbf_backward(kl, xc, yc, s2, dk, need), s2, h
+    lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
+    dk = torch.bmm(w.view(-1, 2, 2)[:, lo:hi].div(norm), c).view(-1, hi - lo, n, n)
+    dz = torch_backend.dense_rbf_backward(kl, z, s2, dk, need)
+    grads = [dz[:, a - lo, :, : t.shape[-1]] if lo <= a < hi else None for a, t in enumerate((x, y))]
+    return value, tuple(grads), s2, h
 
 
 class _DenseRBF(torch.autograd.Function):
@@ -170,46 +174,52 @@ class _DenseRBF(torch.autograd.Function):
     are then let go; the backward scales it."""
 
     @staticmethod
-    def forward(ctx, x, y, degenerate, sigma, debiased, cka, grad, check):
+    def forward(ctx, x, y, sigma, debiased, cka, grad, check):
         n = x.shape[-2]
         x3, y3 = x.reshape(-1, n, x.shape[-1]), y.reshape(-1, n, y.shape[-1])
         need = ctx.needs_input_grad[:2] if grad else (False, False)
-        value, (dx, dy), s2, h = _dense_value(x3, y3, degenerate, lambda d: pair_sigma2(x3, d, sigma), debiased, cka, need)
+        value, (dx, dy), s2, h = _dense_value(x3, y3, lambda d: pair_sigma2(x3, d, sigma), debiased, cka, need)
         if check is not None:
             _validate.check_statistics(check, h, x, y)
         ctx.s2 = s2 if isinstance(s2, float) else None
-        ctx.save_for_backward(x, y, degenerate, dx, dy, None if ctx.s2 is not None else s2)
+        ctx.save_for_backward(x, y, dx, dy, None if ctx.s2 is not None else s2)
         ctx.debiased, ctx.cka = debiased, cka
         return value.to(compute_dtype(x.dtype)).view(x.shape[:-2])
 
     @staticmethod
     @autocast_off  # a backward run inside autocast: the products stay in the compute dtype
     def backward(ctx, g):
-        x, y, degenerate, dx, dy, s2 = ctx.saved_tensors
+        x, y, dx, dy, s2 = ctx.saved_tensors
         s2 = ctx.s2 if s2 is None else s2
         need = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # the bandwidth a constant, as in the forward's gradient
             def fn(a, b):
                 n = a.shape[-2]
-                v = _dense_value(a.reshape(-1, n, a.shape[-1]), b.reshape(-1, n, b.shape[-1]), degenerate, s2, ctx.debiased, ctx.cka)[0]
+                v = _dense_value(a.reshape(-1, n, a.shape[-1]), b.reshape(-1, n, b.shape[-1]), s2, ctx.debiased, ctx.cka)[0]
                 return v.to(compute_dtype(a.dtype)).view(a.shape[:-2])
-            return (*recomputed_grads((x, y), g, need, fn), None, None, None, None, None, None)
+            return (*recomputed_grads((x, y), g, need, fn), None, None, None, None, None)
         g = g.reshape(-1, 1, 1)
         dx = (dx * g).to(x.dtype).view(x.shape) if need[0] else None
         dy = (dy * g).to(y.dtype).view(y.shape) if need[1] else None
-        return dx, dy, None, None, None, None, None, None
+        return dx, dy, None, None, None, None, None
 
 
-def dense_rbf(x: Tensor, y: Tensor, degenerate: Tensor, sigma, debiased: bool, cka: bool, check=None) -> Tensor:
-    """CKA (``cka``; 0 where ``degenerate``, (G,) for the G groups) or HSIC(K, L) (likewise), x.shape[:-2]
-    in the compute dtype, of the RBF Grams K of x (..., n, p) and L of y (..., n, q) formed whole
-    (sigma: a float, a tensor of G values, "median" or "mean"; the bandwidth is a constant for
-    autograd). The gradient is formed with the value, in closed form
-    (torch_backend.dense_rbf_backward), where grad mode is on and an input requires it; a
-    backward with grad mode on differentiates a recomputation instead. ``check``: the public
-    function's name, to raise for a NaN/Inf input, read off the statistics
-    (``_validate.check_statistics``), or None."""
-    return _DenseRBF.apply(x, y, degenerate, sigma, debiased, cka, torch.is_grad_enabled(), check)
+def dense_rbf(x: Tensor, y: Tensor, sigma, debiased: bool, cka: bool, check=None) -> Tensor:
+    """CKA (``cka``) or HSIC(K, L), x.shape[:-2] in the compute dtype, 0 where an input's rows are
+    all equal, of the RBF Grams K of x (..., n, p) and L of y (..., n, q) formed whole (sigma: a
+    float, a tensor of G values, "median" or "mean"; the bandwidth is a constant for autograd).
+    The gradient is formed with the value, in closed form (torch_backend.dense_rbf_backward),
+    where grad mode is on and an input requires it; a backward with grad mode on differentiates
+    a recomputation instead. ``check``: the public function's name, to raise for a NaN/Inf input,
+    read off the statistics (``_validate.check_statistics``), or None. Where it is built and
+    torch.compile is not tracing, the native op (rcka_kernels/csrc/, the same steps in C++) runs."""
+    native = None if _validate._is_compiling() else _native.dense_rbf_op()
+    if native is not None:
+        if isinstance(sigma, str):
+            return native(x, y, None, 0.0, _native.RULES[sigma], debiased, cka, check)
+        given = sigma if isinstance(sigma, Tensor) else None
+        return native(x, y, given, 0.0 if given is not None else float(sigma), _native.RULES["given"], debiased, cka, check)
+    return _DenseRBF.apply(x, y, sigma, debiased, cka, torch.is_grad_enabled(), check)
 
 
 # ----------------------------------------------------------------------------- rbf MMD

@@ -252,16 +252,26 @@ def _per_gram(v, lo: int = 0, hi: int = 2):
     return v.expand(-1, 2)[:, lo:hi, None, None]
 
 
-def dense_rbf_grams(xc: Tensor, yc: Tensor, s2, zero_diagonal: bool) -> Tuple[Tensor, object]:
-    """(KL, s2): the RBF Grams K of xc (G, n, p) and L of yc (G, n, q), centred rows in the compute
-    dtype, formed whole and stacked, KL (G, 2, n, n), from the rows' Gram matrices
-    (|x_i - x_j|^2 = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1), with
+def stacked_rows(x: Tensor, y: Tensor) -> Tensor:
+    """x (G, n, p) and y (G, n, q) as one (2G, n, max(p, q)) tensor in the compute dtype, group g's x
+    at 2g and its y at 2g + 1, the narrower zero-padded (zero columns add nothing to a distance)."""
+    p, q = x.shape[-1], y.shape[-1]
+    if p != q:
+        x, y = (torch.nn.functional.pad(t, (0, max(p, q) - t.shape[-1])) for t in (x, y))
+    return torch.stack([x, y], 1).to(compute_dtype(x.dtype)).flatten(0, 1)
+
+
+def dense_rbf_grams(z: Tensor, s2, zero_diagonal: bool) -> Tuple[Tensor, object]:
+    """(KL, s2): the RBF Grams of the rows of z (2G, n, P) (as ``stacked_rows`` gives them), formed
+    whole, KL (G, 2, n, n) in z's dtype, from the rows' Gram matrices
+    (|z_i - z_j|^2 = G_ii + G_jj - 2 G_ij: exactly 0 on the diagonal, so K_ii = 1), with
     ``zero_diagonal`` their diagonals set to exactly 0. ``s2``: sigma^2, a float or a (G, 2) or
     (G, 1) tensor, or a function of the squared distances (G, 2, n, n) that returns one. Plain
     torch ops, in place where autograd allows: it differentiates them to any order."""
-    gm = torch.stack([torch.bmm(xc, xc.mT), torch.bmm(yc, yc.mT)], 1)
+    n = z.shape[1]
+    gm = torch.bmm(z, z.mT)
     sq = gm.diagonal(dim1=-2, dim2=-1)
-    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2)).sub_(gm, alpha=2.0).clamp_min_(0.0)
+    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2)).sub_(gm, alpha=2.0).clamp_min_(0.0).view(-1, 2, n, n)
     del gm, sq  # before the bandwidth's selection, which takes memory of its own
     if callable(s2):
         s2 = s2(d)
@@ -270,21 +280,18 @@ def dense_rbf_grams(xc: Tensor, yc: Tensor, s2, zero_diagonal: bool) -> Tuple[Te
     return d.div_(_per_gram(-2.0 * s2)).exp_(), s2
 
 
-def dense_rbf_backward(kl: Tensor, xc: Tensor, yc: Tensor, s2, dk: Tensor, need=(True, True)):
-    """(dx, dy) in the compute dtype, None where not in ``need``, of a value whose derivative in
-    the Grams of KL = dense_rbf_grams(xc, yc, s2)[0] that are in ``need`` is dk (G, k, n, n),
-    float64 and symmetric (the bandwidth a constant; dk is overwritten). With
-    gamma = 1 / (2 sigma^2) and M = dk o K: dX = 4 gamma (M - diag(M 1)) X for the centred rows X
-    (the chain rule through |x_i - x_j|^2; K's diagonal does not move, and cancels there);
-    dY likewise."""
+def dense_rbf_backward(kl: Tensor, z: Tensor, s2, dk: Tensor, need=(True, True)):
+    """The gradients (G, k, n, P) in the compute dtype, for the k Grams in ``need``, of a value
+    whose derivative in those Grams of KL = dense_rbf_grams(z, s2)[0] is dk (G, k, n, n), float64
+    and symmetric (the bandwidth a constant; dk is overwritten), in the rows of z (2G, n, P),
+    centred. With gamma = 1 / (2 sigma^2) and M = dk o K: dZ = 4 gamma (M - diag(M 1)) Z (the chain
+    rule through |z_i - z_j|^2; K's diagonal does not move, and cancels there)."""
     lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
     m = dk.mul_(kl[:, lo:hi]).mul_(_per_gram(2.0 / s2, lo, hi))  # 4 gamma per Gram
     m.diagonal(dim1=-2, dim2=-1).sub_(m.sum(-1))
-    m = m.to(kl.dtype)
-    out = [None, None]
-    for a in range(lo, hi):
-        out[a] = torch.bmm(m[:, a - lo], (xc, yc)[a])
-    return tuple(out)
+    n, w = z.shape[1], z.shape[2]
+    zs = z.view(-1, 2, n, w)[:, lo:hi].flatten(0, 1)
+    return torch.bmm(m.to(kl.dtype).flatten(0, 1), zs).view(-1, hi - lo, n, w)
 
 
 # ----------------------------------------------------------------------------- rbf HSIC statistics

@@ -149,10 +149,10 @@ def test_turned_off_neither_builds_nor_warns(monkeypatch, tmp_path):
 
 
 def test_a_compile_error_is_summarised_in_the_reason():
-    log = ("Error building extension 'rcka_native': [1/2] c++ -MMD -MF linear_alignment.o.d -O3 -c linear_alignment.cpp\n"
-           "FAILED: linear_alignment.o\nlinear_alignment.cpp:3:1: error: 'boom' was not declared\nninja: build stopped")
+    log = ("Error building extension 'rcka_native': [1/2] c++ -MMD -MF native.o.d -O3 -c native.cpp\n"
+           "FAILED: native.o\nnative.cpp:3:1: error: 'boom' was not declared\nninja: build stopped")
     assert _native._summary(RuntimeError(log)) == (
-        "RuntimeError: Error building extension 'rcka_native' ... linear_alignment.cpp:3:1: error: 'boom' was not declared")
+        "RuntimeError: Error building extension 'rcka_native' ... native.cpp:3:1: error: 'boom' was not declared")
 
 
 def test_the_source_ships_inside_the_package():

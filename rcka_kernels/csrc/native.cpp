@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/TensorIndexing.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -228,14 +229,19 @@ Tensor gram64(const Tensor& u) {
   return k;
 }
 
-// torch_backend.centre_nxn(g, debiased=True): the U-centred matrices (zero diagonal, zero row sums).
-Tensor u_centre(const Tensor& k) {
-  const int64_t n = k.size(-1);
-  Tensor eye = at::eye(n, k.options().dtype(at::kBool));
-  Tensor g = k.masked_fill(eye, 0.0);
-  Tensor u = g - g.sum(-1, true) / double(n - 2) - g.sum(-2, true) / double(n - 2) +
-             g.sum(at::IntArrayRef({-2, -1}), true) / (double(n - 1) * double(n - 2));
-  return u.masked_fill(eye, 0.0);
+// torch_backend.centre_nxn: the centring map on (G, n, n) matrices g, in place (g is returned): H g H,
+// or with ``debiased`` the U-centring (zero diagonal, zero row sums).
+Tensor centre_nxn_(Tensor g, bool debiased) {
+  const int64_t n = g.size(-1);
+  if (!debiased) {
+    g.sub_(g.mean(-1, true));
+    return g.sub_(g.mean(-2, true));
+  }
+  g.diagonal(0, -2, -1).zero_();
+  Tensor rows = g.sum(-1, true), cols = g.sum(-2, true), total = g.sum(at::IntArrayRef({-2, -1}), true);
+  g.sub_(rows, 1.0 / double(n - 2)).sub_(cols, 1.0 / double(n - 2)).add_(total, 1.0 / double((n - 1) * (n - 2)));
+  g.diagonal(0, -2, -1).zero_();
+  return g;
 }
 
 // torch_backend.debiased_products: S of the U-centred Grams (n (n-3) times the unbiased HSIC terms),
@@ -243,12 +249,12 @@ Tensor u_centre(const Tensor& k) {
 std::pair<Tensor, std::vector<Tensor>> debiased_products(const Prepared& p) {
   const auto cd = p.u.scalar_type();
   if (!p.w.defined()) {
-    Tensor ku = u_centre(gram64(p.u));
+    Tensor ku = centre_nxn_(gram64(p.u), true);
     Tensor f = ku.view({-1, 2, ku.size(-1) * ku.size(-1)});
     ku = ku.to(cd);
     return {at::bmm(f, mT(f)).to(cd), {even(ku), odd(ku)}};
   }
-  Tensor ku = u_centre(gram64(p.u)), lu = u_centre(gram64(p.w));
+  Tensor ku = centre_nxn_(gram64(p.u), true), lu = centre_nxn_(gram64(p.w), true);
   Tensor s = gram_of_grams(at::linalg_vecdot(ku.flatten(1), lu.flatten(1)), sq_norm(ku), sq_norm(lu)).to(cd);
   return {s, {ku.to(cd), lu.to(cd)}};
 }
@@ -571,6 +577,193 @@ Tensor axis_pair_alignment(const Tensor& xs, const Tensor& ys, const Tensor& xc,
   return v;
 }
 
+// ----------------------------------------------------------------------------- RBF CKA and HSIC, dense (small n)
+//
+// ops/stats.py's dense RBF path (_dense_value, _DenseRBF; they document the steps) natively: the Grams
+// of x and y formed whole, HSIC of every pair from the centred Grams in float64, CKA, and the gradient in
+// closed form with the value, the bandwidth a constant. Python's names are kept step by step.
+
+constexpr int64_t kMedian = 0, kMean = 1, kGiven = 2;  // the rule argument (_native.RULES)
+
+at::ScalarType compute_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+double tiny_of(at::ScalarType t) {
+  return t == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+}
+
+// sigma^2: a float f, or t, (G, 2) or (G, 1) (stats.pair_sigma2's result)
+struct Sigma2 {
+  double f = 0.0;
+  Tensor t;
+};
+
+// torch_backend._per_gram: the factor of Grams lo..hi of (G, k, n, n) tensors
+Tensor per_gram(const Tensor& v, int64_t lo, int64_t hi) {
+  return v.expand({-1, 2}).slice(1, lo, hi).unsqueeze(-1).unsqueeze(-1);
+}
+
+// torch_backend.stacked_rows
+Tensor stacked_rows(const Tensor& x, const Tensor& y) {
+  const int64_t p = x.size(-1), q = y.size(-1), w = std::max(p, q);
+  Tensor a = p < w ? at::constant_pad_nd(x, {0, w - p}) : x, b = q < w ? at::constant_pad_nd(y, {0, w - q}) : y;
+  return at::stack({a, b}, 1).to(compute_type(x)).flatten(0, 1);
+}
+
+// _validate.rows_equal
+Tensor rows_equal(const Tensor& t) { return at::eq(t.amax(1), t.amin(1)).all(-1); }
+
+// _bandwidth.median_sq_distance with the distances d (M, n, n) given
+Tensor median_sq_distance(const Tensor& d) {
+  const int64_t n = d.size(1);
+  Tensor iu = at::triu_indices(n, n, 1, d.options().dtype(at::kLong));
+  Tensor upper = d.index({at::indexing::Slice(), iu[0], iu[1]});
+  Tensor v[2];
+  for (int t = 0; t < 2; ++t) {
+    const int64_t k = t == 0 ? (n * n - 1) / 2 : (n * n) / 2;
+    v[t] = std::get<0>(upper.kthvalue(std::max<int64_t>(0, (k - n) / 2) + 1, 1));
+    if (k < n) v[t] = at::zeros_like(v[t]);  // a diagonal zero
+  }
+  return (v[0] + v[1]) * 0.5;
+}
+
+// _bandwidth.sigma2 with the distances d (M, n, n) given, for "median" or "mean"
+Tensor heuristic_sigma2(const Tensor& d, int64_t rule) {
+  at::NoGradGuard no_grad;
+  Tensor mean = d.mean(at::IntArrayRef({1, 2}));
+  mean = at::where(mean > 0, mean, at::ones_like(mean));
+  if (rule == kMean) return mean;
+  Tensor med = median_sq_distance(d);
+  return at::where(med > 0, med, mean);
+}
+
+// torch_backend.dense_rbf_grams: (KL (G, 2, n, n), sigma^2) of the centred stacked rows z (2G, n, P);
+// a heuristic ``rule`` sets s2.t from the distances
+std::pair<Tensor, Sigma2> dense_rbf_grams(const Tensor& z, Sigma2 s2, int64_t rule, bool zero_diagonal) {
+  const int64_t n = z.size(1);
+  Tensor gm = at::bmm(z, mT(z));
+  Tensor sq = gm.diagonal(0, -2, -1);
+  Tensor d = (sq.unsqueeze(-1) + sq.unsqueeze(-2)).sub_(gm, 2.0).clamp_min_(0.0).view({-1, 2, n, n});
+  if (rule != kGiven) s2.t = heuristic_sigma2(d.flatten(0, 1), rule).view({-1, 2});
+  if (zero_diagonal) d.diagonal(0, -2, -1).fill_(std::numeric_limits<double>::infinity());
+  Tensor kl = s2.t.defined() ? d.div_(per_gram(s2.t * -2.0, 0, 2)).exp_() : d.div_(-2.0 * s2.f).exp_();
+  return {kl, s2};
+}
+
+// torch_backend.dense_rbf_backward: the gradients (G, k, n, P) of the k Grams lo..hi-1 in the centred rows z
+Tensor dense_rbf_backward(const Tensor& kl, const Tensor& z, const Sigma2& s2, Tensor dk, int64_t lo, int64_t hi) {
+  Tensor m = dk.mul_(kl.slice(1, lo, hi));
+  m = s2.t.defined() ? m.mul_(per_gram(s2.t.reciprocal() * 2.0, lo, hi)) : m.mul_(2.0 / s2.f);  // 4 gamma
+  m.diagonal(0, -2, -1).sub_(m.sum(-1));
+  const int64_t n = z.size(1), w = z.size(2);
+  Tensor zs = z.view({-1, 2, n, w}).slice(1, lo, hi).flatten(0, 1);
+  return at::bmm(m.to(kl.scalar_type()).flatten(0, 1), zs).view({-1, hi - lo, n, w});
+}
+
+struct Dense {
+  Tensor value, h;  // (G,) and the HSIC of every pair (G, 2, 2), float64
+  std::array<Tensor, 2> grads;  // (G, n, p), (G, n, q) in the compute dtype; undefined where not needed
+  Sigma2 s2;
+};
+
+// stats._dense_value
+Dense dense_value(const Tensor& x, const Tensor& y, const Sigma2& s2_in, int64_t rule, bool debiased, bool cka,
+                  std::array<bool, 2> need) {
+  const int64_t n = x.size(1);
+  const double norm = debiased ? double(n) * double(n - 3) : double(n - 1) * double(n - 1);
+  Tensor z = stacked_rows(x, y);
+  Tensor degenerate = rows_equal(z).view({-1, 2}).any(1);
+  z = z - z.mean(1, true);
+  auto [kl, s2] = dense_rbf_grams(z, s2_in, rule, debiased);
+  Tensor c = centre_nxn_(kl.to(at::kDouble, false, true), debiased).flatten(2);
+  Tensor h = at::bmm(c, mT(c)).div_(norm);
+  Tensor hs = h.view({-1, 4});
+  Tensor hxx = hs.select(1, 0), hxy = hs.select(1, 1), hyy = hs.select(1, 3);
+  Tensor value, w;
+  if (cka) {  // estimators.cka with_scale
+    const double tiny = tiny_of(compute_type(x));
+    Tensor r = (hxx * hyy).clamp_min(tiny).rsqrt();
+    r = at::where(at::minimum(hxx, hyy) > tiny, r, 0.0);
+    r = at::where(degenerate, 0.0, r);
+    value = hxy * r + 0.0 * (hxy + hxx + hyy);
+    Tensor minus = value * r * r;
+    w = at::stack({-minus * hyy, r, r, -minus * hxx}, -1);
+  } else {
+    value = at::where(degenerate, 0.0, hxy);
+    Tensor one = at::logical_not(degenerate).to(h.scalar_type()), zero = at::zeros_like(hxy);
+    w = at::stack({zero, one, one, zero}, -1);
+  }
+  Dense out{value, h, {}, s2};
+  if (!need[0] && !need[1]) return out;
+  const int64_t lo = need[0] ? 0 : 1, hi = need[1] ? 2 : 1;
+  Tensor dk = at::bmm(w.view({-1, 2, 2}).slice(1, lo, hi).div(norm), c).view({-1, hi - lo, n, n});
+  Tensor dz = dense_rbf_backward(kl, z, s2, dk, lo, hi);
+  for (int64_t a = lo; a < hi; ++a) out.grads[a] = dz.select(1, a - lo).narrow(-1, 0, (a == 0 ? x : y).size(-1));
+  return out;
+}
+
+Tensor groups(const Tensor& t) { return t.reshape({-1, t.size(-2), t.size(-1)}); }
+
+// _validate.check_statistics: NaN/Inf read off the statistics h
+void check_statistics(const Tensor& h, const Tensor& x, const Tensor& y, std::optional<c10::string_view> check) {
+  if (!check.has_value() || std::isfinite(h.sum().item<double>())) return;
+  const bool finite = at::isfinite(x).all().item<bool>() && at::isfinite(y).all().item<bool>();
+  TORCH_CHECK_VALUE(finite, std::string(*check),
+                    ": input contains NaN or Inf (set rcka_kernels.config.check_finite = False to skip this check)");
+  TORCH_CHECK_VALUE(false, std::string(*check),
+                    ": the inputs' squared distances overflow their dtype; scale the inputs down or pass float64");
+}
+
+// stats._DenseRBF
+struct DenseRBF : public torch::autograd::Function<DenseRBF> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, Sigma2 s2, int64_t rule, bool debiased,
+                        bool cka, bool need_x, bool need_y, std::optional<c10::string_view> check) {
+    Dense d = dense_value(groups(x), groups(y), s2, rule, debiased, cka, {need_x, need_y});
+    check_statistics(d.h, x, y, check);
+    ctx->save_for_backward({x, y, d.grads[0], d.grads[1], d.s2.t});
+    ctx->saved_data["s2"] = d.s2.f;
+    ctx->saved_data["meta"] = std::vector<int64_t>{debiased, cka};
+    return d.value.to(compute_type(x), false, true).view(x.sizes().slice(0, x.dim() - 2));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // a backward run inside autocast
+    variable_list out(9);
+    const std::array<bool, 2> need = {ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    if (!need[0] && !need[1]) return out;
+    auto sv = ctx->get_saved_variables();
+    const Tensor &x = sv[0], &y = sv[1];
+    const Sigma2 s2{ctx->saved_data["s2"].toDouble(), sv[4]};
+    const auto meta = ctx->saved_data["meta"].toIntVector();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the bandwidth a constant, as in the forward's gradient
+      auto g = recomputed_grads({x, y}, grad_out[0], {need[0], need[1]}, [&] {
+        Dense d = dense_value(groups(x), groups(y), s2, kGiven, meta[0] != 0, meta[1] != 0, {false, false});
+        return d.value.to(compute_type(x)).view(x.sizes().slice(0, x.dim() - 2));
+      });
+      out[0] = g[0];
+      out[1] = g[1];
+      return out;
+    }
+    Tensor g = grad_out[0].reshape({-1, 1, 1});
+    for (int i = 0; i < 2; ++i) {
+      if (need[i]) out[i] = as_input(sv[2 + i] * g, sv[i]);
+    }
+    return out;
+  }
+};
+
+// ``rule``: kMedian or kMean (the heuristic from the distances), or kGiven: sigma (one per group) if
+// defined, else sigma_value
+Tensor dense_rbf(const Tensor& x, const Tensor& y, const std::optional<Tensor>& sigma, double sigma_value, int64_t rule,
+                 bool debiased, bool cka, std::optional<c10::string_view> check) {
+  const bool grad = at::GradMode::is_enabled();
+  Sigma2 s2{sigma_value * sigma_value, Tensor()};
+  if (sigma.has_value() && sigma->defined()) {  // _bandwidth.sigma2(x, sigma)[:, None]
+    Tensor s = sigma->detach().to(x.device(), compute_type(x)).reshape(-1);
+    s2.t = (s * s).expand(x.numel() / (x.size(-2) * x.size(-1))).contiguous().unsqueeze(1);
+  }
+  return DenseRBF::apply(x, y, s2, rule, debiased, cka, grad && x.requires_grad(), grad && y.requires_grad(), check);
+}
+
 }  // namespace
 }  // namespace rcka_native
 
@@ -581,11 +774,14 @@ TORCH_LIBRARY(rcka_native, m) {
   m.def("linear_alignment(Tensor x, Tensor y, int statistic, bool centered, bool debiased, str? check) -> Tensor");
   m.def("axis_pair_alignment(Tensor xs, Tensor ys, Tensor xc, Tensor yc, float ws, float wc, float offset, "
         "bool centered, str? check) -> Tensor");
+  m.def("dense_rbf(Tensor x, Tensor y, Tensor? sigma, float sigma_value, int rule, bool debiased, bool cka, "
+        "str? check) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rcka_native, CompositeImplicitAutograd, m) {
   m.impl("linear_alignment", &rcka_native::linear_alignment);
   m.impl("axis_pair_alignment", &rcka_native::axis_pair_alignment);
+  m.impl("dense_rbf", &rcka_native::dense_rbf);
 }
 
 // A Python module with nothing in it: importing it registers the op above.
