@@ -198,7 +198,7 @@ def _raw_stats(x3, y3, kernel, sigma, backend):
     if _dense_fits(x3, backend):  # the whole Grams, with plain autograd
         rule = "median" if sigma is None else sigma
         z = stacked_rows(x3, y3)
-        k = dense_rbf_grams(z - z.mean(1, keepdim=True), lambda d: _ops.pair_sigma2(x3, d, rule), False)[0].double().flatten(2)
+        k = dense_rbf_grams(z.sub_(z.mean(1, keepdim=True)), lambda d: _ops.pair_sigma2(x3, d, rule), False)[0].double().flatten(2)
         s, t = torch.bmm(k, k.mT), k.sum(-1)
         return s.flatten(1)[:, (1, 0, 3)], t[:, 0], t[:, 1]
     # RBF Grams do not change under a translation of the inputs

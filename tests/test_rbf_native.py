@@ -13,6 +13,15 @@ f32, f64 = torch.float32, torch.float64
 FNS = {"cka": rk.cka, "hsic": rk.hsic}
 
 
+@pytest.fixture(params=["cpu-loops", "aten"])
+def loops(request):
+    """The op's CPU loop (the median's selection) and the ATen path it takes on other devices."""
+    require(REQUIRE["torch"], lacks("torch"))
+    torch.ops.rcka_native.set_cpu_loops(request.param == "cpu-loops")
+    yield
+    torch.ops.rcka_native.set_cpu_loops(True)
+
+
 def _grads(fn, x, y, **kw):
     x, y = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
     v = fn(x, y, **kw)
@@ -24,10 +33,9 @@ def _grads(fn, x, y, **kw):
 @pytest.mark.parametrize("sigma", [None, "mean", 1.3, "tensor"])
 @pytest.mark.parametrize("name", list(FNS))
 @pytest.mark.parametrize("dtype", [f64, f32])
-def test_the_native_op_is_the_python_definition(p, q, batch, sigma, name, dtype):
+def test_the_native_op_is_the_python_definition(loops, p, q, batch, sigma, name, dtype):
     """The C++ op against the Python steps it mirrors on the same inputs, one rounding apart:
     values and gradients, both estimators, a degenerate group among the others."""
-    require(REQUIRE["torch"], lacks("torch"))
     assert _native.dense_rbf_op() is not None
     x, y = pair(11, p, q, batch=batch, dtype=dtype)
     if batch:

@@ -612,16 +612,41 @@ Tensor stacked_rows(const Tensor& x, const Tensor& y) {
 // _validate.rows_equal
 Tensor rows_equal(const Tensor& t) { return at::eq(t.amax(1), t.amin(1)).all(-1); }
 
+// _bandwidth._select_dense on the CPU: the r[t]-th smallest strictly-upper entry of each of the m
+// (n, n) matrices of d, into out (2, m), by std::nth_element over one matrix's entries at a time (the
+// memory of those entries once, where kthvalue copies the whole batch and adds int64 indices); r[1]
+// is r[0] or r[0] + 1, the smallest entry above the r[0]-th. NaN orders last, as kthvalue has it.
+template <typename T>
+void select_upper_cpu(const T* d, int64_t m, int64_t n, const int64_t r[2], T* out) {
+  std::vector<T> buf(n * (n - 1) / 2);
+  const auto less = [](T a, T b) { return a < b || (std::isnan(b) && !std::isnan(a)); };
+  for (int64_t g = 0; g < m; ++g, d += n * n) {
+    T* b = buf.data();
+    for (int64_t i = 0; i < n; ++i) b = std::copy(d + i * n + i + 1, d + (i + 1) * n, b);
+    std::nth_element(buf.begin(), buf.begin() + r[0], buf.end(), less);
+    out[g] = buf[r[0]];
+    out[m + g] = r[1] == r[0] ? buf[r[0]] : *std::min_element(buf.begin() + r[0] + 1, buf.end(), less);
+  }
+}
+
 // _bandwidth.median_sq_distance with the distances d (M, n, n) given
 Tensor median_sq_distance(const Tensor& d) {
-  const int64_t n = d.size(1);
-  Tensor iu = at::triu_indices(n, n, 1, d.options().dtype(at::kLong));
-  Tensor upper = d.index({at::indexing::Slice(), iu[0], iu[1]});
-  Tensor v[2];
+  const int64_t n = d.size(1), m = d.size(0);
+  const int64_t k[2] = {(n * n - 1) / 2, (n * n) / 2};
+  const int64_t r[2] = {std::max<int64_t>(0, (k[0] - n) / 2), std::max<int64_t>(0, (k[1] - n) / 2)};
+  Tensor v;
+  if (cpu_loops && d.device().is_cpu() && d.is_contiguous()) {
+    v = at::empty({2, m}, d.options());
+    AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "rcka_native_select", [&] {
+      select_upper_cpu<scalar_t>(d.const_data_ptr<scalar_t>(), m, n, r, v.mutable_data_ptr<scalar_t>());
+    });
+  } else {
+    Tensor iu = at::triu_indices(n, n, 1, d.options().dtype(at::kLong));
+    Tensor upper = d.index({at::indexing::Slice(), iu[0], iu[1]});
+    v = at::stack({std::get<0>(upper.kthvalue(r[0] + 1, 1)), std::get<0>(upper.kthvalue(r[1] + 1, 1))});
+  }
   for (int t = 0; t < 2; ++t) {
-    const int64_t k = t == 0 ? (n * n - 1) / 2 : (n * n) / 2;
-    v[t] = std::get<0>(upper.kthvalue(std::max<int64_t>(0, (k - n) / 2) + 1, 1));
-    if (k < n) v[t] = at::zeros_like(v[t]);  // a diagonal zero
+    if (k[t] < n) v[t].zero_();  // a diagonal zero
   }
   return (v[0] + v[1]) * 0.5;
 }
@@ -640,9 +665,12 @@ Tensor heuristic_sigma2(const Tensor& d, int64_t rule) {
 // a heuristic ``rule`` sets s2.t from the distances
 std::pair<Tensor, Sigma2> dense_rbf_grams(const Tensor& z, Sigma2 s2, int64_t rule, bool zero_diagonal) {
   const int64_t n = z.size(1);
-  Tensor gm = at::bmm(z, mT(z));
-  Tensor sq = gm.diagonal(0, -2, -1);
-  Tensor d = (sq.unsqueeze(-1) + sq.unsqueeze(-2)).sub_(gm, 2.0).clamp_min_(0.0).view({-1, 2, n, n});
+  Tensor d;
+  {  // the products let go before the bandwidth's selection, which takes memory of its own
+    Tensor gm = at::bmm(z, mT(z));
+    Tensor sq = gm.diagonal(0, -2, -1);
+    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2)).sub_(gm, 2.0).clamp_min_(0.0).view({-1, 2, n, n});
+  }
   if (rule != kGiven) s2.t = heuristic_sigma2(d.flatten(0, 1), rule).view({-1, 2});
   if (zero_diagonal) d.diagonal(0, -2, -1).fill_(std::numeric_limits<double>::infinity());
   Tensor kl = s2.t.defined() ? d.div_(per_gram(s2.t * -2.0, 0, 2)).exp_() : d.div_(-2.0 * s2.f).exp_();
@@ -672,10 +700,13 @@ Dense dense_value(const Tensor& x, const Tensor& y, const Sigma2& s2_in, int64_t
   const double norm = debiased ? double(n) * double(n - 3) : double(n - 1) * double(n - 1);
   Tensor z = stacked_rows(x, y);
   Tensor degenerate = rows_equal(z).view({-1, 2}).any(1);
-  z = z - z.mean(1, true);
+  z.sub_(z.mean(1, true));
   auto [kl, s2] = dense_rbf_grams(z, s2_in, rule, debiased);
-  Tensor c = centre_nxn_(kl.to(at::kDouble, false, true), debiased).flatten(2);
-  Tensor h = at::bmm(c, mT(c)).div_(norm);
+  Tensor h;
+  {
+    Tensor c = centre_nxn_(kl.to(at::kDouble, false, true), debiased).flatten(2);
+    h = at::bmm(c, mT(c)).div_(norm);
+  }
   Tensor hs = h.view({-1, 4});
   Tensor hxx = hs.select(1, 0), hxy = hs.select(1, 1), hyy = hs.select(1, 3);
   Tensor value, w;
@@ -695,7 +726,9 @@ Dense dense_value(const Tensor& x, const Tensor& y, const Sigma2& s2_in, int64_t
   Dense out{value, h, {}, s2};
   if (!need[0] && !need[1]) return out;
   const int64_t lo = need[0] ? 0 : 1, hi = need[1] ? 2 : 1;
-  Tensor dk = at::bmm(w.view({-1, 2, 2}).slice(1, lo, hi).div(norm), c).view({-1, hi - lo, n, n});
+  Tensor wk = w.view({-1, 2, 2, 1, 1}).slice(1, lo, hi).div(norm);
+  Tensor dk = centre_nxn_((kl.select(1, 0).unsqueeze(1) * wk.select(2, 0)).addcmul_(kl.select(1, 1).unsqueeze(1), wk.select(2, 1)),
+                          debiased);
   Tensor dz = dense_rbf_backward(kl, z, s2, dk, lo, hi);
   for (int64_t a = lo; a < hi; ++a) out.grads[a] = dz.select(1, a - lo).narrow(-1, 0, (a == 0 ? x : y).size(-1));
   return out;

@@ -147,10 +147,11 @@ def _dense_value(x, y, s2, debiased: bool, cka: bool, need=(False, False)):
     n, norm = x.shape[1], estimators.normaliser(x.shape[1], debiased)
     z = torch_backend.stacked_rows(x, y)
     degenerate = _validate.rows_equal(z).view(-1, 2).any(1)
-    z = z - z.mean(1, keepdim=True)  # RBF Grams do not change under a shift
+    z = z.sub_(z.mean(1, keepdim=True))  # RBF Grams do not change under a shift
     kl, s2 = torch_backend.dense_rbf_grams(z, s2, debiased)
     c = centre_nxn(kl.to(torch.float64, copy=True), debiased).flatten(2)  # float64: the centring cancels most of each entry
     h = torch.bmm(c, c.mT).div_(norm)
+    del c
     hxx, hxy, _, hyy = h.view(-1, 4).unbind(1)
     if cka:
         value, r = estimators.cka(hxy, hxx, hyy, degenerate, compute_dtype(x.dtype), with_scale=True)
@@ -163,7 +164,8 @@ def _dense_value(x, y, s2, debiased: bool, cka: bool, need=(False, False)):
     if not any(need):
         return value, (None, None), s2, h
     lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
-    dk = torch.bmm(w.view(-1, 2, 2)[:, lo:hi].div(norm), c).view(-1, hi - lo, n, n)
+    wk = w.view(-1, 2, 2, 1, 1)[:, lo:hi].div(norm)  # C is linear: sum_B w_AB C(B) = C(sum_B w_AB B), float64
+    dk = centre_nxn((kl[:, None, 0] * wk[:, :, 0]).addcmul_(kl[:, None, 1], wk[:, :, 1]), debiased)
     dz = torch_backend.dense_rbf_backward(kl, z, s2, dk, need)
     grads = [dz[:, a - lo, :, : t.shape[-1]] if lo <= a < hi else None for a, t in enumerate((x, y))]
     return value, tuple(grads), s2, h
