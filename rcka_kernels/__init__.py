@@ -5,7 +5,7 @@ and the RCKA/PCKA distillation losses, for PyTorch.
     loss = rk.cka_loss(student_feats, teacher_feats)     # 1 - linear CKA
     res = rk.compare(teacher, student, loader)           # layer-by-layer CKA over a data set
     rk.available_backends()                              # what can run here, and why not
-    rk.native_status()                                   # whether the native linear op is built
+    rk.native_status()                                   # whether the native ops are built
 """
 
 from . import distributed

@@ -168,8 +168,8 @@ def resolve(backend: str, device: torch.device, kernel: str = "rbf") -> str:
 
 
 def native_status() -> BackendStatus:
-    """Whether the torch backend's native linear op (rcka_kernels/csrc/) is built and loads,
-    and why not; without it the same arithmetic runs in Python (slower per call)."""
+    """Whether the torch backend's native ops (rcka_kernels/csrc/) are built and load,
+    and why not; without them the same arithmetic runs in Python (slower per call)."""
     from . import _native
 
     why = _native.reason()

@@ -1,9 +1,10 @@
-"""Guarded access to the native (C++, ATen) linear-alignment op.
+"""Guarded access to the native (C++, ATen) ops.
 
 The ops (rcka_kernels/csrc/native.cpp) are the torch backend's linear CKA, HSIC
-and alignment, and RCKA's two axes in one op, with forward and closed-form backward in C++: the arithmetic of
-ops/linear.py without its per-call Python, which costs more than the arithmetic
-at the paper's batch sizes. Where the library comes from, in this order:
+and alignment, RCKA's two axes in one op, and its small RBF CKA and HSIC (the Grams formed
+whole), with forward and closed-form backward in C++: the arithmetic of ops/linear.py and of
+ops/stats.py's dense RBF path without their per-call Python, which costs more than the
+arithmetic at the paper's batch sizes. Where the library comes from, in this order:
 
 1. ``rcka_kernels._rcka_native``, prebuilt at install time when PyTorch was importable in the
    build environment (``pip install --no-build-isolation``);
@@ -14,7 +15,7 @@ at the paper's batch sizes. Where the library comes from, in this order:
    builds its own copy. One line on stderr says that it is being built.
 
 Where neither works, one RuntimeWarning at the first call says what is lost and how to get it,
-and ops/linear.py runs the same arithmetic in Python. Importing this module never fails and
+and ops/linear.py and ops/stats.py run the same arithmetic in Python. Importing this module never fails and
 never compiles. ``RCKA_NATIVE=0`` turns the op off (the Python path runs, without a warning);
 ``RCKA_NATIVE_CACHE`` sets the cache directory.
 """
@@ -64,8 +65,8 @@ def _load():
 
 
 def _unavailable(why: str):
-    warnings.warn(f"rcka_kernels: the native linear op is unavailable ({why}). The torch backend's linear CKA, HSIC "
-                  f"and RCKA run the same arithmetic in Python instead, slower per call. {HOW_TO_GET_IT}", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"rcka_kernels: the native ops are unavailable ({why}). The torch backend's linear CKA, HSIC, RCKA "
+                  f"and small RBF CKA run the same arithmetic in Python instead, slower per call. {HOW_TO_GET_IT}", RuntimeWarning, stacklevel=4)
     return None, why
 
 
@@ -119,7 +120,7 @@ def _build() -> Optional[str]:
             with _exclusive(where):
                 library = os.path.join(where, NAME + (".pyd" if os.name == "nt" else ".so"))
                 if not os.path.exists(library) or os.path.getmtime(library) < os.path.getmtime(SOURCE):
-                    print(f"rcka-kernels: building the native linear op for torch {torch.__version__} in {where} "
+                    print(f"rcka-kernels: building the native ops for torch {torch.__version__} in {where} "
                           "(once per PyTorch version)", file=sys.stderr, flush=True)
                 cpp_extension.load(NAME, [SOURCE], extra_cflags=FLAGS, build_directory=where, is_python_module=False)
         except Exception as e:  # noqa: BLE001 - a compile error, an unwritable cache, a library that does not load

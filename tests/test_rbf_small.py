@@ -141,3 +141,38 @@ def test_second_derivatives(p, q, debiased):
     assert torch.autograd.gradgradcheck(lambda a, b: rk.hsic(a, b, debiased=debiased, **kw), (x, y))
     assert torch.autograd.gradcheck(lambda a, b: rk.gram_discrepancy(a, b, centered=False, **kw), (x, y))
 
+
+
+@pytest.mark.parametrize("where", [(0, 0), (5, 2), "column"], ids=["row0", "inside", "column"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", list(FNS))
+@pytest.mark.parametrize("sigma", [None, 1.3])
+def test_non_finite_input_raises_read_off_the_statistics(where, bad, name, sigma):
+    """The dense op reads NaN/Inf off its HSIC statistics, not the inputs: every position of a
+    bad entry, even beside a constant partner (HSIC 0 whatever x is), raises the input error;
+    with the check off the value is NaN."""
+    x, y = pair(12, 4, 3)
+    const = torch.ones_like(y)
+    if where == "column":
+        x[:, 1] = bad
+    else:
+        x[where] = bad
+    for partner in (y, const):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            FNS[name][0](x, partner, kernel="rbf", sigma=sigma)
+    rk.config.check_finite = False
+    try:
+        assert torch.isnan(FNS[name][0](x, y, kernel="rbf", sigma=sigma))
+    finally:
+        rk.config.check_finite = None
+
+
+@pytest.mark.parametrize("dtype", [f32, f64])
+def test_finite_inputs_whose_distances_overflow_say_so(dtype):
+    """Finite inputs whose squared distances overflow the dtype: a clear error, not a NaN, and
+    not the NaN-input message."""
+    x, y = pair(10, 3, 3, dtype=dtype)
+    big = 1e20 if dtype == f32 else 1e160
+    with pytest.raises(ValueError, match="overflow"):
+        rk.cka(x * big, y, kernel="rbf")
+    assert 0.0 <= float(rk.cka(x * 1e15 if dtype == f32 else x, y, kernel="rbf")) <= 1.0

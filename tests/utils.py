@@ -3,7 +3,7 @@ and the one acceptance rule.
 
 Environments (``ENVIRONMENTS``; the ``env`` and ``kernel_env`` fixtures of
 tests/conftest.py yield an ``Env`` for each): every backend wherever it can run. On the
-CPU: the float64 reference, the torch backend (with its native linear op and without),
+CPU: the float64 reference, the torch backend (with its native ops and without),
 Triton in its interpreter and the CUDA C++ kernels under the CPU emulation; on a GPU
 (the ``gpu`` marker): torch, Triton and CUDA C++ there.
 
@@ -179,7 +179,7 @@ def lacks(env: str) -> Optional[str]:
     if env in GPU_ENVIRONMENTS and not torch.cuda.is_available():
         return "no CUDA device"
     if env == "torch":
-        what, why = "the torch backend's native linear op", _dispatch.native_status().reason
+        what, why = "the torch backend's native ops", _dispatch.native_status().reason
     elif env == "triton-interpreter":
         what, why = "Triton's interpreter", triton_backend.interpreter_reason()
     elif env == "cuda-emulated":
@@ -262,7 +262,7 @@ def make_env(request, monkeypatch, param) -> Env:
 
     name, backend, device = param
     env = Env(name, backend, device)
-    if name == "torch-python":  # the torch backend without its native linear op
+    if name == "torch-python":  # the torch backend without its native ops
         stack = contextlib.ExitStack()
         request.addfinalizer(stack.close)
         stack.enter_context(_native.python_path())

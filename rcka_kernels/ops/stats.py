@@ -6,7 +6,8 @@ break. The RBF and MMD statistics register their backward here (itself a custom
 op: the backends recompute tiles there; nothing n x n is saved); the linear
 statistics' autograd is ops/linear.py. RBF CKA and HSIC at small n (the torch
 backend, Grams no larger than one tile) are one autograd Function instead
-(``dense_rbf``), which forms the Grams once and the gradient with the value.
+(``dense_rbf``), which forms the Grams once and the gradient with the value; where
+the native ops are built, its steps run in C++ (rcka_native::dense_rbf).
 
 Second derivatives: a backward that runs with grad mode on (create_graph=True)
 returns the gradient of a recomputation of its forward with plain torch ops (the

@@ -1,4 +1,4 @@
-"""The native linear op on a plain ``pip install``: where no prebuilt library loads, the first
+"""The native ops on a plain ``pip install``: where no prebuilt library loads, the first
 call compiles the shipped source into a cache per PyTorch version and Python ABI
 (rcka_kernels/_native.py), once across processes, saying so in one line; where it cannot be
 built, one warning and the Python path. One test compiles (into a fresh cache, from two
@@ -22,7 +22,7 @@ import rcka_kernels as rk
 from rcka_kernels import _native, reference
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILDING = "rcka-kernels: building the native linear op"
+BUILDING = "rcka-kernels: building the native ops"
 
 # A process as a plain install starts: no prebuilt library; rk.cka's first call builds or loads the op.
 FIRST_CALL = """
@@ -125,7 +125,7 @@ def test_a_build_that_cannot_run_warns_once_and_the_python_path_runs(error, why,
             status = rk.native_status()
         assert len(caught) == 1 and caught[0].category is RuntimeWarning, [str(w.message) for w in caught]
         message = str(caught[0].message)
-        assert "native linear op is unavailable" in message and "no C++ compiler" in message and "pip install" in message
+        assert "native ops are unavailable" in message and "no C++ compiler" in message and "pip install" in message
         assert not status.available and why in status.reason and "no C++ compiler" in status.reason
         assert type(values[0].grad_fn).__name__ == "_LinearAlignmentBackward"  # the Python Function ran
         torch.testing.assert_close(values[0], reference.cka(x.detach(), y, "linear", None, False).to(values[0]))
