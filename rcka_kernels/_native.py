@@ -59,14 +59,16 @@ def _load():
     try:
         ops = torch.ops.rcka_native
         # the overloads' C++ callables (what OpOverload.__call__ calls, one Python frame less)
-        return tuple(getattr(o, "_op", o) for o in (ops.linear_alignment.default, ops.axis_pair_alignment.default, ops.dense_rbf.default)), None
+        overloads = (ops.linear_alignment.default, ops.axis_pair_alignment.default, ops.dense_rbf.default)
+        return tuple(getattr(o, "_op", o) for o in overloads), None
     except Exception as e:  # noqa: BLE001 - e.g. a prebuilt library from older sources
         return _unavailable(f"loaded but an op is not registered (built from older sources? reinstall): {type(e).__name__}: {e}")
 
 
 def _unavailable(why: str):
     warnings.warn(f"rcka_kernels: the native ops are unavailable ({why}). The torch backend's linear CKA, HSIC, RCKA "
-                  f"and small RBF CKA run the same arithmetic in Python instead, slower per call. {HOW_TO_GET_IT}", RuntimeWarning, stacklevel=4)
+                  f"and small RBF CKA run the same arithmetic in Python instead, slower per call. {HOW_TO_GET_IT}",
+                  RuntimeWarning, stacklevel=4)
     return None, why
 
 

@@ -145,7 +145,7 @@ def _dense_value(x, y, s2, debiased: bool, cka: bool, need=(False, False)):
     HSIC(A, B) = <C(A), C(B)> / N for the estimator's centring C (``centre_nxn``, a self-adjoint
     projection) and denominator N, so dHSIC(A, B)/dA = C(B) / N, and with r = cka_scale:
     dCKA/dK = (r C(L) - CKA r^2 HSIC(L, L) C(K)) / N, dCKA/dL likewise."""
-    n, norm = x.shape[1], estimators.normaliser(x.shape[1], debiased)
+    norm = estimators.normaliser(x.shape[1], debiased)
     z = torch_backend.stacked_rows(x, y)
     degenerate = _validate.rows_equal(z).view(-1, 2).any(1)
     z = z.sub_(z.mean(1, keepdim=True))  # RBF Grams do not change under a shift
