@@ -176,3 +176,20 @@ def test_finite_inputs_whose_distances_overflow_say_so(dtype):
     with pytest.raises(ValueError, match="overflow"):
         rk.cka(x * big, y, kernel="rbf")
     assert 0.0 <= float(rk.cka(x * 1e15 if dtype == f32 else x, y, kernel="rbf")) <= 1.0
+
+
+@pytest.mark.parametrize("sigma", [None, 10.0], ids=["median", "sigma10"])
+def test_no_more_ops_than_the_plain_formula(implementation, sigma, monkeypatch):
+    """Ops per forward + backward at the benchmarked 64 x 100 (each a kernel launch on a GPU),
+    student requiring grad and teacher detached: at most the plain dense formula's
+    (benchmarks/efficient.py). Where the native op is built it runs (the Python Function is
+    not called)."""
+    from benchmarks import efficient
+    from rcka_kernels.ops import stats
+
+    if implementation == "torch" and _native.dense_rbf_op() is not None:
+        monkeypatch.setattr(stats._DenseRBF, "apply", lambda *a: pytest.fail("the Python Function ran"))
+    x, y = pair(64, 100, 100, dtype=f32)
+    ours = efficient.count_ops(lambda: rk.cka(x.clone().requires_grad_(), y, kernel="rbf", sigma=sigma))
+    base = efficient.count_ops(lambda: efficient.rbf_cka(x.clone().requires_grad_(), y, sigma))
+    assert len(ours) <= len(base), (ours, base)
