@@ -677,14 +677,19 @@ std::pair<Tensor, Sigma2> dense_rbf_grams(const Tensor& z, Sigma2 s2, int64_t ru
   return {kl, s2};
 }
 
-// torch_backend.dense_rbf_backward: the gradients (G, k, n, P) of the k Grams lo..hi-1 in the centred rows z
-Tensor dense_rbf_backward(const Tensor& kl, const Tensor& z, const Sigma2& s2, Tensor dk, int64_t lo, int64_t hi) {
+// torch_backend.dense_rbf_backward: the gradients of the Grams lo..hi-1 in x and y, centred again
+std::array<Tensor, 2> dense_rbf_backward(const Tensor& kl, const Tensor& x, const Tensor& y, const Sigma2& s2, Tensor dk,
+                                         int64_t lo, int64_t hi) {
   Tensor m = dk.mul_(kl.slice(1, lo, hi));
   m = s2.t.defined() ? m.mul_(per_gram(s2.t.reciprocal() * 2.0, lo, hi)) : m.mul_(2.0 / s2.f);  // 4 gamma
   m.diagonal(0, -2, -1).sub_(m.sum(-1));
-  const int64_t n = z.size(1), w = z.size(2);
-  Tensor zs = z.view({-1, 2, n, w}).slice(1, lo, hi).flatten(0, 1);
-  return at::bmm(m.to(kl.scalar_type()).flatten(0, 1), zs).view({-1, hi - lo, n, w});
+  m = m.to(kl.scalar_type());
+  std::array<Tensor, 2> out;
+  for (int64_t a = lo; a < hi; ++a) {
+    Tensor t = (a == 0 ? x : y).to(kl.scalar_type());
+    out[a] = at::bmm(m.select(1, a - lo), t - t.mean(1, true));
+  }
+  return out;
 }
 
 struct Dense {
@@ -698,10 +703,14 @@ Dense dense_value(const Tensor& x, const Tensor& y, const Sigma2& s2_in, int64_t
                   std::array<bool, 2> need) {
   const int64_t n = x.size(1);
   const double norm = debiased ? double(n) * double(n - 3) : double(n - 1) * double(n - 1);
-  Tensor z = stacked_rows(x, y);
-  Tensor degenerate = rows_equal(z).view({-1, 2}).any(1);
-  z.sub_(z.mean(1, true));
-  auto [kl, s2] = dense_rbf_grams(z, s2_in, rule, debiased);
+  Tensor degenerate, kl;
+  Sigma2 s2;
+  {  // z let go before the gradient, which centres the inputs it needs again
+    Tensor z = stacked_rows(x, y);
+    degenerate = rows_equal(z).view({-1, 2}).any(1);
+    z.sub_(z.mean(1, true));
+    std::tie(kl, s2) = dense_rbf_grams(z, s2_in, rule, debiased);
+  }
   Tensor h;
   {
     Tensor c = centre_nxn_(kl.to(at::kDouble, false, true), debiased).flatten(2);
@@ -729,8 +738,7 @@ Dense dense_value(const Tensor& x, const Tensor& y, const Sigma2& s2_in, int64_t
   Tensor wk = w.view({-1, 2, 2, 1, 1}).slice(1, lo, hi).div(norm);
   Tensor dk = centre_nxn_((kl.select(1, 0).unsqueeze(1) * wk.select(2, 0)).addcmul_(kl.select(1, 1).unsqueeze(1), wk.select(2, 1)),
                           debiased);
-  Tensor dz = dense_rbf_backward(kl, z, s2, dk, lo, hi);
-  for (int64_t a = lo; a < hi; ++a) out.grads[a] = dz.select(1, a - lo).narrow(-1, 0, (a == 0 ? x : y).size(-1));
+  out.grads = dense_rbf_backward(kl, x, y, s2, dk, lo, hi);
   return out;
 }
 

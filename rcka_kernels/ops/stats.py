@@ -150,6 +150,7 @@ def _dense_value(x, y, s2, debiased: bool, cka: bool, need=(False, False)):
     degenerate = _validate.rows_equal(z).view(-1, 2).any(1)
     z = z.sub_(z.mean(1, keepdim=True))  # RBF Grams do not change under a shift
     kl, s2 = torch_backend.dense_rbf_grams(z, s2, debiased)
+    del z  # the gradient centres the inputs it needs again: at feature-map widths z is the peak
     c = centre_nxn(kl.to(torch.float64, copy=True), debiased).flatten(2)  # float64: the centring cancels most of each entry
     h = torch.bmm(c, c.mT).div_(norm)
     del c
@@ -167,9 +168,7 @@ def _dense_value(x, y, s2, debiased: bool, cka: bool, need=(False, False)):
     lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
     wk = w.view(-1, 2, 2, 1, 1)[:, lo:hi].div(norm)  # C is linear: sum_B w_AB C(B) = C(sum_B w_AB B), float64
     dk = centre_nxn((kl[:, None, 0] * wk[:, :, 0]).addcmul_(kl[:, None, 1], wk[:, :, 1]), debiased)
-    dz = torch_backend.dense_rbf_backward(kl, z, s2, dk, need)
-    grads = [dz[:, a - lo, :, : t.shape[-1]] if lo <= a < hi else None for a, t in enumerate((x, y))]
-    return value, tuple(grads), s2, h
+    return value, tuple(torch_backend.dense_rbf_backward(kl, x, y, s2, dk, need)), s2, h
 
 
 class _DenseRBF(torch.autograd.Function):

@@ -280,18 +280,18 @@ def dense_rbf_grams(z: Tensor, s2, zero_diagonal: bool) -> Tuple[Tensor, object]
     return d.div_(_per_gram(-2.0 * s2)).exp_(), s2
 
 
-def dense_rbf_backward(kl: Tensor, z: Tensor, s2, dk: Tensor, need=(True, True)):
-    """The gradients (G, k, n, P) in the compute dtype, for the k Grams in ``need``, of a value
-    whose derivative in those Grams of KL = dense_rbf_grams(z, s2)[0] is dk (G, k, n, n), float64
-    and symmetric (the bandwidth a constant; dk is overwritten), in the rows of z (2G, n, P),
-    centred. With gamma = 1 / (2 sigma^2) and M = dk o K: dZ = 4 gamma (M - diag(M 1)) Z (the chain
-    rule through |z_i - z_j|^2; K's diagonal does not move, and cancels there)."""
+def dense_rbf_backward(kl: Tensor, x: Tensor, y: Tensor, s2, dk: Tensor, need=(True, True)) -> list:
+    """[dx, dy] in the compute dtype, None where not in ``need``, of a value whose derivative in
+    the Grams in ``need`` of KL (the RBF Grams of x (G, n, p) and y (G, n, q), dense_rbf_grams) is
+    dk (G, k, n, n), float64 and symmetric (the bandwidth a constant; dk is overwritten). With
+    gamma = 1 / (2 sigma^2) and M = dk o K: dX = 4 gamma (M - diag(M 1)) X (the chain rule through
+    |x_i - x_j|^2; K's diagonal does not move, and cancels there), X centred for precision (the
+    zero row sums make the value blind to the mean); dY likewise."""
     lo, hi = (0 if need[0] else 1), (2 if need[1] else 1)
     m = dk.mul_(kl[:, lo:hi]).mul_(_per_gram(2.0 / s2, lo, hi))  # 4 gamma per Gram
     m.diagonal(dim1=-2, dim2=-1).sub_(m.sum(-1))
-    n, w = z.shape[1], z.shape[2]
-    zs = z.view(-1, 2, n, w)[:, lo:hi].flatten(0, 1)
-    return torch.bmm(m.to(kl.dtype).flatten(0, 1), zs).view(-1, hi - lo, n, w)
+    m = m.to(kl.dtype)
+    return [torch.bmm(m[:, a - lo], center_columns(t.to(kl.dtype))) if lo <= a < hi else None for a, t in enumerate((x, y))]
 
 
 # ----------------------------------------------------------------------------- rbf HSIC statistics
