@@ -24,6 +24,7 @@ into [-1, 1] before any product); HSIC scales as the product of the squared scal
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -98,12 +99,13 @@ def _hsic_from_stats(s: Tensor, ra: Tensor, rb: Tensor, da: Tensor, db: Tensor, 
     return estimators.hsic(s, (ra * rb).sum(-1), ra.sum(-1), rb.sum(-1), n, debiased)
 
 
-def _dense_fits(x3: Tensor, backend: str) -> bool:
-    """Whether the torch backend forms the whole n x n RBF Grams of the groups x3 (G, n, p):
+def _dense_fits(x: Tensor, backend: str) -> bool:
+    """Whether the torch backend forms the whole n x n RBF Grams of the G groups of x (..., n, p):
     when they are no larger than one tile of its streamed path (``block_elems``), streaming
     would hold as much at once and add only work (the bandwidth's selection passes, a
-    backward that recomputes the tiles)."""
-    return backend == "torch" and x3.shape[0] * x3.shape[1] * x3.shape[1] <= block_elems()
+    backward that recomputes the tiles). Read from the shape alone."""
+    n = x.shape[-2]
+    return backend == "torch" and math.prod(x.shape[:-2]) * n * n <= block_elems()
 
 
 def _rbf(x: Tensor, y: Tensor, sigma: Sigma, debiased: bool, backend: str, fn: str, cka: bool) -> Tensor:
@@ -111,10 +113,10 @@ def _rbf(x: Tensor, y: Tensor, sigma: Sigma, debiased: bool, backend: str, fn: s
     dtype, 0 where an input has no variation: from the whole Grams where they fit
     (``_dense_fits``; ops/stats.py's dense op, with its gradient in closed form), else from the
     backend's streamed statistics (diagonals left out, see ops/_contract.py)."""
-    x3, y3 = _as_groups(x), _as_groups(y)
-    if _dense_fits(x3, backend):  # the op reads NaN/Inf off its statistics
+    if _dense_fits(x, backend):  # the op reads NaN/Inf off its statistics
         check = fn if _validate.wants_finite_check(x.device) else None
         return _ops.dense_rbf(x, y, "median" if sigma is None else sigma, debiased, cka, check)
+    x3, y3 = _as_groups(x), _as_groups(y)
     cx, cy = _validate.scan_groups(fn, x3, y3)
     degenerate = cx | cy
     n = x3.shape[1]
