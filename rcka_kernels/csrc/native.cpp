@@ -3,14 +3,15 @@
 // (which documents it step by step), with the per-call Python gone: at the paper's
 // batch sizes (64 x 100 logits) the Python autograd.Function doing the same work costs
 // more in interpreter time than in arithmetic. Also here: rcka_native::axis_pair_alignment,
-// RCKA's sample and class axes in one autograd node built from the same pieces. Apart from
-// one CPU loop that prepares small inputs (centring and scaling, a dozen tiny ATen calls
-// otherwise), only ATen ops are called, so the ops run on any device ATen does (CPU, CUDA
-// via cuBLAS). A backward that runs with grad mode on (create_graph=True) differentiates a
+// RCKA's sample and class axes in one autograd node built from the same pieces, and
+// rcka_native::dense_rbf, ops/stats.py's RBF CKA and HSIC from whole Grams (small n). Apart from
+// two CPU loops (one prepares small inputs: centring and scaling, a dozen tiny ATen calls
+// otherwise; one selects the median bandwidth's order statistics), only ATen ops are called, so
+// the ops run on any device ATen does (CPU, CUDA via cuBLAS). A backward that runs with grad mode on (create_graph=True) differentiates a
 // recomputation of the forward from the ATen pieces with autograd recording (forward_value,
 // recomputed_grads), as ops/linear.py does, so that second derivatives are right.
 //
-// Python side: rcka_kernels/_native.py (guarded import), ops/linear.py (dispatch).
+// Python side: rcka_kernels/_native.py (guarded import), ops/linear.py and ops/stats.py (dispatch).
 
 #include <Python.h>
 
@@ -289,15 +290,15 @@ Products products(const Prepared& p, bool debiased) {
   return {s, pr.second, d, t};
 }
 
-double tiny(const Tensor& t) {
-  return t.scalar_type() == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+double tiny(at::ScalarType t) {  // torch.finfo(t).tiny of the compute dtypes
+  return t == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
 }
 
-// estimators.cka_scale: r = (kk ll)^(-1/2), which turns the cross term into CKA; ``guarded``: 0 where a
-// self-term is not above the dtype's smallest normal number (estimators.self_term_ok).
-Tensor cka_scale(const Tensor& kk, const Tensor& ll, bool guarded) {
-  Tensor r = (kk * ll).clamp_min(tiny(kk)).rsqrt();
-  return guarded ? at::where(at::minimum(kk, ll) > tiny(kk), r, 0.0) : r;
+// estimators.cka_scale: r = (kk ll)^(-1/2), which turns the cross term into CKA, in ``dtype``; ``guarded``:
+// 0 where a self-term is not above that dtype's smallest normal number (estimators.self_term_ok).
+Tensor cka_scale(const Tensor& kk, const Tensor& ll, at::ScalarType dtype, bool guarded) {
+  Tensor r = (kk * ll).clamp_min(tiny(dtype)).rsqrt();
+  return guarded ? at::where(at::minimum(kk, ll) > tiny(dtype), r, 0.0) : r;
 }
 
 struct Value {
@@ -315,7 +316,7 @@ Value value(const Tensor& s, const Tensor& scale_, int64_t statistic, int64_t n,
     const double norm = debiased ? double(n) * double(n - 3) : double(n - 1) * double(n - 1);
     r = scale_.view({-1, 2}).prod(1).square().div(norm).view({-1, 1, 1});
   } else {
-    r = cka_scale(kk, ll, debiased);
+    r = cka_scale(kk, ll, s.scalar_type(), debiased);
   }
   return {kk, ll, r, at::mul(kl.view(shape), r.view(shape))};
 }
@@ -587,10 +588,6 @@ constexpr int64_t kMedian = 0, kMean = 1, kGiven = 2;  // the rule argument (_na
 
 at::ScalarType compute_type(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-double tiny_of(at::ScalarType t) {
-  return t == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-}
-
 // sigma^2: a float f, or t, (G, 2) or (G, 1) (stats.pair_sigma2's result)
 struct Sigma2 {
   double f = 0.0;
@@ -720,10 +717,7 @@ Dense dense_value(const Tensor& x, const Tensor& y, const Sigma2& s2_in, int64_t
   Tensor hxx = hs.select(1, 0), hxy = hs.select(1, 1), hyy = hs.select(1, 3);
   Tensor value, w;
   if (cka) {  // estimators.cka with_scale
-    const double tiny = tiny_of(compute_type(x));
-    Tensor r = (hxx * hyy).clamp_min(tiny).rsqrt();
-    r = at::where(at::minimum(hxx, hyy) > tiny, r, 0.0);
-    r = at::where(degenerate, 0.0, r);
+    Tensor r = at::where(degenerate, 0.0, cka_scale(hxx, hyy, compute_type(x), true));
     value = hxy * r + 0.0 * (hxy + hxx + hyy);
     Tensor minus = value * r * r;
     w = at::stack({-minus * hyy, r, r, -minus * hxx}, -1);
