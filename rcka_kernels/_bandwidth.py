@@ -17,7 +17,7 @@ backward pass treats as a constant (as Kornblith et al. and most CKA code do).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -118,8 +118,9 @@ def _select_upper(xc: Tensor, ranks: Tensor) -> Tensor:
     return torch.stack([_from_key(p, xc.dtype) for p in prefix])
 
 
-def _select_dense(d: Tensor, ranks) -> Tensor:
-    """The ranks[t]-th smallest (0-based) strictly-upper entry of each (n, n) matrix of d (G, n, n)."""
+def _select_dense(d: Tensor, ranks) -> List[Tensor]:
+    """For each rank t, the ranks[t]-th smallest (0-based) strictly-upper entry of each (n, n)
+    matrix of d (G, n, n), (G,)."""
     n = d.shape[1]
     iu = torch.triu_indices(n, n, 1, device=d.device)
     upper = d[:, iu[0], iu[1]]

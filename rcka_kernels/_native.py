@@ -16,7 +16,7 @@ arithmetic at the paper's batch sizes. Where the library comes from, in this ord
 
 Where neither works, one RuntimeWarning at the first call says what is lost and how to get it,
 and ops/linear.py and ops/stats.py run the same arithmetic in Python. Importing this module never fails and
-never compiles. ``RCKA_NATIVE=0`` turns the op off (the Python path runs, without a warning);
+never compiles. ``RCKA_NATIVE=0`` turns the ops off (the Python path runs, without a warning);
 ``RCKA_NATIVE_CACHE`` sets the cache directory.
 """
 
@@ -187,9 +187,9 @@ _python_only = False
 
 @contextlib.contextmanager
 def python_path():
-    """Inside this context ``op()`` and ``pair_op()`` give None, so the torch backend runs the
-    Python definition of the op (ops/linear.py) in this process: the test suite's
-    "torch-python" environment, and comparisons of the two implementations."""
+    """Inside this context ``op()``, ``pair_op()`` and ``dense_rbf_op()`` give None, so the torch
+    backend runs the Python definitions of the ops (ops/linear.py, ops/stats.py) in this process:
+    the test suite's "torch-python" environment, and comparisons of the two implementations."""
     global _python_only
     before, _python_only = _python_only, True
     try:
