@@ -7,7 +7,7 @@ import torch
 import rcka_kernels as rk
 from rcka_kernels import _native
 
-from .utils import REQUIRE, lacks, pair, require
+from .utils import REQUIRE, lacks, pair, require, weighted_grads
 
 f32, f64 = torch.float32, torch.float64
 FNS = {"cka": rk.cka, "hsic": rk.hsic}
@@ -20,13 +20,6 @@ def loops(request):
     torch.ops.rcka_native.set_cpu_loops(request.param == "cpu-loops")
     yield
     torch.ops.rcka_native.set_cpu_loops(True)
-
-
-def _grads(fn, x, y, **kw):
-    x, y = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
-    v = fn(x, y, **kw)
-    (v * torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype).view(v.shape)).sum().backward()
-    return v.detach(), x.grad, y.grad
 
 
 @pytest.mark.parametrize("p,q,batch", [(9, 9, ()), (9, 4, (3,)), (4, 9, (2, 2))], ids=["p=q", "p>q-groups", "p<q-2d"])
@@ -44,9 +37,9 @@ def test_the_native_op_is_the_python_definition(loops, p, q, batch, sigma, name,
         sigma = torch.linspace(0.8, 2.0, max(1, x[..., 0, 0].numel()), dtype=dtype).view(batch)
     fn = FNS[name]
     for debiased in (False, True):
-        got = _grads(fn, x, y, kernel="rbf", sigma=sigma, debiased=debiased)
+        got = weighted_grads(fn, x, y, kernel="rbf", sigma=sigma, debiased=debiased)
         with _native.python_path():
-            want = _grads(fn, x, y, kernel="rbf", sigma=sigma, debiased=debiased)
+            want = weighted_grads(fn, x, y, kernel="rbf", sigma=sigma, debiased=debiased)
         tol = dict(rtol=1e-12, atol=1e-14) if dtype == f64 else dict(rtol=2e-5, atol=1e-6)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, **tol)

@@ -12,7 +12,7 @@ import torch
 import rcka_kernels as rk
 from rcka_kernels import _native, functional, reference
 
-from .utils import REQUIRE, accept, lacks, pair, require
+from .utils import REQUIRE, accept, lacks, pair, require, weighted_grads
 
 f32, f64 = torch.float32, torch.float64
 FNS = {"cka": (rk.cka, reference.cka), "hsic": (rk.hsic, reference.hsic)}
@@ -30,22 +30,13 @@ def implementation(request):
             yield request.param
 
 
-def _grads(fn, x, y, need, **kw):
-    """(value, dx, dy) of fn(x, y).sum() weighted by a gradient that is not all ones."""
-    x, y = x.detach().clone().requires_grad_(need[0]), y.detach().clone().requires_grad_(need[1])
-    v = fn(x, y, **kw)
-    w = torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype).view(v.shape)
-    (v * w).sum().backward()
-    return v.detach(), x.grad, y.grad
-
-
 def _check(name, x, y, sigma, debiased, need=(True, False), dtype=f64):
     """rk's value and gradients (torch backend, inputs in ``dtype``) against the reference's on
     the same inputs in float64."""
     ours, ref = FNS[name]
     xq, yq = x.to(dtype), y.to(dtype)
-    got = _grads(ours, xq, yq, need, kernel="rbf", sigma=sigma, debiased=debiased, backend="torch")
-    want = _grads(lambda a, b, **kw: ref(a, b, "rbf", sigma, debiased), xq.double(), yq.double(), need)
+    got = weighted_grads(ours, xq, yq, need, kernel="rbf", sigma=sigma, debiased=debiased, backend="torch")
+    want = weighted_grads(lambda a, b, **kw: ref(a, b, "rbf", sigma, debiased), xq.double(), yq.double(), need)
     accept(got[0], want[0], dtype, what=f"{name} value")
     for i, what in ((1, "dx"), (2, "dy")):
         if need[i - 1]:

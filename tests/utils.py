@@ -222,6 +222,15 @@ def pair(n, p, q, dtype=torch.float64, batch=(), seed=0, offset=True, centred=Fa
     return x.to(device, dtype), y.to(device, dtype)
 
 
+def weighted_grads(fn, x, y, need=(True, True), **kw):
+    """(value, dx, dy) of fn(x, y, **kw) and the gradients of its sum weighted by a gradient that
+    is not all ones, for fresh leaves of x and y; dx (dy) is None where need[0] (need[1]) is false."""
+    x, y = x.detach().clone().requires_grad_(need[0]), y.detach().clone().requires_grad_(need[1])
+    v = fn(x, y, **kw)
+    (v * torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype).view(v.shape)).sum().backward()
+    return v.detach(), x.grad, y.grad
+
+
 def gamma(x):
     """An RBF gamma per group of x (G, n, p) for the backend contract, about 1 / (2 x the
     mean squared distance) so that kernel values spread over (0, 1), in the compute dtype."""
